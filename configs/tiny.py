@@ -1,0 +1,41 @@
+"""The embedded default: a ~5M-parameter Qwen2 that trains on 2 CPU cores in minutes.
+
+Vocabulary: the real Qwen2 BPE truncated to its first 8,192 ranks (+3 specials); data: the
+Python standard library's own sources (no download). All three recipe stages run, short:
+pretrain at 128 tokens with rope base 1e4, long_context at 512 with base 1e6, then anneal.
+
+Variants: `configs/tiny.py:smoke` is a still smaller model and a few steps, for tests.
+"""
+
+from jaxllm.config import base_config, stage
+
+
+def get_config(arg=None):
+    c = base_config()
+    c.model.update(family="qwen2", vocab_size=8256, hidden_size=256, num_layers=4,
+                   num_heads=4, num_kv_heads=2, head_dim=64, intermediate_size=768,
+                   qkv_bias=True, tie_embeddings=True, rms_norm_eps=1e-6, rope_theta=1e6,
+                   max_position_embeddings=4096, dtype="float32", param_dtype="float32",
+                   remat="none")
+    c.tokenizer.max_rank = 8192
+    c.stages.pretrain = stage(120, 128, 32, 1e4, 3e-3, 3e-4, 10, "cosine")
+    c.stages.long_context = stage(20, 512, 8, 1e6, 3e-4, 3e-4, 0, "constant")
+    c.stages.anneal = stage(20, 512, 8, 1e6, 3e-4, 3e-5, 0, "linear")
+    c.log_every = 10
+    c.eval_every = 40
+    c.checkpoint.every_steps = 50
+    c.checkpoint.keep = 2
+    if arg == "smoke":
+        c.model.update(vocab_size=1280, hidden_size=64, num_layers=2, num_heads=4,
+                       num_kv_heads=2, head_dim=16, intermediate_size=128)
+        c.tokenizer.max_rank = 1024
+        c.stages.pretrain.update(steps=6, seq_len=32, batch_size=4)
+        c.stages.pretrain.lr.warmup_steps = 2
+        c.stages.long_context.update(steps=2, seq_len=64, batch_size=2)
+        c.stages.anneal.update(steps=2, seq_len=64, batch_size=2)
+        c.log_every = 2
+        c.eval_every = 4
+        c.data.eval_batches = 1
+    elif arg is not None:
+        raise ValueError(f"configs/tiny.py: unknown variant {arg!r}; known: smoke")
+    return c

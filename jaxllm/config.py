@@ -1,0 +1,293 @@
+"""Config schema, loading and validation.
+
+Every config file in configs/ starts from `base_config()` and changes values; `validate` then
+checks the whole tree against that schema, so a typo in a key or a value that cannot work
+fails with one message naming the key before anything is compiled (STYLE.md rule 8).
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import os
+from collections.abc import Iterable, Sequence
+
+import ml_collections as mc
+
+FAMILIES = ("qwen2", "qwen2_moe", "llama")
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT = ("none", "full", "dots")
+ATTENTION_IMPLS = ("auto", "xla", "chunked", "pallas")
+SCHEDULES = ("cosine", "linear", "constant", "wsd")
+ROPE_SCALINGS = ("none", "yarn", "dynamic_ntk")
+SOURCE_FORMATS = ("python_stdlib", "text")
+RECIPE_STAGES = ("pretrain", "long_context", "anneal")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key."""
+
+
+def model_defaults() -> mc.ConfigDict:
+    return mc.ConfigDict(
+        dict(
+            family="qwen2",
+            vocab_size=151936,
+            hidden_size=896,
+            num_layers=24,
+            num_heads=14,
+            num_kv_heads=2,
+            head_dim=64,
+            intermediate_size=4864,
+            qkv_bias=True,
+            tie_embeddings=False,
+            rms_norm_eps=1e-6,
+            rope_theta=1e6,
+            rope_scaling=dict(type="none", factor=1.0, original_max_position_embeddings=32768),
+            dca=dict(enabled=False, chunk_size=32768, local_size=1024),
+            max_position_embeddings=32768,
+            # Mixture of experts (family qwen2_moe); zeros mean dense.
+            num_experts=0,
+            num_experts_per_tok=0,
+            moe_intermediate_size=0,
+            shared_expert_intermediate_size=0,
+            norm_topk_prob=False,
+            router_aux_loss_coef=0.001,
+            router_z_loss_coef=0.0,
+            decoder_sparse_step=1,
+            dtype="bfloat16",
+            param_dtype="float32",
+            remat="full",
+            attention_impl="auto",
+            init_std=0.02,
+        )
+    )
+
+
+def stage(steps: int, seq_len: int, batch_size: int, rope_theta: float, peak: float, end: float,
+          warmup_steps: int, schedule: str, mixture: dict[str, float] | None = None
+          ) -> mc.ConfigDict:
+    """One training stage (DESIGN §1 config.stages)."""
+    return mc.ConfigDict(
+        dict(
+            steps=steps,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            rope_theta=float(rope_theta),
+            mixture=mixture or {"stdlib": 1.0},
+            lr=dict(peak=peak, end=end, warmup_steps=warmup_steps, schedule=schedule,
+                    decay_fraction=0.2),
+        )
+    )
+
+
+def base_config() -> mc.ConfigDict:
+    """The schema: every key any config may set, with its default."""
+    c = mc.ConfigDict()
+    c.model = model_defaults()
+    c.tokenizer = mc.ConfigDict(dict(name="qwen2", max_rank=0))  # max_rank 0: the whole vocab
+    c.mesh = mc.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1, sequence=1))
+    c.stages = mc.ConfigDict()
+    for name in RECIPE_STAGES:
+        c.stages[name] = stage(0, 4096, 256, 1e6, 3e-4, 3e-5, 0, "cosine")
+    c.data = mc.ConfigDict(
+        dict(sources={"stdlib": dict(format="python_stdlib", path="", heldout_fraction=0.02)},
+             eval_batches=2, shuffle_buffer=0)
+    )
+    c.optimizer = mc.ConfigDict(
+        dict(b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0, grad_accum=1)
+    )
+    c.loss = mc.ConfigDict(dict(z_loss=0.0))
+    c.checkpoint = mc.ConfigDict(dict(every_steps=1000, keep=3, **{"async": True}))
+    c.init = mc.ConfigDict(dict(checkpoint="", hf="", upcycle_from=""))
+    c.log_every = 10
+    c.eval_every = 500
+    c.seed = 0
+    return c
+
+
+def qwen2_recipe(config: mc.ConfigDict, *, batch_size: int, peak_lr: float,
+                 pretrain_steps: int, long_context_steps: int, anneal_steps: int) -> None:
+    """The Qwen2 report's three stages: 4K tokens at rope base 1e4, then 32K at 1e6 near the
+    end of pretraining, then a learning-rate anneal on high-quality data (DESIGN §3)."""
+    long_batch = max(1, batch_size // 8)  # same tokens per step at 8x the context
+    config.stages.pretrain = stage(pretrain_steps, 4096, batch_size, 1e4, peak_lr, peak_lr / 10,
+                                   2000, "cosine")
+    config.stages.long_context = stage(long_context_steps, 32768, long_batch, 1e6, peak_lr / 10,
+                                       peak_lr / 10, 0, "constant")
+    config.stages.anneal = stage(anneal_steps, 32768, long_batch, 1e6, peak_lr / 10,
+                                 peak_lr / 100, 0, "linear")
+    config.model.rope_theta = 1e6  # the final base: what an exported model runs with
+
+
+def stage_names(config: mc.ConfigDict) -> list[str]:
+    """Stage names in the order they were written (ConfigDict.keys() sorts them)."""
+    return list(json.loads(config.stages.to_json_best_effort()))
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _import_config_file(path: str):
+    if not os.path.exists(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    spec = importlib.util.spec_from_file_location(f"jaxllm_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {path!r} defines no get_config()")
+    return module
+
+
+def _parse_value(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare string such as model.family=llama
+
+
+def apply_override(config: mc.ConfigDict, override: str) -> None:
+    """Applies one "a.b.c=value" override, refusing keys that do not exist."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} is not of the form key=value")
+    key, text = override.split("=", 1)
+    *parents, leaf = key.strip().split(".")
+    node = config
+    for i, part in enumerate(parents):
+        if not isinstance(node, mc.ConfigDict) or part not in node:
+            raise ConfigError(f"unknown config key {'.'.join(parents[: i + 1])!r}")
+        node = node[part]
+    if not isinstance(node, mc.ConfigDict) or leaf not in node:
+        raise ConfigError(f"unknown config key {key!r}")
+    value = _parse_value(text)
+    old = node[leaf]
+    if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    node[leaf] = value
+
+
+def load_config(path: str, overrides: Sequence[str] = ()) -> mc.ConfigDict:
+    """The same ConfigDict the CLI builds: `path` may end in `:ARG` for a variant."""
+    arg = None
+    if ":" in path and not os.path.exists(path):
+        path, arg = path.split(":", 1)
+    module = _import_config_file(path)
+    config = module.get_config(arg) if arg is not None else module.get_config()
+    for override in overrides:
+        apply_override(config, override)
+    validate(config)
+    return config
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _fail(key: str, message: str):
+    raise ConfigError(f"config.{key}: {message}")
+
+
+def _check_keys(node: mc.ConfigDict, schema: mc.ConfigDict, prefix: str) -> None:
+    for key in node.keys():
+        if key not in schema:
+            allowed = ", ".join(sorted(schema.keys()))
+            _fail(f"{prefix}{key}", f"unknown key; allowed keys here: {allowed}")
+        if isinstance(schema[key], mc.ConfigDict) and isinstance(node[key], mc.ConfigDict):
+            if prefix + key not in ("stages", "data.sources") and key != "mixture":
+                _check_keys(node[key], schema[key], f"{prefix}{key}.")
+
+
+def _one_of(key: str, value, allowed: Iterable) -> None:
+    allowed = tuple(allowed)
+    if value not in allowed:
+        _fail(key, f"{value!r} is not one of {', '.join(map(repr, allowed))}")
+
+
+def _positive(key: str, value) -> None:
+    if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+        _fail(key, f"must be a positive number, got {value!r}")
+
+
+def validate_model(m: mc.ConfigDict, prefix: str = "model") -> None:
+    _check_keys(m, model_defaults(), prefix + ".")
+    _one_of(f"{prefix}.family", m.family, FAMILIES)
+    for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                "head_dim", "intermediate_size", "rope_theta", "rms_norm_eps"):
+        _positive(f"{prefix}.{key}", m[key])
+    if m.num_heads % m.num_kv_heads:
+        _fail(f"{prefix}.num_heads", f"{m.num_heads} heads are not divisible by "
+              f"num_kv_heads={m.num_kv_heads} (grouped-query attention needs N % K == 0)")
+    _one_of(f"{prefix}.dtype", m.dtype, DTYPES)
+    _one_of(f"{prefix}.param_dtype", m.param_dtype, DTYPES)
+    _one_of(f"{prefix}.remat", m.remat, REMAT)
+    _one_of(f"{prefix}.attention_impl", m.attention_impl, ATTENTION_IMPLS)
+    if m.attention_impl in ("chunked", "pallas"):
+        _fail(f"{prefix}.attention_impl", f"{m.attention_impl!r} is not built yet (the kernels "
+              "issue adds it); use 'auto' or 'xla'")
+    _one_of(f"{prefix}.rope_scaling.type", m.rope_scaling.type, ROPE_SCALINGS)
+    if m.rope_scaling.type != "none":
+        _fail(f"{prefix}.rope_scaling.type",
+              f"{m.rope_scaling.type!r} is not built yet; use 'none'")
+    if m.dca.enabled:
+        _fail(f"{prefix}.dca.enabled", "dual chunk attention is not built yet")
+    if m.family == "qwen2_moe" or m.num_experts:
+        _fail(f"{prefix}.family", "mixture-of-experts models are not built yet; use qwen2 or llama")
+
+
+def validate(config: mc.ConfigDict) -> None:
+    """Raises ConfigError naming the first key whose value cannot work."""
+    _check_keys(config, base_config(), "")
+    validate_model(config.model)
+    m = config.model
+    if not isinstance(config.tokenizer.max_rank, int) or config.tokenizer.max_rank < 0:
+        _fail("tokenizer.max_rank", "must be 0 (whole vocabulary) or a positive rank count")
+    if config.tokenizer.max_rank and config.tokenizer.max_rank + 3 > m.vocab_size:
+        _fail("model.vocab_size", f"{m.vocab_size} rows cannot hold tokenizer.max_rank="
+              f"{config.tokenizer.max_rank} ranks plus 3 special tokens")
+    for axis in ("data", "fsdp", "tensor", "expert", "sequence"):
+        size = config.mesh[axis]
+        if not isinstance(size, int) or (size < 1 and size != -1):
+            _fail(f"mesh.{axis}", f"must be a positive int or -1 (the rest), got {size!r}")
+    if sum(config.mesh[a] == -1 for a in config.mesh.keys()) > 1:
+        _fail("mesh", "only one axis may be -1")
+    sources = config.data.sources
+    for name in sources.keys():
+        _check_keys(sources[name], base_config().data.sources.stdlib, f"data.sources.{name}.")
+        _one_of(f"data.sources.{name}.format", sources[name].format, SOURCE_FORMATS)
+        if sources[name].format == "text" and not sources[name].path:
+            _fail(f"data.sources.{name}.path", "a text source needs a path or glob")
+    names = stage_names(config)
+    if not names:
+        _fail("stages", "needs at least one stage")
+    schema = stage(1, 1, 1, 1.0, 1.0, 1.0, 0, "cosine")
+    for name in names:
+        s, key = config.stages[name], f"stages.{name}"
+        _check_keys(s, schema, key + ".")
+        if not isinstance(s.steps, int) or s.steps < 0:
+            _fail(f"{key}.steps", f"must be an int >= 0 (0 skips the stage), got {s.steps!r}")
+        for field in ("seq_len", "batch_size", "rope_theta"):
+            _positive(f"{key}.{field}", s[field])
+        if s.seq_len > m.max_position_embeddings:
+            _fail(f"{key}.seq_len", f"{s.seq_len} exceeds model.max_position_embeddings="
+                  f"{m.max_position_embeddings}")
+        accum = config.optimizer.grad_accum
+        if s.batch_size % accum:
+            _fail(f"{key}.batch_size", f"{s.batch_size} is not divisible by "
+                  f"optimizer.grad_accum={accum}")
+        _one_of(f"{key}.lr.schedule", s.lr.schedule, SCHEDULES)
+        if s.lr.warmup_steps < 0 or (s.steps and s.lr.warmup_steps > s.steps):
+            _fail(f"{key}.lr.warmup_steps", f"{s.lr.warmup_steps} is outside 0..steps={s.steps}")
+        if not 0 <= s.lr.decay_fraction <= 1:
+            _fail(f"{key}.lr.decay_fraction", "must be within [0, 1]")
+        if not s.mixture:
+            _fail(f"{key}.mixture", "needs at least one source with a positive weight")
+        for source, weight in s.mixture.items():
+            if source not in sources:
+                _fail(f"{key}.mixture.{source}", f"no such source; data.sources has "
+                      f"{', '.join(sorted(sources.keys()))}")
+            if weight < 0:
+                _fail(f"{key}.mixture.{source}", f"weight {weight} is negative")
+        if not any(w > 0 for w in s.mixture.values()):
+            _fail(f"{key}.mixture", "needs at least one source with a positive weight")
+    _positive("optimizer.grad_accum", config.optimizer.grad_accum)
+    _positive("log_every", config.log_every)
+    _positive("eval_every", config.eval_every)
+    _positive("checkpoint.every_steps", config.checkpoint.every_steps)

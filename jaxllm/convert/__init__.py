@@ -1,0 +1,5 @@
+"""Conversion between jaxllm params and other formats (Hugging Face)."""
+
+from jaxllm.convert.hf import load_hf, save_hf
+
+__all__ = ["load_hf", "save_hf"]

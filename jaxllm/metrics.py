@@ -1,0 +1,119 @@
+"""Training telemetry: FLOPs per token, MFU, metrics.jsonl, TensorBoard and progress.
+
+Only process 0 writes. On a terminal a tqdm bar shows loss, tokens/s and MFU; otherwise one
+plain log line per logged step, which is what a cluster log wants.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mc
+
+PEAK_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "jaxllm", "peak_flops.json")
+
+
+def flops_per_token(model_cfg: mc.ConfigDict, seq_len: int) -> float:
+    """Training FLOPs per token, PaLM's count: 6·(matmul params) + 12·L·N·H·T (attention)."""
+    m = model_cfg
+    D, L, N, K, H, F, V = (m.hidden_size, m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim,
+                           m.intermediate_size, m.vocab_size)
+    per_layer = D * (N + 2 * K) * H + N * H * D + 3 * D * F
+    matmul_params = L * per_layer + D * V  # the output head is a matmul even when tied
+    return 6.0 * matmul_params + 12.0 * L * N * H * seq_len
+
+
+def measure_peak_flops(dtype: str, size: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of a large matmul on each device times the device count; cached per machine."""
+    device = jax.devices()[0]
+    key = f"{device.platform}:{device.device_kind}:{dtype}:{jax.device_count()}:{os.cpu_count()}"
+    try:
+        with open(PEAK_CACHE) as f:
+            cache = json.load(f)
+    except (OSError, ValueError):
+        cache = {}
+    if key in cache:
+        return cache[key]
+    a = jnp.ones((size, size), dtype)
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        matmul(a).block_until_ready()
+    elapsed = (time.perf_counter() - start) / repeats
+    # Fake CPU devices share the same cores: count the host once, not per device.
+    devices = 1 if device.platform == "cpu" else jax.device_count()
+    peak = 2.0 * size**3 / elapsed * devices
+    cache[key] = peak
+    try:
+        os.makedirs(os.path.dirname(PEAK_CACHE), exist_ok=True)
+        with open(PEAK_CACHE, "w") as f:
+            json.dump(cache, f, indent=1)
+    except OSError:
+        pass  # a read-only home only costs a re-measurement next time
+    return peak
+
+
+class MetricsWriter:
+    """metrics.jsonl (appended on resume), TensorBoard events and progress, on process 0."""
+
+    def __init__(self, workdir: str, total_steps: int, initial_step: int = 0):
+        self.active = jax.process_index() == 0
+        self.bar = None
+        if not self.active:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        from tensorboardX import SummaryWriter  # only process 0 needs it
+
+        self.tb = SummaryWriter(logdir=workdir)
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=initial_step, unit="step",
+                            dynamic_ncols=True)
+
+    def write(self, record: dict) -> None:
+        if not self.active:
+            return
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        for name, value in record.items():
+            if isinstance(value, int | float) and name != "step":
+                self.tb.add_scalar(f"{record['stage']}/{name}" if name == "lr" else name,
+                                   value, record["step"])
+        self.tb.flush()
+        if self.bar is None:
+            shown = {k: v for k, v in record.items() if k != "step"}
+            text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                            for k, v in shown.items())
+            print(f"step {record['step']}: {text}", flush=True)
+        elif "loss" in record:
+            self.bar.set_postfix(stage=record["stage"], loss=f"{record['loss']:.3f}",
+                                 tok_s=f"{record['tokens_per_sec']:.0f}",
+                                 mfu=f"{record['mfu']:.1%}")
+
+    def advance(self, steps: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(steps)
+
+    def message(self, text: str) -> None:
+        if not self.active:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if not self.active:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        self.jsonl.close()
+        self.tb.close()

@@ -1,0 +1,14 @@
+"""Qwen2 / Llama decoder transformers as pure functions of (params, tokens)."""
+
+from jaxllm.model.transformer import (
+    Transformer,
+    abstract_params,
+    apply,
+    forward,
+    frozen,
+    init_params,
+    param_count,
+)
+
+__all__ = ["Transformer", "abstract_params", "apply", "forward", "frozen", "init_params",
+           "param_count"]

@@ -1,0 +1,70 @@
+"""The device mesh and the one table that maps logical axis names onto it.
+
+Parameters and activations name their axes logically (`embed`, `mlp`, `heads`, ...); RULES
+says which mesh axis each is split over. Changing a parallelism strategy means changing
+this table, not the model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import ml_collections as mc
+import numpy as np
+from flax import linen as nn
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from jaxllm.config import ConfigError
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert", "sequence")
+
+RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", "sequence"),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("expert", "expert"),
+)
+
+
+def mesh_shape(mesh_config: mc.ConfigDict, num_devices: int) -> tuple[int, ...]:
+    """Sizes of MESH_AXES; a -1 takes the devices the others leave."""
+    sizes = [int(mesh_config[a]) for a in MESH_AXES]
+    fixed = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if num_devices % fixed:
+            raise ConfigError(f"config.mesh: {num_devices} devices are not divisible by the "
+                             f"fixed axes {dict(zip(MESH_AXES, sizes, strict=True))}")
+        sizes[sizes.index(-1)] = num_devices // fixed
+    if math.prod(sizes) != num_devices:
+        raise ConfigError(f"config.mesh: {dict(zip(MESH_AXES, sizes, strict=True))} needs "
+                         f"{math.prod(sizes)} devices, but {num_devices} are available")
+    return tuple(sizes)
+
+
+def make_mesh(mesh_config: mc.ConfigDict, devices=None) -> Mesh:
+    devices = jax.devices() if devices is None else devices
+    shape = mesh_shape(mesh_config, len(devices))
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
+                axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def param_shardings(abstract_boxed_params, mesh: Mesh):
+    """NamedShardings for a tree of logically-boxed parameters (from `eval_shape` of init)."""
+    specs = nn.get_partition_spec(abstract_boxed_params)
+    return nn.logical_to_mesh_sharding(specs, mesh, RULES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Batch rows over (data, fsdp); every other dimension replicated."""
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())

@@ -1,0 +1,232 @@
+"""Tests of jaxllm.data: determinism, exact resume, packing semantics, mixture, splits, errors.
+
+B batch (rows), T sequence length. A byte-level fake tokenizer keeps these independent of the
+real Qwen2 one; one test uses the real tokenizer when it can be imported.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import grain
+import numpy as np
+import pytest
+
+from jaxllm import config as config_lib
+from jaxllm import data
+from jaxllm.data.pipeline import PackIterDataset
+
+KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 0..255, EOS 256."""
+
+    eos_id = 256
+    vocab_size = 257
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+
+def make_config(seq_len: int = 32, batch_size: int = 4, seed: int = 0, sources=None,
+                mixture=None):
+    cfg = config_lib.base_config()
+    if sources is not None:
+        cfg.data.sources = sources
+    cfg.stages.pretrain.seq_len = seq_len
+    cfg.stages.pretrain.batch_size = batch_size
+    if mixture is not None:
+        cfg.stages.pretrain.mixture = mixture
+    cfg.seed = seed
+    return cfg
+
+
+def write_docs(folder: Path, docs: list[str]) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, doc in enumerate(docs):
+        (folder / f"doc{i:04d}.txt").write_text(doc)
+    return str(folder / "*.txt")
+
+
+def take(it, n: int) -> list[dict]:
+    return [next(it) for _ in range(n)]
+
+
+def assert_same(batches_a: list[dict], batches_b: list[dict]) -> None:
+    assert len(batches_a) == len(batches_b)
+    for a, b in zip(batches_a, batches_b, strict=True):
+        for key in KEYS:
+            np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_same_seed_same_batches_other_seed_differs():
+    tok = ByteTokenizer()
+    a = take(data.make_iterator(make_config(seed=3), "pretrain", tok), 3)
+    b = take(data.make_iterator(make_config(seed=3), "pretrain", tok), 3)
+    c = take(data.make_iterator(make_config(seed=4), "pretrain", tok), 3)
+    d = take(data.make_iterator(make_config(seed=3), "pretrain", tok, seed_offset=1), 3)
+    assert_same(a, b)
+    assert not np.array_equal(a[0]["inputs"], c[0]["inputs"])
+    assert not np.array_equal(a[0]["inputs"], d[0]["inputs"])
+
+
+def two_text_sources(folder: Path, docs_per_source: int = 50) -> dict:
+    """Sources "a" and "b" of 1 to 5 repeats of their own letter per document."""
+    rng, sources = np.random.default_rng(0), {}
+    for name in ("a", "b"):
+        docs = [name * int(n) for n in rng.integers(1, 6, size=docs_per_source)]
+        path = write_docs(folder / name, docs)
+        sources[name] = dict(format="text", path=path, heldout_fraction=0.0)
+    return sources
+
+
+@pytest.mark.parametrize("k, corpus_kind", [(1, "stdlib"), (5, "stdlib"), (7, "mixture")])
+def test_restore_mid_run_is_bitwise_exact(k, corpus_kind, tmp_path):
+    tok, cfg = ByteTokenizer(), make_config(seq_len=64, batch_size=3, seed=1)
+    if corpus_kind == "mixture":  # many short documents: the state moves across documents
+        cfg = make_config(seq_len=64, batch_size=3, seed=1, sources=two_text_sources(tmp_path),
+                          mixture={"a": 0.7, "b": 0.3})
+    it = data.make_iterator(cfg, "pretrain", tok)
+    take(it, k)
+    state = it.get_state()
+    expected = take(it, 4)
+
+    restored = data.make_iterator(cfg, "pretrain", tok)
+    restored.set_state(state)
+    assert_same(take(restored, 4), expected)
+
+    via_json = data.make_iterator(cfg, "pretrain", tok)
+    take(via_json, 2)  # restoring must also work on an iterator that has already moved
+    via_json.set_state(json.loads(json.dumps(state)))
+    assert_same(take(via_json, 4), expected)
+
+
+def test_pack_hand_made_rows():
+    docs = [np.array([1, 2, 3]), np.array([4]), np.array([5, 6, 7, 8, 9, 10])]
+    ds = PackIterDataset(grain.MapDataset.source(docs).to_iter_dataset(), seq_len=4, eos_id=0)
+    rows = list(ds)  # stream 1 2 3 0 | 4 0 | 5 6 7 8 9 10 0; rows overlap by one token
+    expected = [
+        dict(inputs=[1, 2, 3, 0], targets=[2, 3, 0, 4], segment_ids=[1, 1, 1, 1],
+             positions=[0, 1, 2, 3], loss_mask=[1, 1, 1, 0]),
+        dict(inputs=[4, 0, 5, 6], targets=[0, 5, 6, 7], segment_ids=[1, 1, 2, 2],
+             positions=[0, 1, 0, 1], loss_mask=[1, 0, 1, 1]),
+        dict(inputs=[7, 8, 9, 10], targets=[8, 9, 10, 0], segment_ids=[1, 1, 1, 1],
+             positions=[0, 1, 2, 3], loss_mask=[1, 1, 1, 1]),
+    ]
+    assert len(rows) == len(expected)
+    for row, want in zip(rows, expected, strict=True):
+        for key in KEYS:
+            np.testing.assert_array_equal(row[key], want[key], err_msg=key)
+    # Restoring the packer from every intermediate state gives the same remaining rows.
+    it = iter(ds)
+    for i in range(len(expected)):
+        state = it.get_state()
+        rest = iter(ds)
+        rest.set_state(json.loads(json.dumps(state)))
+        assert_same(list(rest), rows[i:])
+        next(it)
+
+
+def test_packing_semantics_on_text_files(tmp_path):
+    tok, T, B = ByteTokenizer(), 8, 2
+    docs = ["a", "bcd", "efghi", "jklmnopqrstu", "vwxyzABCDEFGHIJKLMNOP", "QR"]
+    sources = {"hand": dict(format="text", path=write_docs(tmp_path, docs), heldout_fraction=0.0)}
+    cfg = make_config(seq_len=T, batch_size=B, sources=sources, mixture={"hand": 1.0})
+    rows = [
+        {key: batch[key][b] for key in KEYS}
+        for batch in take(data.make_iterator(cfg, "pretrain", tok), 12)
+        for b in range(B)
+    ]
+    for row in rows:
+        for key in KEYS:
+            assert row[key].shape == (T,)
+            assert row[key].dtype == (np.float32 if key == "loss_mask" else np.int32)
+
+    # Rows chain with a one-token overlap into one stream...
+    stream = list(rows[0]["inputs"]) + [rows[0]["targets"][-1]]
+    for prev, row in zip(rows, rows[1:], strict=False):
+        assert row["inputs"][0] == prev["targets"][-1]
+        np.testing.assert_array_equal(row["inputs"][1:], row["targets"][:-1])
+        stream += list(row["targets"])
+    # ...which is the documents joined with EOS, each epoch a permutation of the documents.
+    pieces = bytes(t if t != tok.eos_id else ord("|") for t in stream).decode().split("|")
+    complete = pieces[:-1]
+    for epoch_start in range(0, len(complete) - len(docs) + 1, len(docs)):
+        assert sorted(complete[epoch_start:epoch_start + len(docs)]) == sorted(docs)
+
+    # A plain reference: document index of every stream token (the EOS belongs to its document).
+    doc_of = np.cumsum([0] + [t == tok.eos_id for t in stream[:-1]])
+    for r, row in enumerate(rows):
+        idx = np.arange(r * T, r * T + T)  # the row's inputs; targets are idx + 1
+        np.testing.assert_array_equal(row["segment_ids"], doc_of[idx] - doc_of[idx[0]] + 1)
+        starts = np.array([i == r * T or doc_of[i] != doc_of[i - 1] for i in idx])
+        last_start = np.maximum.accumulate(np.where(starts, idx, 0))
+        np.testing.assert_array_equal(row["positions"], idx - last_start)
+        np.testing.assert_array_equal(row["loss_mask"], doc_of[idx] == doc_of[idx + 1])
+        # Zero exactly where the input is an EOS, i.e. the target starts the next document.
+        np.testing.assert_array_equal(row["loss_mask"] == 0, row["inputs"] == tok.eos_id)
+
+
+def test_mixture_proportions(tmp_path):
+    tok, sources = ByteTokenizer(), two_text_sources(tmp_path)
+    cfg = make_config(seq_len=128, batch_size=8, sources=sources, mixture={"a": 0.7, "b": 0.3})
+    counts = {"a": 0, "b": 0}
+    for batch in take(data.make_iterator(cfg, "pretrain", tok), 16):
+        ends = batch["targets"] == tok.eos_id  # one per document, rows never repeat a pair
+        for name in counts:
+            counts[name] += int(np.sum(ends & (batch["inputs"] == ord(name))))
+    total = counts["a"] + counts["b"]
+    assert total > 3000
+    assert abs(counts["a"] / total - 0.7) < 0.02
+
+
+def test_stdlib_splits_disjoint_and_nonempty():
+    source = config_lib.base_config().data.sources.stdlib
+    train = data.documents(source, "train")
+    heldout = data.documents(source, "heldout")
+    assert train and heldout
+    assert not set(train) & set(heldout)
+    assert all(p.endswith(".py") and "site-packages" not in p for p in train + heldout)
+    assert train == sorted(train)
+    assert 0.005 < len(heldout) / (len(train) + len(heldout)) < 0.05
+
+
+def test_eval_batches_fixed_and_shaped():
+    cfg = make_config(seq_len=16, batch_size=2)
+    cfg.data.eval_batches = 3
+    first = data.eval_batches(cfg, "pretrain", ByteTokenizer())
+    assert len(first) == 3
+    assert first[0]["inputs"].shape == (2, 16)
+    assert_same(first, data.eval_batches(cfg, "pretrain", ByteTokenizer()))
+
+
+def test_clear_errors(tmp_path):
+    tok = ByteTokenizer()
+    with pytest.raises(data.DataError, match="format"):
+        data.documents({"format": "parquet", "path": "x"}, "train", "web")
+    missing = str(tmp_path / "nothing" / "*.txt")
+    with pytest.raises(data.DataError, match="nothing"):
+        data.documents({"format": "text", "path": missing}, "train")
+    cfg = make_config(mixture={"nope": 1.0})
+    with pytest.raises(config_lib.ConfigError, match="mixture.nope"):
+        data.make_iterator(cfg, "pretrain", tok)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "a.txt").write_text("")
+    sources = {"e": dict(format="text", path=str(empty / "*.txt"), heldout_fraction=0.0)}
+    with pytest.raises(data.DataError, match="empty"):
+        data.make_iterator(make_config(sources=sources, mixture={"e": 1.0}), "pretrain", tok)
+
+
+def test_real_tokenizer_when_available():
+    try:
+        from jaxllm.tokenizer import load_tokenizer
+
+        tok = load_tokenizer("qwen2", max_rank=4096)
+    except Exception as e:  # written concurrently; the fake tokenizer covers the logic
+        pytest.skip(f"jaxllm.tokenizer not usable yet: {e!r}")
+    batch = next(data.make_iterator(make_config(seq_len=64, batch_size=2), "pretrain", tok))
+    assert batch["inputs"].max() < tok.vocab_size
+    assert np.all(batch["inputs"][batch["loss_mask"] == 0] == tok.eos_id)
