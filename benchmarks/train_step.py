@@ -110,8 +110,8 @@ def main() -> None:
         times = time_steps(make(config, tokens), args.warmup, args.steps)
         median = statistics.median(times)
         rows.append((name, median * 1e3, tokens_per_step / median))
-    device = jax.devices()[0]
-    print(f"\nmodel {args.config} ({config.model.num_layers} layers, D {config.model.hidden_size}), "
+    device, m = jax.devices()[0], config.model
+    print(f"\nmodel {args.config} ({m.num_layers} layers, D {m.hidden_size}), "
           f"batch {args.batch} x {args.seq_len} tokens, {config.model.dtype}, "
           f"{device.platform} {device.device_kind} / {platform.processor() or platform.machine()} "
           f"x {os.cpu_count()} cores, jax {jax.__version__}")

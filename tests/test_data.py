@@ -1,4 +1,4 @@
-"""Tests of jaxllm.data: determinism, exact resume, packing semantics, mixture, splits, errors.
+"""Tests of jaxllm.data: determinism, exact resume, striped packing, mixture, splits, errors.
 
 B batch (rows), T sequence length. A byte-level fake tokenizer keeps these independent of the
 real Qwen2 one; one test uses the real tokenizer when it can be imported.
@@ -15,7 +15,7 @@ import pytest
 
 from jaxllm import config as config_lib
 from jaxllm import data
-from jaxllm.data.pipeline import PackIterDataset
+from jaxllm.data import pipeline
 
 KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
@@ -72,7 +72,7 @@ def test_same_seed_same_batches_other_seed_differs():
     assert not np.array_equal(a[0]["inputs"], d[0]["inputs"])
 
 
-def two_text_sources(folder: Path, docs_per_source: int = 50) -> dict:
+def two_text_sources(folder: Path, docs_per_source: int = 400) -> dict:
     """Sources "a" and "b" of 1 to 5 repeats of their own letter per document."""
     rng, sources = np.random.default_rng(0), {}
     for name in ("a", "b"):
@@ -104,69 +104,111 @@ def test_restore_mid_run_is_bitwise_exact(k, corpus_kind, tmp_path):
 
 
 def test_pack_hand_made_rows():
-    docs = [np.array([1, 2, 3]), np.array([4]), np.array([5, 6, 7, 8, 9, 10])]
-    ds = PackIterDataset(grain.MapDataset.source(docs).to_iter_dataset(), seq_len=4, eos_id=0)
-    rows = list(ds)  # stream 1 2 3 0 | 4 0 | 5 6 7 8 9 10 0; rows overlap by one token
+    docs = [[1, 2, 3], [11, 12, 13, 14, 15, 16, 17], [4], [18], [5, 6, 7, 8, 9, 10], [19, 20]]
+    loads = []
+
+    def load(doc):
+        loads.append(doc)
+        return doc
+
+    def packer():
+        return data.StripedBatchIterator(grain.MapDataset.source(docs), load, batch_size=2,
+                                         seq_len=4, eos_id=0)
+
+    it = packer()
+    assert not loads  # nothing is read before a batch asks for it
+    # Stream 0 is docs 0, 2, 4: 1 2 3 0 | 4 0 | 5 6 7 8 9 10 0; stream 1 is docs 1, 3, 5:
+    # 11 12 13 14 15 16 17 0 | 18 0 | 19 20 0. Rows overlap by one token.
     expected = [
-        dict(inputs=[1, 2, 3, 0], targets=[2, 3, 0, 4], segment_ids=[1, 1, 1, 1],
-             positions=[0, 1, 2, 3], loss_mask=[1, 1, 1, 0]),
-        dict(inputs=[4, 0, 5, 6], targets=[0, 5, 6, 7], segment_ids=[1, 1, 2, 2],
-             positions=[0, 1, 0, 1], loss_mask=[1, 0, 1, 1]),
-        dict(inputs=[7, 8, 9, 10], targets=[8, 9, 10, 0], segment_ids=[1, 1, 1, 1],
-             positions=[0, 1, 2, 3], loss_mask=[1, 1, 1, 1]),
+        [dict(inputs=[1, 2, 3, 0], targets=[2, 3, 0, 4], segment_ids=[1, 1, 1, 1],
+              positions=[0, 1, 2, 3], loss_mask=[1, 1, 1, 0]),
+         dict(inputs=[11, 12, 13, 14], targets=[12, 13, 14, 15], segment_ids=[1, 1, 1, 1],
+              positions=[0, 1, 2, 3], loss_mask=[1, 1, 1, 1])],
+        [dict(inputs=[4, 0, 5, 6], targets=[0, 5, 6, 7], segment_ids=[1, 1, 2, 2],
+              positions=[0, 1, 0, 1], loss_mask=[1, 0, 1, 1]),
+         dict(inputs=[15, 16, 17, 0], targets=[16, 17, 0, 18], segment_ids=[1, 1, 1, 1],
+              positions=[0, 1, 2, 3], loss_mask=[1, 1, 1, 0])],
+        [dict(inputs=[7, 8, 9, 10], targets=[8, 9, 10, 0], segment_ids=[1, 1, 1, 1],
+              positions=[0, 1, 2, 3], loss_mask=[1, 1, 1, 1]),
+         dict(inputs=[18, 0, 19, 20], targets=[0, 19, 20, 0], segment_ids=[1, 1, 2, 2],
+              positions=[0, 1, 0, 1], loss_mask=[1, 0, 1, 1])],
     ]
-    assert len(rows) == len(expected)
-    for row, want in zip(rows, expected, strict=True):
+    batches = list(it)  # a finite document sequence ends at the first batch it cannot fill
+    assert len(batches) == len(expected)
+    for batch, want in zip(batches, expected, strict=True):
         for key in KEYS:
-            np.testing.assert_array_equal(row[key], want[key], err_msg=key)
-    # Restoring the packer from every intermediate state gives the same remaining rows.
-    it = iter(ds)
+            assert batch[key].shape == (2, 4)
+            np.testing.assert_array_equal(batch[key], [row[key] for row in want], err_msg=key)
+    assert sorted(map(tuple, loads)) == sorted(map(tuple, docs))  # each document read once
+    # Restoring from every intermediate state gives the same remaining batches.
+    it = packer()
     for i in range(len(expected)):
         state = it.get_state()
-        rest = iter(ds)
+        assert len(state["streams"]) == 2
+        rest = packer()
         rest.set_state(json.loads(json.dumps(state)))
-        assert_same(list(rest), rows[i:])
+        assert_same(list(rest), batches[i:])
         next(it)
+    with pytest.raises(ValueError, match="one pair per row"):
+        data.StripedBatchIterator(grain.MapDataset.source(docs), load, batch_size=3, seq_len=4,
+                                  eos_id=0).set_state(state)
 
 
-def test_packing_semantics_on_text_files(tmp_path):
+def test_streams_pack_their_documents(tmp_path):
     tok, T, B = ByteTokenizer(), 8, 2
     docs = ["a", "bcd", "efghi", "jklmnopqrstu", "vwxyzABCDEFGHIJKLMNOP", "QR"]
     sources = {"hand": dict(format="text", path=write_docs(tmp_path, docs), heldout_fraction=0.0)}
     cfg = make_config(seq_len=T, batch_size=B, sources=sources, mixture={"hand": 1.0})
-    rows = [
-        {key: batch[key][b] for key in KEYS}
-        for batch in take(data.make_iterator(cfg, "pretrain", tok), 12)
-        for b in range(B)
-    ]
-    for row in rows:
-        for key in KEYS:
-            assert row[key].shape == (T,)
-            assert row[key].dtype == (np.float32 if key == "loss_mask" else np.int32)
+    batches = take(data.make_iterator(cfg, "pretrain", tok), 12)
+    # The document sequence: every epoch a permutation of the documents.
+    sequence = pipeline._documents(cfg, "pretrain", "train", 0, skip_empty=False)
+    texts = [data.read_document(sequence[k]) for k in range(8 * len(docs))]
+    for epoch_start in range(0, len(texts), len(docs)):
+        assert sorted(texts[epoch_start:epoch_start + len(docs)]) == sorted(docs)
+    for b in range(B):
+        rows = [{key: batch[key][b] for key in KEYS} for batch in batches]
+        for row in rows:
+            for key in KEYS:
+                assert row[key].shape == (T,)
+                assert row[key].dtype == (np.float32 if key == "loss_mask" else np.int32)
+        # Stream b's rows chain with a one-token overlap...
+        stream = list(rows[0]["inputs"]) + [rows[0]["targets"][-1]]
+        for prev, row in zip(rows, rows[1:], strict=False):
+            assert row["inputs"][0] == prev["targets"][-1]
+            np.testing.assert_array_equal(row["inputs"][1:], row["targets"][:-1])
+            stream += list(row["targets"])
+        # ...into exactly documents b, b + B, b + 2B, ... of the sequence, joined with EOS.
+        joined = [t for text in texts[b::B] for t in [*tok.encode(text), tok.eos_id]]
+        assert len(joined) > len(stream)
+        assert stream == joined[:len(stream)]
 
-    # Rows chain with a one-token overlap into one stream...
-    stream = list(rows[0]["inputs"]) + [rows[0]["targets"][-1]]
-    for prev, row in zip(rows, rows[1:], strict=False):
-        assert row["inputs"][0] == prev["targets"][-1]
-        np.testing.assert_array_equal(row["inputs"][1:], row["targets"][:-1])
-        stream += list(row["targets"])
-    # ...which is the documents joined with EOS, each epoch a permutation of the documents.
-    pieces = bytes(t if t != tok.eos_id else ord("|") for t in stream).decode().split("|")
-    complete = pieces[:-1]
-    for epoch_start in range(0, len(complete) - len(docs) + 1, len(docs)):
-        assert sorted(complete[epoch_start:epoch_start + len(docs)]) == sorted(docs)
+        # A plain reference: document of every stream token (the EOS belongs to its document).
+        doc_of = np.cumsum([0] + [t == tok.eos_id for t in stream[:-1]])
+        for r, row in enumerate(rows):
+            idx = np.arange(r * T, r * T + T)  # the row's inputs; targets are idx + 1
+            np.testing.assert_array_equal(row["segment_ids"], doc_of[idx] - doc_of[idx[0]] + 1)
+            starts = np.array([i == r * T or doc_of[i] != doc_of[i - 1] for i in idx])
+            last_start = np.maximum.accumulate(np.where(starts, idx, 0))
+            np.testing.assert_array_equal(row["positions"], idx - last_start)
+            np.testing.assert_array_equal(row["loss_mask"], doc_of[idx] == doc_of[idx + 1])
+            # Zero exactly where the input is an EOS, i.e. the target starts the next document.
+            np.testing.assert_array_equal(row["loss_mask"] == 0, row["inputs"] == tok.eos_id)
 
-    # A plain reference: document index of every stream token (the EOS belongs to its document).
-    doc_of = np.cumsum([0] + [t == tok.eos_id for t in stream[:-1]])
-    for r, row in enumerate(rows):
-        idx = np.arange(r * T, r * T + T)  # the row's inputs; targets are idx + 1
-        np.testing.assert_array_equal(row["segment_ids"], doc_of[idx] - doc_of[idx[0]] + 1)
-        starts = np.array([i == r * T or doc_of[i] != doc_of[i - 1] for i in idx])
-        last_start = np.maximum.accumulate(np.where(starts, idx, 0))
-        np.testing.assert_array_equal(row["positions"], idx - last_start)
-        np.testing.assert_array_equal(row["loss_mask"], doc_of[idx] == doc_of[idx + 1])
-        # Zero exactly where the input is an EOS, i.e. the target starts the next document.
-        np.testing.assert_array_equal(row["loss_mask"] == 0, row["inputs"] == tok.eos_id)
+
+def test_rows_of_a_batch_come_from_different_documents(tmp_path):
+    tok, T, B = ByteTokenizer(), 16, 4
+    lengths = np.random.default_rng(0).integers(2 * T, 4 * T, size=20)  # longer than a row
+    docs = [chr(ord("A") + i) * int(n) for i, n in enumerate(lengths)]
+    sources = {"hand": dict(format="text", path=write_docs(tmp_path, docs), heldout_fraction=0.0)}
+    cfg = make_config(seq_len=T, batch_size=B, sources=sources, mixture={"hand": 1.0})
+    # 8 batches use under 8·T + 1 tokens per stream, within its first five documents: no repeats.
+    for batch in take(data.make_iterator(cfg, "pretrain", tok), 8):
+        letters = [set(np.concatenate([inputs, targets]).tolist()) - {tok.eos_id}
+                   for inputs, targets in zip(batch["inputs"], batch["targets"], strict=True)]
+        assert all(0 < len(row) <= 2 for row in letters)
+        for b in range(B):
+            for c in range(b):
+                assert not letters[b] & letters[c]
 
 
 def test_mixture_proportions(tmp_path):

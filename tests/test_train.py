@@ -36,8 +36,8 @@ def test_runs_all_stages_and_writes_the_run_directory(trained):
     workdir, result = trained
     records = read_metrics(workdir)
     train = [r for r in records if "loss" in r]
-    assert [r["step"] for r in train] == [2, 4, 6, 8, 10]
-    assert [r["stage"] for r in train] == ["pretrain"] * 3 + ["long_context", "anneal"]
+    assert [r["step"] for r in train] == [1, 2, 4, 6, 8, 10]
+    assert [r["stage"] for r in train] == ["pretrain"] * 4 + ["long_context", "anneal"]
     for r in train:
         assert {"step", "stage", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu"} <= set(r)
         assert r["tokens_per_sec"] > 0 and 0 < r["mfu"] < 1.5

@@ -1,12 +1,12 @@
-"""Data: document sources (corpus.py) and the packed, checkpointable pipeline (pipeline.py)."""
+"""Data: document sources (corpus.py) and the striped, checkpointable pipeline (pipeline.py)."""
 
 from jaxllm.data.corpus import DataError, EmptySplitError, documents, read_document
-from jaxllm.data.pipeline import PackIterDataset, eval_batches, make_iterator
+from jaxllm.data.pipeline import StripedBatchIterator, eval_batches, make_iterator
 
 __all__ = [
     "DataError",
     "EmptySplitError",
-    "PackIterDataset",
+    "StripedBatchIterator",
     "documents",
     "eval_batches",
     "make_iterator",

@@ -1,31 +1,42 @@
-"""Deterministic, checkpointable training batches: documents → tokens → mixture → packed rows.
+"""Deterministic, checkpointable training batches: documents → mixture → B striped streams.
 
 B batch (rows per batch, config.stages.<stage>.batch_size), T sequence length (.seq_len).
 
-Per source: `MapDataset.source(paths).shuffle(seed).repeat().map(read + tokenize)`, so nothing
-is read or tokenized until a batch asks for it and every epoch is shuffled differently. The
-sources are combined with `MapDataset.mix` (a fixed interleave in proportion to the stage's
-mixture weights), turned into an `IterDataset` read by a couple of threads, packed by
-`PackIterDataset` and batched. Every element is a pure function of (config.seed, seed_offset,
-index), so the whole iterator state is a few integers.
+Documents. Per source: `MapDataset.source(paths).shuffle(seed).repeat()`, so every epoch is
+shuffled differently; the sources are combined with `MapDataset.mix` (a fixed interleave in
+proportion to the stage's mixture weights). The result is an endless document sequence
+d_0, d_1, ... of paths with random access, a pure function of (config.seed, seed_offset, k).
 
-Packing. The stream is doc_1, EOS, doc_2, EOS, ... Row r holds the T + 1 stream tokens
-[r·T, r·T + T]: inputs are the first T, targets the last T. Consecutive rows overlap by that
-one token, so every adjacent pair of the stream is trained exactly once and nothing is lost at
-a row boundary. Per input token:
+Streams. Row b of every batch is the next row of stream b, and stream b packs d_b, d_{b+B},
+d_{b+2B}, ...: the B rows of a batch come from B different documents (unless streams drift an
+epoch apart and meet the same file), and together the streams use every document once per
+epoch of the sequence. Nothing is read up front: the documents a batch needs are read and
+tokenized in parallel on a few threads, and those the next batch will need are started in the
+background meanwhile.
+
+Packing, per stream. The stream is doc_1, EOS, doc_2, EOS, ... Row r holds the T + 1 stream
+tokens [r·T, r·T + T]: inputs are the first T, targets the last T. Consecutive rows overlap by
+that one token, so every adjacent pair of the stream is trained exactly once and nothing is lost
+at a row boundary. Per input token:
   segment_ids  1, 2, ... for the documents of the row's inputs in order; a document cut by a row
                boundary carries on in the next row as that row's segment 1.
   positions    the index within its segment: 0 at every document start and at every row start.
   loss_mask    1.0 where the target is in the same document as the input, which includes
                predicting a document's closing EOS; 0.0 exactly where the input is that EOS and
                the target is the first token of the next document.
+
+State: {"streams": [[k, offset], ...]}, one pair per stream: the sequence index k of the document
+holding the stream's next row's first token, and that token's offset in the document (its
+tokens + EOS). Restoring re-reads and re-tokenizes one document per stream.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
+import os
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grain
@@ -35,79 +46,128 @@ import numpy as np
 from jaxllm.config import ConfigError
 from jaxllm.data import corpus
 
-# Tokenizing is the costly step; two threads match the 2-core machines this must run on, and
-# a small buffer of documents keeps memory flat.
-READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=64)
+# tiktoken releases the GIL while encoding, so threads scale to the cores; past a handful the
+# documents one batch needs (at most B) are done before more threads would help.
+NUM_THREADS = max(2, min(8, os.cpu_count() or 2))
+_POOL: concurrent.futures.ThreadPoolExecutor | None = None
 
 
-class PackIterDataset(grain.IterDataset):
-    """Packs a stream of token arrays into rows of T tokens (see the module docstring)."""
-
-    def __init__(self, parent: grain.IterDataset, seq_len: int, eos_id: int):
-        super().__init__(parent)
-        self._seq_len = seq_len
-        self._eos_id = eos_id
-
-    def __iter__(self) -> grain.DatasetIterator:
-        return _PackIterator(self._parent.__iter__(), self._seq_len, self._eos_id)
-
-    def __str__(self) -> str:
-        return f"PackIterDataset(seq_len={self._seq_len}, eos_id={self._eos_id})"
+def _pool() -> concurrent.futures.ThreadPoolExecutor:
+    """One pool for every iterator, started on first use; its idle threads cost nothing."""
+    global _POOL
+    if _POOL is None:
+        _POOL = concurrent.futures.ThreadPoolExecutor(NUM_THREADS, "jaxllm-data")
+    return _POOL
 
 
-class _PackIterator(grain.DatasetIterator):
-    """State: the parent's state just before it yields the document holding the next row's first
-    token, and that token's offset in the document (its tokens + EOS). Restoring re-reads that
-    one document instead of storing tokens in the checkpoint."""
+class StripedBatchIterator(grain.DatasetIterator):
+    """Batches of B packed rows; row b is the next row of stream b (see the module docstring).
 
-    def __init__(self, parent: grain.DatasetIterator, seq_len: int, eos_id: int):
-        super().__init__(parent)
-        self._seq_len = seq_len
-        self._eos = np.array([eos_id], np.int32)
-        self._doc: np.ndarray | None = None  # fetched lazily, after a restore too
-        self._doc_state: dict[str, Any] | None = None
-        self._offset = 0
+    `documents` is a MapDataset with random access; `load(documents[k])` returns the token ids
+    of document k, without EOS. A finite `documents` ends the iteration at the first batch a
+    stream cannot fill; the training sequence is endless.
+    """
 
-    def _fetch(self) -> tuple[dict[str, Any], np.ndarray]:
-        state = self._parent.get_state()
-        tokens = np.asarray(next(self._parent), np.int32)
-        return state, np.concatenate([tokens, self._eos])
+    def __init__(self, documents: grain.MapDataset, load: Callable[[Any], Sequence[int]],
+                 batch_size: int, seq_len: int, eos_id: int):
+        super().__init__()
+        self._documents, self._load = documents, load
+        self._B, self._T, self._eos_id = batch_size, seq_len, eos_id
+        self._pending: dict[int, concurrent.futures.Future] = {}  # by document index
+        self.set_state({"streams": [[b, 0] for b in range(batch_size)]})
+
+    def _tokens(self, index: int) -> np.ndarray:
+        ids = self._load(self._documents[index])
+        tokens = np.empty(len(ids) + 1, np.int32)
+        tokens[:-1] = ids
+        tokens[-1] = self._eos_id
+        return tokens
+
+    def _submit(self, index: int) -> concurrent.futures.Future:
+        future = self._pending.pop(index, None)
+        if future is None:
+            future = _pool().submit(self._tokens, index)
+        return future
+
+    def _wanted(self) -> dict[int, int]:
+        """Stream b by the index of the document it needs next, for each stream whose loaded
+        documents do not yet hold its next row."""
+        wanted = {}
+        for b, docs in enumerate(self._loaded):
+            if sum(len(d) for d in docs) - self._offset[b] <= self._T:
+                wanted[self._k[b] + self._B * len(docs)] = b
+        return wanted
 
     def __next__(self) -> dict[str, np.ndarray]:
-        if self._doc is None:
-            self._doc_state, self._doc = self._fetch()
-            # A fresh iterator starts at offset 0; a restored one keeps its offset.
-        doc_state, doc, start = self._doc_state, self._doc, self._offset
-        tokens, segments, positions = [], [], []
-        need, segment = self._seq_len + 1, 1
-        while True:
-            take = min(len(doc) - start, need)
-            tokens.append(doc[start:start + take])
-            segments.append(np.full(take, segment, np.int32))
-            positions.append(np.arange(take, dtype=np.int32))
-            need -= take
-            if need == 0:
-                break
-            doc_state, doc = self._fetch()
-            start, segment = 0, segment + 1
-        # The next row starts at this row's last token: the one-token overlap.
-        self._doc_state, self._doc, self._offset = doc_state, doc, start + take - 1
-        tokens_T1, segments_T1 = np.concatenate(tokens), np.concatenate(segments)
+        self._assert_not_closed()
+        # Rounds, because how many documents a row needs is known only once they are tokenized.
+        while wanted := self._wanted():
+            if max(wanted) >= len(self._documents):
+                raise StopIteration
+            futures = {index: self._submit(index) for index in wanted}
+            for index, future in futures.items():
+                self._loaded[wanted[index]].append(future.result())
+        B, T1 = self._B, self._T + 1
+        tokens_BT1 = np.empty((B, T1), np.int32)
+        segments_BT1 = np.empty((B, T1), np.int32)
+        positions_BT1 = np.empty((B, T1), np.int32)
+        for b, docs in enumerate(self._loaded):
+            start, filled = self._offset[b], 0
+            if start >= len(docs[0]):
+                raise ValueError(f"data state: stream {b} offset {start} is past the end of its "
+                                 f"document {self._k[b]} ({len(docs[0])} tokens with EOS); the "
+                                 "state belongs to other data or another tokenizer")
+            for segment, doc in enumerate(docs, start=1):
+                take = min(len(doc) - start, T1 - filled)
+                tokens_BT1[b, filled:filled + take] = doc[start:start + take]
+                segments_BT1[b, filled:filled + take] = segment
+                positions_BT1[b, filled:filled + take] = np.arange(take)
+                filled += take
+                if filled == T1:
+                    break
+                start = 0
+            # The next row starts at this row's last token: the one-token overlap.
+            del docs[:segment - 1]
+            self._k[b] += B * (segment - 1)
+            self._offset[b] = start + take - 1
+        for index in self._wanted():  # tokenized while the caller trains on this batch
+            if index < len(self._documents):
+                self._pending[index] = self._submit(index)
         return {
-            "inputs": tokens_T1[:-1],
-            "targets": tokens_T1[1:],
-            "segment_ids": segments_T1[:-1],
-            "positions": np.concatenate(positions)[:-1],
-            "loss_mask": (segments_T1[:-1] == segments_T1[1:]).astype(np.float32),
+            "inputs": np.ascontiguousarray(tokens_BT1[:, :-1]),
+            "targets": np.ascontiguousarray(tokens_BT1[:, 1:]),
+            "segment_ids": np.ascontiguousarray(segments_BT1[:, :-1]),
+            "positions": np.ascontiguousarray(positions_BT1[:, :-1]),
+            "loss_mask": (segments_BT1[:, :-1] == segments_BT1[:, 1:]).astype(np.float32),
         }
 
+    def _drop_pending(self) -> None:
+        for future in self._pending.values():
+            future.cancel()
+        self._pending = {}
+
     def get_state(self) -> dict[str, Any]:
-        parent = self._parent.get_state() if self._doc_state is None else self._doc_state
-        return {"parent": parent, "offset": int(self._offset)}
+        return {"streams": [[int(k), int(o)] for k, o in zip(self._k, self._offset, strict=True)]}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        self._parent.set_state(state["parent"])
-        self._doc_state, self._doc, self._offset = state["parent"], None, int(state["offset"])
+        streams = state.get("streams") if isinstance(state, dict) else None
+        if not isinstance(streams, list) or len(streams) != self._B:
+            found = (f"{len(streams)} streams" if isinstance(streams, list)
+                     else f"keys {sorted(state) if isinstance(state, dict) else state!r}")
+            raise ValueError(f"data state: expected {{'streams': [[k, offset], ...]}} with one "
+                             f"pair per row of the batch ({self._B}), got {found}; resume "
+                             "with the batch size and code version that saved it")
+        self._drop_pending()
+        self._k = [int(k) for k, _ in streams]
+        self._offset = [int(o) for _, o in streams]
+        self._loaded: list[list[np.ndarray]] = [[] for _ in streams]  # docs k, k + B, ...
+
+    def close(self) -> None:
+        self._drop_pending()
+        super().close()
+
+    def __str__(self) -> str:
+        return f"StripedBatchIterator(batch_size={self._B}, seq_len={self._T})"
 
 
 def _source_seed(seed: int, seed_offset: int, name: str) -> int:
@@ -137,14 +197,10 @@ def _mixture(config: mc.ConfigDict, stage_name: str) -> dict[str, float]:
     return mixture
 
 
-def _build(config: mc.ConfigDict, stage_name: str, tokenizer: Any, split: str,
-           seed_offset: int, skip_empty: bool) -> grain.IterDataset:
+def _documents(config: mc.ConfigDict, stage_name: str, split: str, seed_offset: int,
+               skip_empty: bool) -> grain.MapDataset:
+    """The stage's endless, shuffled and mixed sequence of document paths; nothing is read."""
     mixture = _mixture(config, stage_name)
-    stage = config.stages[stage_name]
-
-    def encode(path: str) -> np.ndarray:
-        return np.asarray(tokenizer.encode(corpus.read_document(path)), np.int32)
-
     datasets, weights = [], []
     for name, weight in mixture.items():
         try:
@@ -155,20 +211,28 @@ def _build(config: mc.ConfigDict, stage_name: str, tokenizer: Any, split: str,
             logging.warning("data source %r has no %r documents; left out of eval", name, split)
             continue
         ds = grain.MapDataset.source(paths).shuffle(_source_seed(config.seed, seed_offset, name))
-        datasets.append(ds.repeat().map(encode))
+        datasets.append(ds.repeat())
         weights.append(weight)
     if not datasets:
         raise corpus.DataError(f"no source of config.stages.{stage_name}.mixture has a {split!r} "
                                "split; raise data.sources.<name>.heldout_fraction")
-    mixed = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
-    ds = PackIterDataset(mixed.to_iter_dataset(READ_OPTIONS), stage.seq_len, tokenizer.eos_id)
-    # No batch-level ThreadPrefetchIterDataset: packing is a few numpy copies per row, and in
-    # grain 0.2.18 its iterator raises from __del__ when still alive at interpreter exit.
-    return ds.batch(stage.batch_size, drop_remainder=True)
+    return datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
+
+
+def _iterator(config: mc.ConfigDict, stage_name: str, tokenizer: Any, split: str,
+              seed_offset: int, skip_empty: bool) -> StripedBatchIterator:
+    documents = _documents(config, stage_name, split, seed_offset, skip_empty)
+    stage = config.stages[stage_name]
+
+    def load(path: str) -> list[int]:
+        return tokenizer.encode(corpus.read_document(path))
+
+    return StripedBatchIterator(documents, load, stage.batch_size, stage.seq_len,
+                                tokenizer.eos_id)
 
 
 def make_iterator(config: mc.ConfigDict, stage_name: str, tokenizer: Any, split: str = "train",
-                  seed_offset: int = 0) -> Iterator[dict[str, np.ndarray]]:
+                  seed_offset: int = 0) -> StripedBatchIterator:
     """Endless batches for a stage: dicts of `inputs`, `targets`, `segment_ids`, `positions`
     (int32 [B, T]) and `loss_mask` (float32 [B, T]).
 
@@ -176,7 +240,7 @@ def make_iterator(config: mc.ConfigDict, stage_name: str, tokenizer: Any, split:
     `set_state(state)` resumes with exactly the batches the uninterrupted run would have given.
     `split` is "train" or "heldout"; `seed_offset` gives another, equally deterministic order.
     """
-    return iter(_build(config, stage_name, tokenizer, split, seed_offset, skip_empty=False))
+    return _iterator(config, stage_name, tokenizer, split, seed_offset, skip_empty=False)
 
 
 def eval_batches(config: mc.ConfigDict, stage_name: str, tokenizer: Any) -> list[dict]:
@@ -184,7 +248,7 @@ def eval_batches(config: mc.ConfigDict, stage_name: str, tokenizer: Any) -> list
 
     Sources of the stage's mixture whose held-out split is empty are left out, with a warning.
     """
-    it = iter(_build(config, stage_name, tokenizer, "heldout", 0, skip_empty=True))
+    it = _iterator(config, stage_name, tokenizer, "heldout", 0, skip_empty=True)
     batches = [next(it) for _ in range(config.data.eval_batches)]
     it.close()
     return batches

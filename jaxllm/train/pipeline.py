@@ -96,7 +96,10 @@ def check_resumable(workdir: str, config: mc.ConfigDict) -> None:
 
 
 def to_global(batch: dict[str, np.ndarray], batch_sh) -> dict[str, jax.Array]:
-    return {k: jax.make_array_from_process_local_data(batch_sh, v) for k, v in batch.items()}
+    """Host batch → global array. Every process holds the whole global batch (the data issue
+    makes each read only its share); passing the global shape makes each device take its rows."""
+    return {k: jax.make_array_from_process_local_data(batch_sh, v, v.shape)
+            for k, v in batch.items()}
 
 
 def run(config: mc.ConfigDict, workdir: str) -> TrainState:
@@ -159,23 +162,21 @@ def _run_stage(config, span: StageSpan, state, state_sh, mesh, tokenizer, ckpt, 
     writer.message(f"stage {span.name}: steps {span.start}..{span.end - 1}, seq_len "
                    f"{stage.seq_len}, batch {stage.batch_size}, rope_theta {stage.rope_theta:g}")
 
-    clock, clock_step = None, int(state.step)
-    for step in range(int(state.step), span.end):
+    first = int(state.step)
+    clock, clock_step = time.perf_counter(), first
+    for step in range(first, span.end):
         state, metrics = train_step(state, to_global(next(data), batch_sh))
         done = step + 1
-        if clock is None:  # the first step compiles: time from its end
-            jax.block_until_ready(metrics)
-            clock, clock_step = time.perf_counter(), done
         writer.advance()
-        if done % config.log_every == 0 or done == span.end:
+        if done % config.log_every == 0 or done in (1, span.end):
             metrics = jax.device_get(metrics)
             now = time.perf_counter()
-            rate = tokens_per_step * (done - clock_step) / max(now - clock, 1e-9)
-            clock, clock_step = (now, done) if done > clock_step else (clock, clock_step)
+            rate = tokens_per_step * (done - clock_step) / (now - clock)
+            clock, clock_step = now, done
             writer.write({"step": done, "stage": span.name, "loss": float(metrics["loss"]),
                           "lr": float(metrics["lr"]), "grad_norm": float(metrics["grad_norm"]),
                           "tokens_per_sec": rate, "mfu": rate * flops / peak})
-        paused = False
+        paused = done == first + 1  # the first step of a stage compiles: leave it out
         if done % config.eval_every == 0 or done == span.end:
             sums = [jax.device_get(eval_step(state.params, b)) for b in held_out]
             eval_loss = sum(float(s[0]) for s in sums) / max(sum(float(s[1]) for s in sums), 1)

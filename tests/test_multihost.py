@@ -1,0 +1,29 @@
+"""Two processes over gloo (launch/local.sh) train exactly like one process with two devices."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARGS = ["--config=configs/tiny.py:smoke", "--config.mesh.data=2",
+        "--config.stages.long_context.steps=0", "--config.stages.anneal.steps=0"]
+
+
+def losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [(r["step"], r["loss"]) for r in map(json.loads, f) if "loss" in r]
+
+
+def test_two_processes_equal_one_process_with_two_devices(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]
+    two = subprocess.run(["bash", "launch/local.sh", "2", f"--workdir={tmp_path / 'two'}", *ARGS],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    one = subprocess.run([sys.executable, "-m", "jaxllm.main", f"--workdir={tmp_path / 'one'}",
+                          *ARGS], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert losses(tmp_path / "two") == losses(tmp_path / "one")
+    assert [step for step, _ in losses(tmp_path / "one")] == [1, 2, 4, 6]
