@@ -28,6 +28,7 @@ RULES = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),
+    ("norm", None),  # norm scales are D floats: replicating them costs nothing
     ("layers", None),
     ("expert", "expert"),
 )
@@ -48,9 +49,26 @@ def mesh_shape(mesh_config: mc.ConfigDict, num_devices: int) -> tuple[int, ...]:
     return tuple(sizes)
 
 
-def make_mesh(mesh_config: mc.ConfigDict, devices=None) -> Mesh:
+def check_divisible(config: mc.ConfigDict, sizes: tuple[int, ...]) -> None:
+    """Every sharded dimension must split evenly over its mesh axis: one clear error if not."""
+    axes = dict(zip(MESH_AXES, sizes, strict=True))
+    m = config.model
+    checks = [("tensor", f"model.{k}", m[k]) for k in
+              ("num_heads", "num_kv_heads", "intermediate_size", "vocab_size")]
+    checks.append(("fsdp", "model.hidden_size", m.hidden_size))
+    for name in config.stages.keys():
+        checks.append(("sequence", f"stages.{name}.seq_len", config.stages[name].seq_len))
+    for axis, key, value in checks:
+        if value % axes[axis]:
+            raise ConfigError(f"config.{key}={value} does not split over mesh axis {axis!r} of "
+                              f"size {axes[axis]}; choose config.mesh.{axis} dividing {value}")
+
+
+def make_mesh(config: mc.ConfigDict, devices=None) -> Mesh:
+    """The mesh of `config.mesh` over `devices` (all by default), checked against the model."""
     devices = jax.devices() if devices is None else devices
-    shape = mesh_shape(mesh_config, len(devices))
+    shape = mesh_shape(config.mesh, len(devices))
+    check_divisible(config, shape)
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
                 axis_types=(AxisType.Auto,) * len(MESH_AXES))
 

@@ -59,7 +59,7 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
         scale_D = self.param(
-            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
             (x_BxTxD.shape[-1],), dtype_of(self.param_dtype))
         x32 = x_BxTxD.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)

@@ -111,7 +111,7 @@ def run(config: mc.ConfigDict, workdir: str) -> TrainState:
     if tokenizer.vocab_size > config.model.vocab_size:
         raise ConfigError(f"config.model.vocab_size: {config.model.vocab_size} rows cannot hold "
                           f"the tokenizer's {tokenizer.vocab_size} ids; set tokenizer.max_rank")
-    mesh = sharding.make_mesh(config.mesh)
+    mesh = sharding.make_mesh(config)
     batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
     for name in stage_names(config):
         if config.stages[name].batch_size % (batch_ways * config.optimizer.grad_accum):

@@ -1,0 +1,153 @@
+"""`python -m jaxllm.plan --config=... [--devices=N] [--json]`: will this config fit?
+
+A dry run that allocates nothing: parameter counts from `eval_shape`, per-device shard shapes
+from the real sharding rules on an abstract mesh of `--devices` devices, and an estimate of
+activation memory per stage. Dimension letters: B rows per device per micro-batch, T tokens
+per device, D model dim, N / K heads / kv heads per device, H head dim, F ffn dim per device,
+V vocab rows per device, L layers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mc
+from flax import linen as nn
+from jax.sharding import AbstractMesh, AxisType
+
+from jaxllm import sharding
+from jaxllm.config import ConfigError, stage_names, validate
+from jaxllm.metrics import flops_per_token
+from jaxllm.model import abstract_params
+
+ACCELERATORS = {"v5p": 95e9, "v6e": 32e9, "h100": 80e9}  # bytes of memory per chip
+# XLA needs headroom beyond live buffers (fragmentation, collectives' scratch).
+USABLE_FRACTION = 0.9
+
+
+def _bytes(dtype: str) -> int:
+    return jnp.dtype(dtype).itemsize
+
+
+def activation_bytes(config: mc.ConfigDict, stage_name: str, axes: dict[str, int]) -> float:
+    """Peak activation memory of one device in one micro-batch's forward + backward."""
+    m, s = config.model, config.stages[stage_name]
+    B = s.batch_size / config.optimizer.grad_accum / (axes["data"] * axes["fsdp"])
+    T, S = s.seq_len / axes["sequence"], s.seq_len
+    tp = axes["tensor"]
+    D, L, H, a = m.hidden_size, m.num_layers, m.head_dim, _bytes(m.dtype)
+    N, K, F, V = m.num_heads / tp, m.num_kv_heads / tp, m.intermediate_size / tp, m.vocab_size / tp
+    # Attention's T×S float32 scores and probabilities with plain XLA softmax; the blockwise
+    # kernels hold one block of keys (at most 512) at a time instead.
+    scores = 2 * 4 * N * T * (S if m.attention_impl == "xla" else min(S, 512))
+    # Everything one layer keeps for its backward pass, per token: norm outputs and residual
+    # stream (5 D), q/k/v before and after RoPE, attention output, and the four F-wide MLP
+    # intermediates.
+    per_layer = B * T * a * (5 * D + 2 * (N + 2 * K) * H + N * H + 4 * F) + B * scores
+    carry = B * T * D * a  # the residual stream saved between layers under scan
+    if m.remat == "none":
+        saved = L * per_layer
+    elif m.remat == "dots":  # matmul outputs are kept, elementwise results recomputed
+        saved = L * (carry + B * T * a * ((N + 2 * K) * H + N * H + D + 3 * F)) + per_layer
+    else:  # full: only the carry is kept; one layer is recomputed at a time
+        saved = L * carry + per_layer
+    logits = B * T * V * 4 * 2  # float32 logits and their gradient
+    return saved + logits
+
+
+def make_plan(config: mc.ConfigDict, num_devices: int) -> dict:
+    validate(config)
+    sizes = sharding.mesh_shape(config.mesh, num_devices)
+    sharding.check_divisible(config, sizes)
+    axes = dict(zip(sharding.MESH_AXES, sizes, strict=True))
+    mesh = AbstractMesh(sizes, sharding.MESH_AXES, axis_types=(AxisType.Auto,) * len(sizes))
+    boxed = abstract_params(config.model)
+    shapes = nn.unbox(boxed)
+    specs = sharding.param_shardings(boxed, mesh)
+    total = sum(x.size for x in jax.tree.leaves(shapes))
+    local = sum(math.prod(sh.shard_shape(x.shape)) for x, sh in
+                zip(jax.tree.leaves(shapes), jax.tree.leaves(specs), strict=True))
+    m = config.model
+    params = local * _bytes(m.param_dtype)
+    optimizer = 2 * local * _bytes(m.param_dtype)  # Adam's two moments, like the params
+    gradients = local * 4  # accumulated in float32
+    stages, peak_activations = {}, 0.0
+    for name in stage_names(config):
+        s = config.stages[name]
+        if not s.steps:
+            continue
+        act = activation_bytes(config, name, axes)
+        peak_activations = max(peak_activations, act)
+        stages[name] = {"steps": s.steps, "seq_len": s.seq_len, "batch_size": s.batch_size,
+                        "tokens_per_step": s.batch_size * s.seq_len,
+                        "flops_per_token": flops_per_token(m, s.seq_len),
+                        "activation_bytes": act}
+    total_bytes = params + optimizer + gradients + peak_activations
+    first = next(iter(stages.values()), {"seq_len": 4096})
+    return {
+        "params_total": total,
+        "params_active": total,  # dense: every parameter is used for every token
+        "flops_per_token": flops_per_token(m, first["seq_len"]),
+        "devices": num_devices,
+        "mesh": axes,
+        "bytes_per_device": {"params": params, "optimizer": optimizer, "gradients": gradients,
+                             "activations": peak_activations, "total": total_bytes},
+        "fits": {name: total_bytes <= cap * USABLE_FRACTION for name, cap in ACCELERATORS.items()},
+        "stages": stages,
+    }
+
+
+def _gb(x: float) -> str:
+    return f"{x / 1e9:8.2f} GB"
+
+
+def format_plan(plan: dict) -> str:
+    b = plan["bytes_per_device"]
+    lines = [
+        f"parameters      {plan['params_total'] / 1e9:.3f}B total, "
+        f"{plan['params_active'] / 1e9:.3f}B active",
+        f"mesh            {plan['devices']} devices: "
+        + " × ".join(f"{k}={v}" for k, v in plan["mesh"].items() if v > 1) or "1 device",
+        "per device      " + ", ".join(f"{k} {_gb(v).strip()}" for k, v in b.items()),
+        "fits            " + ", ".join(
+            f"{k} ({ACCELERATORS[k] / 1e9:.0f} GB): {'yes' if ok else 'no'}"
+            for k, ok in plan["fits"].items()),
+        "stages:",
+    ]
+    for name, s in plan["stages"].items():
+        lines.append(f"  {name:<13} {s['steps']:>9} steps, seq_len {s['seq_len']:>6}, "
+                     f"{s['tokens_per_step']:>10,} tokens/step, "
+                     f"{s['flops_per_token'] / 1e9:.2f} GFLOP/token, "
+                     f"activations {_gb(s['activation_bytes']).strip()}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    from absl import flags, logging
+
+    if len(argv) > 1:
+        raise SystemExit(f"unexpected arguments: {argv[1:]}")
+    F = flags.FLAGS  # defined below, only when run as a program (tests import make_plan)
+    logging.set_verbosity(logging.WARNING)
+    try:
+        plan = make_plan(F.config, F.devices or jax.device_count())
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(plan, indent=1) if F.json else format_plan(plan))
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Config file, optionally with :ARG.",
+                                    lock_config=False)
+    flags.DEFINE_integer("devices", None, "Devices to plan for (default: those present).")
+    flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
+    flags.mark_flag_as_required("config")
+    app.run(main)

@@ -1,0 +1,85 @@
+"""`jaxllm.plan`: runs on every config without allocating, and its memory estimate is close."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import linen as nn
+
+from jaxllm import sharding
+from jaxllm.config import load_config
+from jaxllm.optim import make_optimizer, make_schedule
+from jaxllm.plan import make_plan
+from jaxllm.train.pipeline import init_train_state, stage_model_config
+from jaxllm.train.step import make_train_step
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_plan_runs_on_every_config(path):
+    start = time.perf_counter()
+    plan = make_plan(load_config(path), 256)
+    assert time.perf_counter() - start < 30  # "in seconds", with a wide margin for slow CI
+    b = plan["bytes_per_device"]
+    assert b["total"] == pytest.approx(b["params"] + b["optimizer"] + b["gradients"]
+                                       + b["activations"])
+    assert plan["params_active"] == plan["params_total"] > 0
+    assert set(plan["fits"]) == {"v5p", "v6e", "h100"}
+
+
+def test_qwen2_72b_on_a_v5p_pod_fits():
+    config = load_config(os.path.join(ROOT, "configs", "qwen2_72b.py"),
+                         ["optimizer.grad_accum=8", "model.remat='full'"])
+    plan = make_plan(config, 128)
+    assert plan["params_total"] == pytest.approx(72.7e9, rel=0.005)
+    assert plan["bytes_per_device"]["params"] == pytest.approx(72.7e9 * 4 / 128, rel=0.01)
+    assert plan["fits"]["v5p"]
+
+
+def test_cli_json():
+    env = {**os.environ, "XLA_FLAGS": ""}
+    out = subprocess.run([sys.executable, "-m", "jaxllm.plan", "--config=configs/qwen2_7b.py",
+                          "--devices=64", "--json"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    plan = json.loads(out)
+    assert {"params_total", "params_active", "flops_per_token", "bytes_per_device"} <= set(plan)
+    assert set(plan["bytes_per_device"]) == {"params", "optimizer", "gradients", "activations",
+                                             "total"}
+    assert plan["mesh"]["fsdp"] == 64
+
+
+def compiled_peak_bytes(config, stage_name):
+    """What XLA allocates for the stage's train step: arguments + temporaries + outputs."""
+    mesh = sharding.make_mesh(config, jax.devices()[:1])
+    stage = config.stages[stage_name]
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+        state, _ = init_train_state(config, mesh)
+        step = jax.jit(make_train_step(stage_model_config(config, stage_name),
+                                       make_optimizer(config.optimizer),
+                                       make_schedule(stage.lr, 10), 0, 1, 0.0), donate_argnums=0)
+        shape = (stage.batch_size, stage.seq_len)
+        batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32)
+                 for k in ("inputs", "targets", "positions", "segment_ids")}
+        batch["loss_mask"] = jax.ShapeDtypeStruct(shape, jnp.float32)
+        m = step.lower(state, batch).compile().memory_analysis()
+    return (m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes
+            - m.alias_size_in_bytes)
+
+
+@pytest.mark.parametrize("stage_name", ["pretrain", "long_context"])
+def test_tiny_memory_estimate_within_25_percent_of_the_compiled_step(stage_name):
+    config = load_config(os.path.join(ROOT, "configs", "tiny.py"), ["mesh.data=1"])
+    plan = make_plan(config, 1)
+    b = plan["bytes_per_device"]
+    estimate = (b["params"] + b["optimizer"] + b["gradients"]
+                + plan["stages"][stage_name]["activation_bytes"])
+    measured = compiled_peak_bytes(config, stage_name)
+    assert estimate == pytest.approx(measured, rel=0.25), (estimate / 1e6, measured / 1e6)
