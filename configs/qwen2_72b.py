@@ -2,7 +2,16 @@
 
 Pretraining at 4,096 tokens with rope base 1e4 for about 7T tokens, then 32,768 tokens at
 base 1e6, then an anneal that decays the learning rate on high-quality data.
+
+Variants with a mesh that `python -m jaxllm.plan` shows to fit:
+  `qwen2_72b.py:v5p_256`  a TPU v5p-256 pod slice (128 chips): fsdp 32 × sequence 4
+  `qwen2_72b.py:h100_64`  8 nodes of 8 H100s: fsdp 8 across nodes × tensor 4 × sequence 2
 """
+
+MESHES = {
+    "v5p_256": (dict(data=1, fsdp=32, tensor=1, sequence=4), 4),
+    "h100_64": (dict(data=1, fsdp=8, tensor=4, sequence=2), 16),
+}
 
 from jaxllm.config import base_config, qwen2_recipe
 
@@ -16,4 +25,10 @@ def get_config(arg=None):
                  long_context_steps=20_000, anneal_steps=10_000)
     c.mesh.update(data=1, fsdp=-1)
     c.checkpoint.every_steps = 500
+    if arg is not None:
+        if arg not in MESHES:
+            raise ValueError(f"configs/qwen2_72b.py: unknown variant {arg!r}; known: "
+                             f"{', '.join(MESHES)}")
+        mesh, c.optimizer.grad_accum = MESHES[arg]
+        c.mesh.update(mesh)
     return c

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -27,15 +28,19 @@ FLAGS = flags.FLAGS
 
 
 def initialize_distributed() -> None:
-    """Joins the other processes: explicit flags, else cluster auto-detection, else alone."""
+    """Joins the other processes: explicit flags, else JAX's cluster auto-detection (Cloud TPU
+    VMs, GKE, SLURM, Open MPI), else this is the only process."""
     import jax
 
     if FLAGS.coordinator_address:
         jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                                    FLAGS.process_id, initialization_timeout=120)
-    elif any(v in os.environ for v in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES",
-                                       "JOBSET_NAME", "MEGASCALE_COORDINATOR_ADDRESS")):
+        return
+    try:
         jax.distributed.initialize()
+    except ValueError as e:  # "coordinator_address should be defined": no cluster found
+        if "coordinator_address" not in str(e):
+            raise
 
 
 def main(argv: list[str]) -> None:
@@ -51,6 +56,16 @@ def main(argv: list[str]) -> None:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Exception:
+        import jax
+
+        if jax.process_count() == 1:
+            raise
+        # A peer died (its collectives fail at once): exit now instead of waiting in the
+        # distributed shutdown barrier for a process that will never arrive.
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
 
 
 if __name__ == "__main__":

@@ -20,10 +20,15 @@ from jaxllm.config import ConfigError
 MESH_AXES = ("data", "fsdp", "tensor", "expert", "sequence")
 
 RULES = (
+    # Activations: rows over data and fsdp, tokens over sequence; the residual stream's D is
+    # whole on each device (tensor parallelism splits heads and F inside a layer).
     ("batch", ("data", "fsdp")),
     ("length", "sequence"),
+    ("act_embed", None),
+    # Parameters: FSDP splits D over fsdp and sequence together, so that sequence-parallel
+    # devices do not each hold a full copy of the weights; tensor splits heads, F and V.
     ("vocab", "tensor"),
-    ("embed", "fsdp"),
+    ("embed", ("fsdp", "sequence")),
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
@@ -55,13 +60,22 @@ def check_divisible(config: mc.ConfigDict, sizes: tuple[int, ...]) -> None:
     m = config.model
     checks = [("tensor", f"model.{k}", m[k]) for k in
               ("num_heads", "num_kv_heads", "intermediate_size", "vocab_size")]
-    checks.append(("fsdp", "model.hidden_size", m.hidden_size))
+    axes["fsdp×sequence"] = axes["fsdp"] * axes["sequence"]
+    checks.append(("fsdp×sequence", "model.hidden_size", m.hidden_size))
     for name in config.stages.keys():
         checks.append(("sequence", f"stages.{name}.seq_len", config.stages[name].seq_len))
     for axis, key, value in checks:
         if value % axes[axis]:
             raise ConfigError(f"config.{key}={value} does not split over mesh axis {axis!r} of "
-                              f"size {axes[axis]}; choose config.mesh.{axis} dividing {value}")
+                              f"size {axes[axis]}; choose config.mesh sizes dividing {value}")
+    batch_ways = axes["data"] * axes["fsdp"] * config.optimizer.grad_accum
+    for name in config.stages.keys():
+        rows = config.stages[name].batch_size
+        if config.stages[name].steps and rows % batch_ways:
+            raise ConfigError(
+                f"config.stages.{name}.batch_size: {rows} rows do not split over mesh data×fsdp="
+                f"{axes['data'] * axes['fsdp']} times optimizer.grad_accum="
+                f"{config.optimizer.grad_accum}")
 
 
 def make_mesh(config: mc.ConfigDict, devices=None) -> Mesh:

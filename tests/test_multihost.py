@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--config=configs/tiny.py:smoke", "--config.mesh.data=2",
@@ -27,3 +28,30 @@ def test_two_processes_equal_one_process_with_two_devices(tmp_path):
     assert one.returncode == 0, one.stderr[-3000:]
     assert losses(tmp_path / "two") == losses(tmp_path / "one")
     assert [step for step, _ in losses(tmp_path / "one")] == [1, 2, 4, 6]
+
+
+def test_a_killed_peer_makes_the_other_exit_with_an_error(tmp_path):
+    """Process 1 is SIGKILLed mid-training: process 0 must exit non-zero within 2 minutes."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    port = 20000 + os.getpid() % 20000
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "jaxllm.main", f"--workdir={tmp_path}",
+         "--config=configs/tiny.py:smoke", "--config.mesh.data=2",
+         "--config.stages.pretrain.steps=100000", "--config.eval_every=100000",
+         f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)]
+    try:
+        for line in procs[0].stdout:  # wait until training is under way
+            if line.startswith("step 2:"):
+                break
+        procs[1].kill()
+        start = time.monotonic()
+        procs[0].communicate(timeout=120)  # drains its output so it never blocks on the pipe
+        assert procs[0].returncode != 0
+        assert time.monotonic() - start < 120
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()

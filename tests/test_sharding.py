@@ -22,7 +22,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def tiny(*overrides):
     return load_config(os.path.join(ROOT, "configs", "tiny.py:smoke"),
-                       ["stages.pretrain.batch_size=8", *overrides])
+                       [f"stages.{s}.batch_size=8" for s in ("pretrain", "long_context", "anneal")]
+                       + list(overrides))
 
 
 def train_losses(config, devices, steps=5):
@@ -65,28 +66,29 @@ def test_params_are_sharded_not_replicated():
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
         state, _ = init_train_state(config, mesh)
     q = state.params["layers"]["attn"]["q_proj"]["kernel"]  # [L, D, N, H]
-    assert q.sharding.spec == PartitionSpec(None, "fsdp", "tensor", None)
+    assert q.sharding.spec == PartitionSpec(None, FS, "tensor", None)
     assert q.addressable_shards[0].data.shape == (2, 64 // 4, 4 // 2, 16)
     mu = state.opt_state[1].mu["layers"]["attn"]["q_proj"]["kernel"]
     assert mu.sharding.spec == q.sharding.spec  # Adam moments shard like their params
 
 
+FS = ("fsdp", "sequence")  # weights' D splits over both (sequence is 1 here)
 QWEN2_7B_SPECS = {  # fsdp=4 × tensor=2: pin it so an accidental change of sharding shows
-    ("embed", "embedding"): ("tensor", "fsdp"),
+    ("embed", "embedding"): ("tensor", FS),
     ("final_norm", "scale"): (None,),
-    ("lm_head", "kernel"): ("fsdp", "tensor"),
+    ("lm_head", "kernel"): (FS, "tensor"),
     ("layers", "attn_norm", "scale"): (None, None),
     ("layers", "mlp_norm", "scale"): (None, None),
-    ("layers", "attn", "q_proj", "kernel"): (None, "fsdp", "tensor", None),
+    ("layers", "attn", "q_proj", "kernel"): (None, FS, "tensor", None),
     ("layers", "attn", "q_proj", "bias"): (None, "tensor", None),
-    ("layers", "attn", "k_proj", "kernel"): (None, "fsdp", "tensor", None),
+    ("layers", "attn", "k_proj", "kernel"): (None, FS, "tensor", None),
     ("layers", "attn", "k_proj", "bias"): (None, "tensor", None),
-    ("layers", "attn", "v_proj", "kernel"): (None, "fsdp", "tensor", None),
+    ("layers", "attn", "v_proj", "kernel"): (None, FS, "tensor", None),
     ("layers", "attn", "v_proj", "bias"): (None, "tensor", None),
-    ("layers", "attn", "o_proj", "kernel"): (None, "tensor", None, "fsdp"),
-    ("layers", "mlp", "gate_proj", "kernel"): (None, "fsdp", "tensor"),
-    ("layers", "mlp", "up_proj", "kernel"): (None, "fsdp", "tensor"),
-    ("layers", "mlp", "down_proj", "kernel"): (None, "tensor", "fsdp"),
+    ("layers", "attn", "o_proj", "kernel"): (None, "tensor", None, FS),
+    ("layers", "mlp", "gate_proj", "kernel"): (None, FS, "tensor"),
+    ("layers", "mlp", "up_proj", "kernel"): (None, FS, "tensor"),
+    ("layers", "mlp", "down_proj", "kernel"): (None, "tensor", FS),
 }
 
 

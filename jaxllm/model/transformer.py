@@ -33,7 +33,7 @@ class Block(nn.Module):
                  segment_ids_BxT: jax.Array) -> tuple[jax.Array, None]:
         cfg = self.cfg
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name=name)  # noqa: E731
-        x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"))
+        x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "act_embed"))
         h_BxTxD = x_BxTxD + Attention(cfg, name="attn")(
             norm("attn_norm")(x_BxTxD), positions_BxT, segment_ids_BxT)
         out_BxTxD = h_BxTxD + MLP(cfg, name="mlp")(norm("mlp_norm")(h_BxTxD))
