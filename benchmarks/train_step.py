@@ -40,7 +40,7 @@ def jaxllm_step(config, tokens: np.ndarray):
     stage = config.stages.pretrain
     tx = make_optimizer(config.optimizer)
     params = init_params(config.model, jax.random.key(0))
-    state = TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params))
+    state = TrainState.create(params, tx.init(params))
     train_step = jax.jit(make_train_step(frozen(config.model), tx, make_schedule(stage.lr, 1000),
                                          0, 1, 0.0), donate_argnums=0)
     B, T = tokens.shape

@@ -1,32 +1,53 @@
-"""Orbax checkpoints of the train state plus a JSON record (stage, data-iterator state).
+"""Orbax checkpoints: the train state plus a JSON record (stage, data-iterator state).
 
-Layout: `<workdir>/checkpoints/<step>/{state,meta}`. Restoring reads straight onto the
-shardings of an abstract state, so a full copy never sits on one host.
+Run layout: `<workdir>/checkpoints/<step>/{state,meta}`. Orbax writes each step into a
+temporary directory and renames it when complete, so a step directory that exists was
+finished; one that cannot be read anyway (disk trouble, a truncated copy) is skipped with a
+warning and the one before it used. The newest `checkpoint.keep` steps are kept, and each
+stage's last step for good. Restoring reads straight onto the shardings of an abstract state,
+so a full copy never sits on one host and the mesh may differ from the one that saved.
+
+A params checkpoint (`python -m jaxllm.convert import`, `python -m jaxllm.checkpoint
+average`, `config.init.checkpoint`) is a directory with `params/` (Orbax) and `model.json`.
+
+    python -m jaxllm.checkpoint average --workdir=DIR --last=N --out=DIR
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import logging
 import os
+from collections.abc import Iterable
 
 import jax
+import jax.numpy as jnp
 import ml_collections as mc
+import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+from jaxllm.config import ConfigError, model_defaults, validate_model
 
 
 class Checkpointer:
-    def __init__(self, workdir: str, config: mc.ConfigDict):
+    def __init__(self, workdir: str, config: mc.ConfigDict, keep_steps: Iterable[int] = ()):
+        policy = policies.AnyPreservationPolicy([
+            policies.LatestN(config.checkpoint.keep), policies.CustomSteps(list(keep_steps))])
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=config.checkpoint.keep,
+            preservation_policy=policy,
             enable_async_checkpointing=bool(config.checkpoint["async"]),
             create=True,
         )
-        self.manager = ocp.CheckpointManager(
-            os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
+        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
 
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
 
     def save(self, step: int, state, meta: dict) -> None:
+        """Returns once the state is copied to host memory; the write goes on behind."""
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
 
@@ -35,6 +56,19 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
         return restored["state"], restored["meta"]
+
+    def restore_latest(self, abstract_state, below: int | None = None
+                       ) -> tuple[object, dict] | None:
+        """The newest readable checkpoint (before step `below`, if given), or None."""
+        for step in reversed(self.steps()):
+            if below is not None and step >= below:
+                continue
+            try:
+                return self.restore(step, abstract_state)
+            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped
+                logging.warning("checkpoint %s/%d cannot be restored (%s: %s); using the one "
+                                "before it", self.directory, step, type(e).__name__, e)
+        return None
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -47,3 +81,88 @@ class Checkpointer:
 def abstract_like(tree, shardings) -> object:
     return jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+# ----------------------------------------------------------------------------- params only
+
+def save_params(out_dir: str, model_config: mc.ConfigDict, params: dict) -> None:
+    """Writes a params checkpoint that `config.init.checkpoint=out_dir` starts from."""
+    out_dir = os.path.abspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(os.path.join(out_dir, "params"), params, force=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(out_dir, "model.json"), "w") as f:
+            f.write(model_config.to_json_best_effort(indent=2))
+
+
+def load_model_config(ckpt_dir: str) -> mc.ConfigDict:
+    path = os.path.join(ckpt_dir, "model.json")
+    if not os.path.exists(path):
+        raise ConfigError(f"config.init.checkpoint: {ckpt_dir} is not a jaxllm params checkpoint "
+                          "(no model.json); make one with `python -m jaxllm.convert import` or "
+                          "`python -m jaxllm.checkpoint average`")
+    model = model_defaults()
+    with open(path) as f:
+        model.update(json.load(f))
+    validate_model(model)
+    return model
+
+
+def load_params(ckpt_dir: str, abstract_params) -> dict:
+    """Restores a params checkpoint onto the shardings in `abstract_params`."""
+    with ocp.StandardCheckpointer() as checkpointer:
+        return checkpointer.restore(os.path.join(os.path.abspath(ckpt_dir), "params"),
+                                    abstract_params)
+
+
+def check_same_shapes(model: mc.ConfigDict, other: mc.ConfigDict, where: str) -> None:
+    """Refuses weights whose shapes differ from the config's model, naming the key."""
+    for key in ("family", "vocab_size", "hidden_size", "num_layers", "num_heads",
+                "num_kv_heads", "head_dim", "intermediate_size", "qkv_bias", "tie_embeddings"):
+        if model[key] != other[key]:
+            raise ConfigError(f"config.model.{key}={model[key]!r}, but {where} has "
+                              f"{other[key]!r}")
+
+
+# ----------------------------------------------------------------------------- averaging
+
+def average_checkpoints(workdir: str, last: int, out_dir: str) -> list[int]:
+    """Averages the params of the newest `last` checkpoints of a run (in float32) into a
+    params checkpoint, as Qwen2 and Llama 3 do before release. Returns the steps used."""
+    with open(os.path.join(workdir, "config.json")) as f:
+        model = model_defaults()
+        model.update(json.load(f)["model"])
+    manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"))
+    steps = sorted(manager.all_steps())[-last:]
+    if len(steps) < last:
+        raise ConfigError(f"--last={last}: {workdir} has only {len(steps)} checkpoints")
+    total = None
+    for step in steps:
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        params = jax.tree.map(lambda x: np.asarray(x, np.float32), restored["state"]["params"])
+        total = params if total is None else jax.tree.map(np.add, total, params)
+    manager.close()
+    dtype = jnp.dtype(model.param_dtype)
+    averaged = jax.tree.map(lambda x: jnp.asarray(x / len(steps), dtype), total)
+    save_params(out_dir, model, averaged)
+    return steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m jaxllm.checkpoint")
+    sub = parser.add_subparsers(dest="command", required=True)
+    avg = sub.add_parser("average", help="average the params of a run's newest checkpoints")
+    avg.add_argument("--workdir", required=True)
+    avg.add_argument("--last", type=int, required=True)
+    avg.add_argument("--out", required=True)
+    args = parser.parse_args()
+    try:
+        steps = average_checkpoints(args.workdir, args.last, args.out)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"averaged steps {steps} of {args.workdir} into {args.out}")
+
+
+if __name__ == "__main__":
+    main()

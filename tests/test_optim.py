@@ -64,7 +64,7 @@ def test_grad_accumulation_equals_one_big_batch():
     sched = make_schedule(lr_config("constant", warmup=0, peak=1e-2), 10)
     results = []
     for accum in (1, 2, 4):
-        state = TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params))
+        state = TrainState.create(params, tx.init(params))
         step = jax.jit(make_train_step(frozen(cfg.model), tx, sched, 0, accum, 0.0))
         new_state, metrics = step(state, batch)
         results.append((new_state.params, metrics))

@@ -24,9 +24,19 @@ Batch = dict[str, jax.Array]
 
 @flax.struct.dataclass
 class TrainState:
-    step: jax.Array  # global optimizer steps taken, across stages
+    step: jax.Array  # global steps taken (skipped bad steps included), across stages
     params: dict
     opt_state: optax.OptState
+    loss_ema: jax.Array  # running average of accepted losses, for the spike check; 0: none yet
+    bad_in_row: jax.Array  # consecutive skipped steps
+
+    @classmethod
+    def create(cls, params: dict, opt_state: optax.OptState) -> TrainState:
+        return cls(step=jnp.int32(0), params=params, opt_state=opt_state,
+                   loss_ema=jnp.float32(0), bad_in_row=jnp.int32(0))
+
+
+EMA_DECAY = 0.99  # the loss average spans ~100 steps: slow enough that a spike stands out
 
 
 def token_losses(logits_BxTxV: jax.Array, targets_BxT: jax.Array
@@ -51,9 +61,15 @@ def summed_loss(params: dict, model_cfg: mc.FrozenConfigDict, batch: Batch, z_lo
 
 
 def make_train_step(model_cfg: mc.FrozenConfigDict, tx: optax.GradientTransformation,
-                    schedule: Schedule, stage_start: int, grad_accum: int, z_loss: float
+                    schedule: Schedule, stage_start: int, grad_accum: int, z_loss: float,
+                    spike_factor: float = 0.0
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-    """The step of one stage; `schedule` runs on the step within the stage."""
+    """The step of one stage; `schedule` runs on the step within the stage.
+
+    A step whose loss or gradient norm is not finite, or whose loss is above `spike_factor`
+    times the running average (when spike_factor > 0), leaves params and optimizer state as
+    they were and reports `skipped` = 1.
+    """
     grad_fn = jax.grad(summed_loss, has_aux=True)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
@@ -71,12 +87,25 @@ def make_train_step(model_cfg: mc.FrozenConfigDict, tx: optax.GradientTransforma
             accumulate, (zeros, jnp.float32(0), jnp.float32(0)), micro_AxB)
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
+        loss, grad_norm = nll / count, optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         lr = schedule(state.step - stage_start)
         params = jax.tree.map(lambda p, u: (p - lr * u).astype(p.dtype), state.params, updates)
-        metrics = {"loss": nll / count, "grad_norm": optax.global_norm(grads), "lr": lr,
-                   "tokens": count}
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        if spike_factor > 0:
+            ok &= (state.loss_ema == 0) | (loss <= spike_factor * state.loss_ema)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+        ema = jnp.where(state.loss_ema == 0, loss,
+                        EMA_DECAY * state.loss_ema + (1 - EMA_DECAY) * loss)
+        new_state = TrainState(
+            step=state.step + 1, params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+            loss_ema=jnp.where(ok, ema, state.loss_ema),
+            bad_in_row=jnp.where(ok, 0, state.bad_in_row + 1))
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens": count,
+                   "skipped": 1 - ok.astype(jnp.int32)}
+        return new_state, metrics
 
     return train_step
 
