@@ -116,10 +116,15 @@ def load_params(ckpt_dir: str, abstract_params) -> dict:
                                     abstract_params)
 
 
+# The model keys that decide parameter shapes (and so what weights fit).
+SHAPE_KEYS = ("family", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+              "head_dim", "intermediate_size", "qkv_bias", "tie_embeddings", "num_experts",
+              "moe_intermediate_size", "shared_expert_intermediate_size", "param_dtype")
+
+
 def check_same_shapes(model: mc.ConfigDict, other: mc.ConfigDict, where: str) -> None:
     """Refuses weights whose shapes differ from the config's model, naming the key."""
-    for key in ("family", "vocab_size", "hidden_size", "num_layers", "num_heads",
-                "num_kv_heads", "head_dim", "intermediate_size", "qkv_bias", "tie_embeddings"):
+    for key in SHAPE_KEYS[:-1]:  # a param dtype is cast on load
         if model[key] != other[key]:
             raise ConfigError(f"config.model.{key}={model[key]!r}, but {where} has "
                               f"{other[key]!r}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import logging
 import os
 from collections.abc import Iterable, Sequence
 
@@ -21,7 +22,7 @@ REMAT = ("none", "full", "dots")
 ATTENTION_IMPLS = ("auto", "xla", "chunked", "pallas")
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
 ROPE_SCALINGS = ("none", "yarn", "dynamic_ntk")
-SOURCE_FORMATS = ("python_stdlib", "text")
+SOURCE_FORMATS = ("python_stdlib", "text", "jsonl", "parquet", "arrayrecord")
 RECIPE_STAGES = ("pretrain", "long_context", "anneal")
 
 
@@ -60,6 +61,7 @@ def model_defaults() -> mc.ConfigDict:
             param_dtype="float32",
             remat="full",
             attention_impl="auto",
+            moe_impl="auto",  # grouped matmul: auto, xla (lax.ragged_dot), pallas
             init_std=0.02,
         )
     )
@@ -76,10 +78,25 @@ def stage(steps: int, seq_len: int, batch_size: int, rope_theta: float, peak: fl
             batch_size=batch_size,
             rope_theta=float(rope_theta),
             mixture=mixture or {"stdlib": 1.0},
+            reset_optimizer=False,  # True: fresh Adam moments at this stage's first step
             lr=dict(peak=peak, end=end, warmup_steps=warmup_steps, schedule=schedule,
                     decay_fraction=0.2),
         )
     )
+
+
+def data_source(format: str, path: str = "", *, heldout_fraction: float = 0.02,
+                heldout_path: str = "", text_field: str = "text", prompt_field: str = ""
+                ) -> mc.ConfigDict:
+    """One entry of config.data.sources (jaxllm/data/formats.py describes the formats).
+
+    `path`: a file, directory or glob. Held out: `heldout_path` when set, else every
+    1/heldout_fraction-th record. jsonl and parquet: the document is `text_field`; with
+    `prompt_field`, the prompt comes first and is not trained on (supervised fine-tuning).
+    """
+    return mc.ConfigDict(dict(format=format, path=path, heldout_fraction=heldout_fraction,
+                              heldout_path=heldout_path, text_field=text_field,
+                              prompt_field=prompt_field))
 
 
 def base_config() -> mc.ConfigDict:
@@ -91,16 +108,23 @@ def base_config() -> mc.ConfigDict:
     c.stages = mc.ConfigDict()
     for name in RECIPE_STAGES:
         c.stages[name] = stage(0, 4096, 256, 1e6, 3e-4, 3e-5, 0, "cosine")
+    # data.workers: processes that read and tokenize documents (0: threads in this process);
+    # data.prefetch: batches whose documents are loaded ahead, in the background.
     c.data = mc.ConfigDict(
-        dict(sources={"stdlib": dict(format="python_stdlib", path="", heldout_fraction=0.02)},
-             eval_batches=2, shuffle_buffer=0)
+        dict(sources={"stdlib": data_source("python_stdlib")}, eval_batches=2, workers=0,
+             prefetch=2)
     )
     c.optimizer = mc.ConfigDict(
         dict(b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0, grad_accum=1)
     )
     c.loss = mc.ConfigDict(dict(z_loss=0.0))
+    # A step whose loss or gradient is not finite, or whose loss exceeds spike_factor × its
+    # running average (0: no spike check), is skipped; after max_in_row skipped steps in a row
+    # the run restores the last checkpoint and skips the batches that caused them.
+    c.bad_steps = mc.ConfigDict(dict(spike_factor=0.0, max_in_row=3))
     c.checkpoint = mc.ConfigDict(dict(every_steps=1000, keep=3, **{"async": True}))
     c.init = mc.ConfigDict(dict(checkpoint="", hf="", upcycle_from=""))
+    c.export_hf_every = 0  # >0: also write <workdir>/hf/<step>/ every this many steps
     c.log_every = 10
     c.eval_every = 500
     c.seed = 0
@@ -219,9 +243,8 @@ def validate_model(m: mc.ConfigDict, prefix: str = "model") -> None:
     _one_of(f"{prefix}.param_dtype", m.param_dtype, DTYPES)
     _one_of(f"{prefix}.remat", m.remat, REMAT)
     _one_of(f"{prefix}.attention_impl", m.attention_impl, ATTENTION_IMPLS)
-    if m.attention_impl in ("chunked", "pallas"):
-        _fail(f"{prefix}.attention_impl", f"{m.attention_impl!r} is not built yet (the kernels "
-              "issue adds it); use 'auto' or 'xla'")
+    # auto: Pallas on GPU/TPU, chunked jnp on CPU; xla needs T² memory (jaxllm/kernels).
+    _one_of(f"{prefix}.moe_impl", m.moe_impl, ("auto", "xla", "pallas"))
     _one_of(f"{prefix}.rope_scaling.type", m.rope_scaling.type, ROPE_SCALINGS)
     if m.rope_scaling.type != "none":
         _fail(f"{prefix}.rope_scaling.type",
@@ -230,6 +253,41 @@ def validate_model(m: mc.ConfigDict, prefix: str = "model") -> None:
         _fail(f"{prefix}.dca.enabled", "dual chunk attention is not built yet")
     if m.family == "qwen2_moe" or m.num_experts:
         _fail(f"{prefix}.family", "mixture-of-experts models are not built yet; use qwen2 or llama")
+
+
+def _validate_sources(config: mc.ConfigDict) -> None:
+    """config.data: errors for what cannot work; warnings for a source weighted 0 or unused."""
+    sources, schema = config.data.sources, data_source("text")
+    if not sources:
+        _fail("data.sources", "needs at least one source")
+    for name in sources.keys():
+        key, src = f"data.sources.{name}", sources[name]
+        _check_keys(src, schema, key + ".")
+        fmt = src.get("format", "python_stdlib")
+        _one_of(f"{key}.format", fmt, SOURCE_FORMATS)
+        if fmt != "python_stdlib" and not src.get("path"):
+            _fail(f"{key}.path", f"a {fmt} source needs a file, directory or glob")
+        fraction = src.get("heldout_fraction", 0.02)
+        if not isinstance(fraction, int | float) or not 0 <= fraction <= 0.5:
+            _fail(f"{key}.heldout_fraction", f"must be within [0, 0.5], got {fraction!r}")
+        if fmt in ("jsonl", "parquet") and not src.get("text_field", "text"):
+            _fail(f"{key}.text_field", f"a {fmt} source needs the name of its text field")
+        if src.get("prompt_field") and fmt not in ("jsonl", "parquet"):
+            _fail(f"{key}.prompt_field", f"only jsonl and parquet records have fields, not {fmt}")
+    for field in ("workers", "prefetch", "eval_batches"):
+        value = config.data[field]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            _fail(f"data.{field}", f"must be an int >= 0, got {value!r}")
+    used = set()
+    for stage_name in stage_names(config):
+        for name, weight in config.stages[stage_name].mixture.items():
+            if isinstance(weight, int | float) and weight == 0:
+                logging.warning("config.stages.%s.mixture.%s: weight 0, the source is not read",
+                                stage_name, name)
+            elif name in sources:
+                used.add(name)
+    for name in sorted(set(sources.keys()) - used):
+        logging.warning("config.data.sources.%s: no stage's mixture uses it", name)
 
 
 def validate(config: mc.ConfigDict) -> None:
@@ -249,11 +307,7 @@ def validate(config: mc.ConfigDict) -> None:
     if sum(config.mesh[a] == -1 for a in config.mesh.keys()) > 1:
         _fail("mesh", "only one axis may be -1")
     sources = config.data.sources
-    for name in sources.keys():
-        _check_keys(sources[name], base_config().data.sources.stdlib, f"data.sources.{name}.")
-        _one_of(f"data.sources.{name}.format", sources[name].format, SOURCE_FORMATS)
-        if sources[name].format == "text" and not sources[name].path:
-            _fail(f"data.sources.{name}.path", "a text source needs a path or glob")
+    _validate_sources(config)
     names = stage_names(config)
     if not names:
         _fail("stages", "needs at least one stage")
@@ -289,5 +343,11 @@ def validate(config: mc.ConfigDict) -> None:
             _fail(f"{key}.mixture", "needs at least one source with a positive weight")
     _positive("optimizer.grad_accum", config.optimizer.grad_accum)
     _positive("log_every", config.log_every)
+    if not isinstance(config.export_hf_every, int) or config.export_hf_every < 0:
+        _fail("export_hf_every", "must be 0 (off) or a positive number of steps")
     _positive("eval_every", config.eval_every)
     _positive("checkpoint.every_steps", config.checkpoint.every_steps)
+    _positive("checkpoint.keep", config.checkpoint.keep)
+    if config.bad_steps.spike_factor < 0 or 0 < config.bad_steps.spike_factor <= 1:
+        _fail("bad_steps.spike_factor", "must be 0 (off) or above 1")
+    _positive("bad_steps.max_in_row", config.bad_steps.max_in_row)

@@ -47,6 +47,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from jaxllm.config import ConfigError
+    from jaxllm.train.loop import PREEMPTED_EXIT_CODE, Preempted
     from jaxllm.train.pipeline import run
 
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
@@ -56,6 +57,8 @@ def main(argv: list[str]) -> None:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Preempted:
+        sys.exit(PREEMPTED_EXIT_CODE)
     except Exception:
         import jax
 

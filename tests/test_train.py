@@ -27,7 +27,7 @@ def read_metrics(workdir):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("run"))
-    result = run_main(workdir)
+    result = run_main(workdir, "--config.export_hf_every=5")
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir, result
 
@@ -41,12 +41,14 @@ def test_runs_all_stages_and_writes_the_run_directory(trained):
     for r in train:
         assert {"step", "stage", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu"} <= set(r)
         assert r["tokens_per_sec"] > 0 and 0 < r["mfu"] < 1.5
-    assert train[-1]["loss"] < train[0]["loss"] - 0.3
-    assert any("eval_loss" in r for r in records)
+    evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+    assert train[-1]["loss"] < train[0]["loss"] and evals[-1] < evals[0] - 0.1
     assert glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
     with open(os.path.join(workdir, "config.json")) as f:
         assert json.load(f)["model"]["num_layers"] == 2
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+    for step in (5, 10):  # export_hf_every
+        assert os.path.exists(os.path.join(workdir, "hf", str(step), "config.json"))
     assert "stage long_context" in result.stdout and "rope_theta 1e+06" in result.stdout
 
 
@@ -71,4 +73,4 @@ def test_resume_refuses_a_changed_model(trained):
 def test_batch_that_does_not_split_over_the_mesh_is_refused(tmp_path):
     result = run_main(str(tmp_path), devices=8)  # data=-1 → 8 ways, batch 4
     assert result.returncode == 2
-    assert "config.stages.pretrain.batch_size" in result.stderr
+    assert "batch_size" in result.stderr and "data×fsdp=8" in result.stderr

@@ -1,5 +1,24 @@
-"""Conversion between jaxllm params and other formats (Hugging Face)."""
+"""Conversion between jaxllm checkpoints and Hugging Face directories (Qwen2, Llama).
 
-from jaxllm.convert.hf import load_hf, save_hf
+`load_hf` / `save_hf`: in memory. `export_checkpoint` / `import_hf`: the `python -m
+jaxllm.convert export|import` commands. `export_run_checkpoint`: export from a training job.
+Imports are lazy, so `import jaxllm.convert` stays cheap.
+"""
 
-__all__ = ["load_hf", "save_hf"]
+import importlib
+
+_API = {
+    "load_hf": "jaxllm.convert.hf",
+    "save_hf": "jaxllm.convert.hf",
+    "export_checkpoint": "jaxllm.convert.to_hf",
+    "export_run_checkpoint": "jaxllm.convert.to_hf",
+    "import_hf": "jaxllm.convert.from_hf",
+}
+
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str):
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'jaxllm.convert' has no attribute {name!r}")

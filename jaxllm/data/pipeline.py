@@ -1,254 +1,181 @@
-"""Deterministic, checkpointable training batches: documents → mixture → B striped streams.
+"""A stage's batches: config → sources → mixture → loader → striped packing, per process.
 
-B batch (rows per batch, config.stages.<stage>.batch_size), T sequence length (.seq_len).
+B batch (config.stages.<stage>.batch_size), T sequence length (.seq_len), P processes that
+read distinct rows (`process_count`), R = B / P rows per process.
 
-Documents. Per source: `MapDataset.source(paths).shuffle(seed).repeat()`, so every epoch is
-shuffled differently; the sources are combined with `MapDataset.mix` (a fixed interleave in
-proportion to the stage's mixture weights). The result is an endless document sequence
-d_0, d_1, ... of paths with random access, a pure function of (config.seed, seed_offset, k).
-
-Streams. Row b of every batch is the next row of stream b, and stream b packs d_b, d_{b+B},
-d_{b+2B}, ...: the B rows of a batch come from B different documents (unless streams drift an
-epoch apart and meet the same file), and together the streams use every document once per
-epoch of the sequence. Nothing is read up front: the documents a batch needs are read and
-tokenized in parallel on a few threads, and those the next batch will need are started in the
-background meanwhile.
-
-Packing, per stream. The stream is doc_1, EOS, doc_2, EOS, ... Row r holds the T + 1 stream
-tokens [r·T, r·T + T]: inputs are the first T, targets the last T. Consecutive rows overlap by
-that one token, so every adjacent pair of the stream is trained exactly once and nothing is lost
-at a row boundary. Per input token:
-  segment_ids  1, 2, ... for the documents of the row's inputs in order; a document cut by a row
-               boundary carries on in the next row as that row's segment 1.
-  positions    the index within its segment: 0 at every document start and at every row start.
-  loss_mask    1.0 where the target is in the same document as the input, which includes
-               predicting a document's closing EOS; 0.0 exactly where the input is that EOS and
-               the target is the first token of the next document.
-
-State: {"streams": [[k, offset], ...]}, one pair per stream: the sequence index k of the document
-holding the stream's next row's first token, and that token's offset in the document (its
-tokens + EOS). Restoring re-reads and re-tokenizes one document per stream.
+Everything is a pure function of (config.seed, seed_offset, stage name, split, k): the same
+config gives the same batches on any number of processes and workers, and a restored state
+continues exactly where it was saved. Each stage orders its sources afresh (its seeds include
+the stage's name), so an anneal stage does not replay the documents pretraining began with.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
+import json
 import logging
-import os
-import zlib
-from collections.abc import Callable, Sequence
 from typing import Any
 
-import grain
 import ml_collections as mc
 import numpy as np
 
 from jaxllm.config import ConfigError
-from jaxllm.data import corpus
-
-# tiktoken releases the GIL while encoding, so threads scale to the cores; past a handful the
-# documents one batch needs (at most B) are done before more threads would help.
-NUM_THREADS = max(2, min(8, os.cpu_count() or 2))
-_POOL: concurrent.futures.ThreadPoolExecutor | None = None
+from jaxllm.data import formats, loader, mixture, sources
+from jaxllm.data.packing import StripedBatchIterator
 
 
-def _pool() -> concurrent.futures.ThreadPoolExecutor:
-    """One pool for every iterator, started on first use; its idle threads cost nothing."""
-    global _POOL
-    if _POOL is None:
-        _POOL = concurrent.futures.ThreadPoolExecutor(NUM_THREADS, "jaxllm-data")
-    return _POOL
+def _seed(config: mc.ConfigDict, seed_offset: int, *names: str) -> int:
+    return sources.mix(config.seed, seed_offset, *(sources.stable_hash(n) for n in names))
 
 
-class StripedBatchIterator(grain.DatasetIterator):
-    """Batches of B packed rows; row b is the next row of stream b (see the module docstring).
-
-    `documents` is a MapDataset with random access; `load(documents[k])` returns the token ids
-    of document k, without EOS. A finite `documents` ends the iteration at the first batch a
-    stream cannot fill; the training sequence is endless.
-    """
-
-    def __init__(self, documents: grain.MapDataset, load: Callable[[Any], Sequence[int]],
-                 batch_size: int, seq_len: int, eos_id: int):
-        super().__init__()
-        self._documents, self._load = documents, load
-        self._B, self._T, self._eos_id = batch_size, seq_len, eos_id
-        self._pending: dict[int, concurrent.futures.Future] = {}  # by document index
-        self.set_state({"streams": [[b, 0] for b in range(batch_size)]})
-
-    def _tokens(self, index: int) -> np.ndarray:
-        ids = self._load(self._documents[index])
-        tokens = np.empty(len(ids) + 1, np.int32)
-        tokens[:-1] = ids
-        tokens[-1] = self._eos_id
-        return tokens
-
-    def _submit(self, index: int) -> concurrent.futures.Future:
-        future = self._pending.pop(index, None)
-        if future is None:
-            future = _pool().submit(self._tokens, index)
-        return future
-
-    def _wanted(self) -> dict[int, int]:
-        """Stream b by the index of the document it needs next, for each stream whose loaded
-        documents do not yet hold its next row."""
-        wanted = {}
-        for b, docs in enumerate(self._loaded):
-            if sum(len(d) for d in docs) - self._offset[b] <= self._T:
-                wanted[self._k[b] + self._B * len(docs)] = b
-        return wanted
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        self._assert_not_closed()
-        # Rounds, because how many documents a row needs is known only once they are tokenized.
-        while wanted := self._wanted():
-            if max(wanted) >= len(self._documents):
-                raise StopIteration
-            futures = {index: self._submit(index) for index in wanted}
-            for index, future in futures.items():
-                self._loaded[wanted[index]].append(future.result())
-        B, T1 = self._B, self._T + 1
-        tokens_BT1 = np.empty((B, T1), np.int32)
-        segments_BT1 = np.empty((B, T1), np.int32)
-        positions_BT1 = np.empty((B, T1), np.int32)
-        for b, docs in enumerate(self._loaded):
-            start, filled = self._offset[b], 0
-            if start >= len(docs[0]):
-                raise ValueError(f"data state: stream {b} offset {start} is past the end of its "
-                                 f"document {self._k[b]} ({len(docs[0])} tokens with EOS); the "
-                                 "state belongs to other data or another tokenizer")
-            for segment, doc in enumerate(docs, start=1):
-                take = min(len(doc) - start, T1 - filled)
-                tokens_BT1[b, filled:filled + take] = doc[start:start + take]
-                segments_BT1[b, filled:filled + take] = segment
-                positions_BT1[b, filled:filled + take] = np.arange(take)
-                filled += take
-                if filled == T1:
-                    break
-                start = 0
-            # The next row starts at this row's last token: the one-token overlap.
-            del docs[:segment - 1]
-            self._k[b] += B * (segment - 1)
-            self._offset[b] = start + take - 1
-        for index in self._wanted():  # tokenized while the caller trains on this batch
-            if index < len(self._documents):
-                self._pending[index] = self._submit(index)
-        return {
-            "inputs": np.ascontiguousarray(tokens_BT1[:, :-1]),
-            "targets": np.ascontiguousarray(tokens_BT1[:, 1:]),
-            "segment_ids": np.ascontiguousarray(segments_BT1[:, :-1]),
-            "positions": np.ascontiguousarray(positions_BT1[:, :-1]),
-            "loss_mask": (segments_BT1[:, :-1] == segments_BT1[:, 1:]).astype(np.float32),
-        }
-
-    def _drop_pending(self) -> None:
-        for future in self._pending.values():
-            future.cancel()
-        self._pending = {}
-
-    def get_state(self) -> dict[str, Any]:
-        return {"streams": [[int(k), int(o)] for k, o in zip(self._k, self._offset, strict=True)]}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        streams = state.get("streams") if isinstance(state, dict) else None
-        if not isinstance(streams, list) or len(streams) != self._B:
-            found = (f"{len(streams)} streams" if isinstance(streams, list)
-                     else f"keys {sorted(state) if isinstance(state, dict) else state!r}")
-            raise ValueError(f"data state: expected {{'streams': [[k, offset], ...]}} with one "
-                             f"pair per row of the batch ({self._B}), got {found}; resume "
-                             "with the batch size and code version that saved it")
-        self._drop_pending()
-        self._k = [int(k) for k, _ in streams]
-        self._offset = [int(o) for _, o in streams]
-        self._loaded: list[list[np.ndarray]] = [[] for _ in streams]  # docs k, k + B, ...
-
-    def close(self) -> None:
-        self._drop_pending()
-        super().close()
-
-    def __str__(self) -> str:
-        return f"StripedBatchIterator(batch_size={self._B}, seq_len={self._T})"
-
-
-def _source_seed(seed: int, seed_offset: int, name: str) -> int:
-    """Keyed by the source's name, so adding a source leaves the others' order unchanged."""
-    entropy = [seed % 2**32, seed_offset % 2**32, zlib.crc32(name.encode("utf-8"))]
-    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
-
-
-def _mixture(config: mc.ConfigDict, stage_name: str) -> dict[str, float]:
+def stage_mixture(config: mc.ConfigDict, stage_name: str) -> dict[str, float]:
     """The stage's sources with positive weight, checked against config.data.sources."""
     if stage_name not in config.stages:
         raise ConfigError(f"config.stages.{stage_name}: no such stage; config.stages has "
                           f"{', '.join(config.stages.keys())}")
-    mixture = dict(config.stages[stage_name].mixture.items())
-    sources = config.data.sources
-    for name, weight in mixture.items():
-        if name not in sources:
+    weights = dict(config.stages[stage_name].mixture.items())
+    for name, weight in weights.items():
+        if name not in config.data.sources:
             raise ConfigError(f"config.stages.{stage_name}.mixture.{name}: no such source; "
-                              f"data.sources has {', '.join(sorted(sources.keys()))}")
-        if weight < 0:
-            raise ConfigError(f"config.stages.{stage_name}.mixture.{name}: weight {weight} "
-                              "is negative")
-    mixture = {name: float(w) for name, w in sorted(mixture.items()) if w > 0}
-    if not mixture:
+                              f"data.sources has {', '.join(sorted(config.data.sources.keys()))}")
+        if not isinstance(weight, int | float) or weight < 0:
+            raise ConfigError(f"config.stages.{stage_name}.mixture.{name}: weight {weight!r} "
+                              "is not a number >= 0")
+    weights = {name: float(w) for name, w in sorted(weights.items()) if w > 0}
+    if not weights:
         raise ConfigError(f"config.stages.{stage_name}.mixture: needs at least one source "
                           "with a positive weight")
-    return mixture
+    return weights
 
 
-def _documents(config: mc.ConfigDict, stage_name: str, split: str, seed_offset: int,
-               skip_empty: bool) -> grain.MapDataset:
-    """The stage's endless, shuffled and mixed sequence of document paths; nothing is read."""
-    mixture = _mixture(config, stage_name)
-    datasets, weights = [], []
-    for name, weight in mixture.items():
+def document_sequence(config: mc.ConfigDict, stage_name: str, tokenizer: Any, split: str,
+                      seed_offset: int = 0, skip_empty: bool = False
+                      ) -> mixture.DocumentSequence:
+    """The stage's endless, mixed, random-access documents; only metadata is read."""
+    opened, weights = [], []
+    for name, weight in stage_mixture(config, stage_name).items():
         try:
-            paths = corpus.documents(config.data.sources[name], split, name)
-        except corpus.EmptySplitError:
+            opened.append(sources.open_source(
+                config.data.sources[name], split, name,
+                _seed(config, seed_offset, stage_name, split, name), tokenizer))
+        except sources.EmptySplitError:
             if not skip_empty:
                 raise
             logging.warning("data source %r has no %r documents; left out of eval", name, split)
             continue
-        ds = grain.MapDataset.source(paths).shuffle(_source_seed(config.seed, seed_offset, name))
-        datasets.append(ds.repeat())
         weights.append(weight)
-    if not datasets:
-        raise corpus.DataError(f"no source of config.stages.{stage_name}.mixture has a {split!r} "
-                               "split; raise data.sources.<name>.heldout_fraction")
-    return datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
+    if not opened:
+        raise formats.DataError(f"no source of config.stages.{stage_name}.mixture has a "
+                                f"{split!r} split; set data.sources.<name>.heldout_fraction "
+                                "or heldout_path")
+    return mixture.DocumentSequence(opened, weights,
+                                    _seed(config, seed_offset, stage_name, split, "mixture"),
+                                    tokenizer)
 
 
-def _iterator(config: mc.ConfigDict, stage_name: str, tokenizer: Any, split: str,
-              seed_offset: int, skip_empty: bool) -> StripedBatchIterator:
-    documents = _documents(config, stage_name, split, seed_offset, skip_empty)
-    stage = config.stages[stage_name]
+_CHECKED: set[str] = set()  # configs whose sources were checked in this process
 
-    def load(path: str) -> list[int]:
-        return tokenizer.encode(corpus.read_document(path))
 
-    return StripedBatchIterator(documents, load, stage.batch_size, stage.seq_len,
-                                tokenizer.eos_id)
+def check_sources(config: mc.ConfigDict, tokenizer: Any) -> None:
+    """Opens every source some stage with steps trains on, so that a missing path, an empty
+    glob, a corrupt jsonl line or a missing field fails before the first step, not hours
+    later at the stage that uses it."""
+    memo = json.dumps([config.data.sources.to_dict(), tokenizer.vocab_size, tokenizer.eos_id,
+                       {n: [s.steps, s.mixture.to_dict()] for n, s in config.stages.items()}],
+                      sort_keys=True, default=str)
+    if memo in _CHECKED:
+        return
+    for stage_name in config.stages.keys():
+        if not config.stages[stage_name].steps:
+            continue
+        for name in stage_mixture(config, stage_name):
+            for split in sources.SPLITS:
+                try:
+                    sources.open_source(config.data.sources[name], split, name, 0, tokenizer)
+                except sources.EmptySplitError:
+                    if split == "train":
+                        raise
+    _CHECKED.add(memo)
+
+
+def process_share(sharding: Any, batch_size: int) -> tuple[int, int]:
+    """(index, count): this process's devices hold rows [index·R, (index + 1)·R) of a batch
+    sharded by `sharding` on its first axis, R = batch_size / count."""
+    spans = sorted({index[0].indices(batch_size)[:2] if index else (0, batch_size)
+                    for index in sharding.addressable_devices_indices_map((batch_size,)).values()})
+    lo, hi = spans[0][0], max(stop for _, stop in spans)
+    covered = lo
+    for start, stop in spans:
+        if start > covered:
+            break
+        covered = max(covered, stop)
+    rows = hi - lo
+    if covered != hi or batch_size % rows or lo % rows:
+        raise ConfigError(f"config.mesh: this process's devices hold batch rows {spans}, not one "
+                          "contiguous, evenly sized block; order the mesh so that each "
+                          "process's devices are adjacent on the data and fsdp axes")
+    return lo // rows, batch_size // rows
+
+
+def _allgather_state(state: dict[str, Any]) -> dict[str, Any]:
+    """Every process's rows → the global state (a collective: every process must call it)."""
+    from jax.experimental import multihost_utils
+
+    lo = state["rows"][0]
+    # int32 halves: JAX arrays are 32-bit unless x64 is on, and k may pass 2**31.
+    local_Rx4 = np.array([[lo + i, k >> 31, k & 0x7FFFFFFF, o]
+                          for i, (k, o) in enumerate(state["streams"])], np.int32)
+    gathered = np.asarray(multihost_utils.process_allgather(local_Rx4)).reshape(-1, 4)
+    streams = {int(row): [(int(hi) << 31) | int(low), int(o)] for row, hi, low, o in gathered}
+    B = state["batch_size"]
+    if sorted(streams) != list(range(B)):
+        raise RuntimeError(f"data state: the processes' rows {sorted(streams)} are not the "
+                           f"batch's {B} rows")
+    return {"batch_size": B, "rows": [0, B], "streams": [streams[b] for b in range(B)]}
 
 
 def make_iterator(config: mc.ConfigDict, stage_name: str, tokenizer: Any, split: str = "train",
-                  seed_offset: int = 0) -> StripedBatchIterator:
-    """Endless batches for a stage: dicts of `inputs`, `targets`, `segment_ids`, `positions`
-    (int32 [B, T]) and `loss_mask` (float32 [B, T]).
+                  seed_offset: int = 0, *, process_index: int = 0, process_count: int = 1,
+                  sharding: Any = None, workers: int | None = None,
+                  _skip_empty: bool = False) -> StripedBatchIterator:
+    """Endless batches of this process's rows of a stage: dicts of `inputs`, `targets`,
+    `segment_ids`, `positions` (int32 [R, T]) and `loss_mask` (float32 [R, T]).
 
-    The iterator is a grain DatasetIterator: `get_state()` returns a JSON-serialisable dict and
-    `set_state(state)` resumes with exactly the batches the uninterrupted run would have given.
-    `split` is "train" or "heldout"; `seed_offset` gives another, equally deterministic order.
+    Process `process_index` of `process_count` reads rows [index·R, (index + 1)·R) of every
+    batch, and only the documents those rows need. With `sharding` (the batch sharding of the
+    mesh), the share comes from where this process's devices are, and on more than one process
+    `get_state()` gathers every process's rows (call it on all of them, as checkpoints do).
+    `get_state()` returns a JSON-serialisable dict; `set_state(state)` resumes with exactly
+    the batches the uninterrupted run would have given. `split` is "train" or "heldout";
+    `seed_offset` gives another, equally deterministic order; `workers` overrides
+    config.data.workers (0: threads; N: worker processes).
     """
-    return _iterator(config, stage_name, tokenizer, split, seed_offset, skip_empty=False)
+    stage = config.stages[stage_name]
+    B = int(stage.batch_size)
+    if sharding is not None:
+        process_index, process_count = process_share(sharding, B)
+    if not 0 <= process_index < process_count or B % process_count:
+        raise ConfigError(f"config.stages.{stage_name}.batch_size: {B} rows do not split over "
+                          f"{process_count} processes (process {process_index})")
+    if split == "train":
+        check_sources(config, tokenizer)
+    sequence = document_sequence(config, stage_name, tokenizer, split, seed_offset, _skip_empty)
+    data = config.data
+    R = B // process_count
+    return StripedBatchIterator(
+        loader.make_loader(sequence, int(data.workers if workers is None else workers)),
+        B, int(stage.seq_len), tokenizer.eos_id, rows=(process_index * R, process_index * R + R),
+        prefetch=int(data.prefetch),
+        gather_state=_allgather_state if sharding is not None and process_count > 1 else None)
 
 
-def eval_batches(config: mc.ConfigDict, stage_name: str, tokenizer: Any) -> list[dict]:
-    """`config.data.eval_batches` fixed batches of held-out documents, the same on every call.
-
-    Sources of the stage's mixture whose held-out split is empty are left out, with a warning.
-    """
-    it = _iterator(config, stage_name, tokenizer, "heldout", 0, skip_empty=True)
+def eval_batches(config: mc.ConfigDict, stage_name: str, tokenizer: Any, **share: Any
+                 ) -> list[dict[str, np.ndarray]]:
+    """`config.data.eval_batches` fixed batches of held-out documents, the same on every call;
+    `share` as for make_iterator. Sources of the stage's mixture whose held-out split is
+    empty are left out, with a warning."""
+    it = make_iterator(config, stage_name, tokenizer, "heldout", workers=0, _skip_empty=True,
+                       **share)
     batches = [next(it) for _ in range(config.data.eval_batches)]
     it.close()
     return batches
+

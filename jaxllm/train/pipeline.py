@@ -8,26 +8,34 @@ stage k covers steps [sum of earlier stages' steps, + its own).
 from __future__ import annotations
 
 import json
+import logging
 import os
-import time
 from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 import ml_collections as mc
-import numpy as np
 import optax
 from flax import linen as nn
 
 from jaxllm import sharding
-from jaxllm.checkpoint import Checkpointer, abstract_like
+from jaxllm.checkpoint import (
+    SHAPE_KEYS,
+    Checkpointer,
+    abstract_like,
+    check_same_shapes,
+    load_model_config,
+    load_params,
+)
 from jaxllm.config import ConfigError, stage_names, validate
-from jaxllm.data import eval_batches, make_iterator
-from jaxllm.metrics import MetricsWriter, flops_per_token, measure_peak_flops
+from jaxllm.metrics import MetricsWriter, measure_peak_flops
 from jaxllm.model import Transformer, abstract_params, frozen
-from jaxllm.optim import make_optimizer, make_schedule
+from jaxllm.optim import make_optimizer
 from jaxllm.tokenizer import load_tokenizer
-from jaxllm.train.step import TrainState, make_eval_step, make_train_step
+from jaxllm.train.loop import PreemptionFlag, Run, run_stage, to_global
+from jaxllm.train.step import TrainState
+
+__all__ = ["init_train_state", "run", "stage_model_config", "stage_spans", "to_global"]
 
 
 @dataclass(frozen=True)
@@ -67,43 +75,73 @@ def init_train_state(config: mc.ConfigDict, mesh) -> tuple[TrainState, TrainStat
     def init(rng: jax.Array) -> TrainState:
         ones = jnp.ones((1, 1), jnp.int32)
         params = nn.unbox(model.init(rng, ones, ones * 0, ones)["params"])
-        return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params))
+        return TrainState.create(params, tx.init(params))
 
     abstract = jax.eval_shape(init, jax.random.key(config.seed))
     opt_sh = optax.tree_map_params(
         tx, lambda _, s: s, abstract.opt_state, param_sh,
         transform_non_params=lambda _: sharding.replicated(mesh))
-    state_sh = TrainState(step=sharding.replicated(mesh), params=param_sh, opt_state=opt_sh)
+    rep = sharding.replicated(mesh)
+    state_sh = TrainState(step=rep, params=param_sh, opt_state=opt_sh, loss_ema=rep,
+                          bad_in_row=rep)
     state = jax.jit(init, out_shardings=state_sh)(jax.random.key(config.seed))
     return state, state_sh
 
 
 def check_resumable(workdir: str, config: mc.ConfigDict) -> None:
-    """Writes config.json; a resumed run may not change the model's shape."""
+    """Writes config.json. A resumed run may not change the model's shape; other changes
+    (more steps, log frequency, remat, ...) are accepted with a warning that lists them."""
     path = os.path.join(workdir, "config.json")
     if os.path.exists(path):
         with open(path) as f:
-            old_model = json.load(f).get("model", {})
-        for key, new in config.model.to_dict().items():
-            if key in old_model and old_model[key] != new:
+            old = json.load(f)
+        new = json.loads(config.to_json_best_effort())
+        for key in SHAPE_KEYS:
+            if key in old.get("model", {}) and old["model"][key] != new["model"][key]:
                 raise ConfigError(
-                    f"config.model.{key}: the run in {workdir} was started with {old_model[key]!r}"
-                    f", this command asks for {new!r}; a resumed run cannot change the model. "
-                    "Use a new --workdir.")
+                    f"config.model.{key}: the run in {workdir} was started with "
+                    f"{old['model'][key]!r}, this command asks for {new['model'][key]!r}; a "
+                    "resumed run cannot change the model's shape. Use a new --workdir.")
+        changed = [f"config.{k}: {a!r} -> {b!r}" for k, a, b in _differences(old, new)]
+        if changed:
+            logging.warning("this run changes settings of %s: %s", workdir, "; ".join(changed))
     if jax.process_index() == 0:
         with open(path, "w") as f:
             f.write(config.to_json_best_effort(indent=2))
 
 
-def to_global(batch: dict[str, np.ndarray], batch_sh) -> dict[str, jax.Array]:
-    """Host batch → global array. Every process holds the whole global batch (the data issue
-    makes each read only its share); passing the global shape makes each device take its rows."""
-    return {k: jax.make_array_from_process_local_data(batch_sh, v, v.shape)
-            for k, v in batch.items()}
+def _differences(old, new, prefix=""):
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            yield from _differences(old.get(key), new.get(key), f"{prefix}{key}.")
+    elif old != new:
+        yield prefix.rstrip("."), old, new
+
+
+def initial_params(config: mc.ConfigDict, state: TrainState, state_sh: TrainState) -> TrainState:
+    """`config.init.checkpoint` or `config.init.hf` weights, read onto the params' shardings."""
+    if config.init.checkpoint:
+        check_same_shapes(config.model, load_model_config(config.init.checkpoint),
+                          config.init.checkpoint)
+        params = load_params(config.init.checkpoint, abstract_like(state.params, state_sh.params))
+    elif config.init.hf:
+        from jaxllm.convert import load_hf  # reads safetensors; only needed here
+
+        hf_model, hf_params = load_hf(config.init.hf)
+        check_same_shapes(config.model, hf_model, config.init.hf)
+        params = jax.tree.map(
+            lambda x, old, sh: jax.device_put(jnp.asarray(x, old.dtype), sh),
+            hf_params, state.params, state_sh.params)
+    else:
+        return state
+    return state.replace(params=params)
 
 
 def run(config: mc.ConfigDict, workdir: str) -> TrainState:
-    """The whole pipeline; resumes from the newest checkpoint in `workdir/checkpoints`."""
+    """The whole pipeline; resumes from the newest checkpoint in `workdir/checkpoints`.
+
+    Raises `jaxllm.train.loop.Preempted` after saving when SIGTERM / SIGINT arrives.
+    """
     validate(config)
     os.makedirs(workdir, exist_ok=True)
     check_resumable(workdir, config)
@@ -112,80 +150,29 @@ def run(config: mc.ConfigDict, workdir: str) -> TrainState:
         raise ConfigError(f"config.model.vocab_size: {config.model.vocab_size} rows cannot hold "
                           f"the tokenizer's {tokenizer.vocab_size} ids; set tokenizer.max_rank")
     mesh = sharding.make_mesh(config)
-    batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
-    for name in stage_names(config):
-        if config.stages[name].batch_size % (batch_ways * config.optimizer.grad_accum):
-            raise ConfigError(
-                f"config.stages.{name}.batch_size: {config.stages[name].batch_size} rows do not "
-                f"split over mesh data×fsdp={batch_ways} times optimizer.grad_accum="
-                f"{config.optimizer.grad_accum}")
     spans = stage_spans(config)
-    total = spans[-1].end
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES), PreemptionFlag() as flag:
         state, state_sh = init_train_state(config, mesh)
-        ckpt = Checkpointer(workdir, config)
-        meta = {}
-        if (latest := ckpt.latest_step()) is not None:
-            state, meta = ckpt.restore(latest, abstract_like(state, state_sh))
-        writer = MetricsWriter(workdir, total, int(state.step))
+        ckpt = Checkpointer(workdir, config, keep_steps=[s.end for s in spans if s.steps])
+        restored = ckpt.restore_latest(abstract_like(state, state_sh))
+        state, meta = restored if restored is not None else (
+            initial_params(config, state, state_sh), {})
+        writer = MetricsWriter(workdir, spans[-1].end, int(state.step))
         if meta:
             writer.message(f"resumed from step {int(state.step)} ({meta['stage']})")
-        peak = measure_peak_flops(config.model.dtype)
+        shared = Run(config, workdir, mesh, state_sh, tokenizer, ckpt, writer,
+                     measure_peak_flops(config.model.dtype), flag)
+        reset = jax.jit(make_optimizer(config.optimizer).init, out_shardings=state_sh.opt_state)
         try:
             for span in spans:
-                if span.steps and int(state.step) < span.end:
-                    resume_data = meta.get("data_state") if meta.get("stage") == span.name else None
-                    state = _run_stage(config, span, state, state_sh, mesh, tokenizer, ckpt,
-                                       writer, peak, resume_data)
+                if not span.steps or int(state.step) >= span.end:
+                    continue
+                if int(state.step) == span.start and config.stages[span.name].reset_optimizer:
+                    state = state.replace(opt_state=reset(state.params))
+                resume_data = meta.get("data_state") if meta.get("stage") == span.name else None
+                state = run_stage(shared, span, state, resume_data,
+                                  stage_model_config(config, span.name))
         finally:
             ckpt.close()
             writer.close()
-    return state
-
-
-def _run_stage(config, span: StageSpan, state, state_sh, mesh, tokenizer, ckpt, writer, peak,
-               resume_data) -> TrainState:
-    stage = config.stages[span.name]
-    model_cfg = stage_model_config(config, span.name)
-    tx = make_optimizer(config.optimizer)
-    step_fn = make_train_step(model_cfg, tx, make_schedule(stage.lr, span.steps), span.start,
-                              config.optimizer.grad_accum, config.loss.z_loss)
-    batch_sh = sharding.batch_sharding(mesh)
-    train_step = jax.jit(step_fn, donate_argnums=0, out_shardings=(state_sh, None))
-    eval_step = jax.jit(make_eval_step(model_cfg))
-    data = make_iterator(config, span.name, tokenizer, split="train")
-    if resume_data is not None:
-        data.set_state(resume_data)
-    held_out = [to_global(b, batch_sh) for b in eval_batches(config, span.name, tokenizer)]
-    tokens_per_step = stage.batch_size * stage.seq_len
-    flops = flops_per_token(config.model, stage.seq_len)
-    writer.message(f"stage {span.name}: steps {span.start}..{span.end - 1}, seq_len "
-                   f"{stage.seq_len}, batch {stage.batch_size}, rope_theta {stage.rope_theta:g}")
-
-    first = int(state.step)
-    clock, clock_step = time.perf_counter(), first
-    for step in range(first, span.end):
-        state, metrics = train_step(state, to_global(next(data), batch_sh))
-        done = step + 1
-        writer.advance()
-        if done % config.log_every == 0 or done in (1, span.end):
-            metrics = jax.device_get(metrics)
-            now = time.perf_counter()
-            rate = tokens_per_step * (done - clock_step) / (now - clock)
-            clock, clock_step = now, done
-            writer.write({"step": done, "stage": span.name, "loss": float(metrics["loss"]),
-                          "lr": float(metrics["lr"]), "grad_norm": float(metrics["grad_norm"]),
-                          "tokens_per_sec": rate, "mfu": rate * flops / peak})
-        paused = done == first + 1  # the first step of a stage compiles: leave it out
-        if done % config.eval_every == 0 or done == span.end:
-            sums = [jax.device_get(eval_step(state.params, b)) for b in held_out]
-            eval_loss = sum(float(s[0]) for s in sums) / max(sum(float(s[1]) for s in sums), 1)
-            writer.write({"step": done, "stage": span.name, "eval_loss": eval_loss})
-            paused = True
-        if done % config.checkpoint.every_steps == 0 or done == span.end:
-            ckpt.save(done, state, {"stage": span.name, "data_state": data.get_state()})
-            paused = True
-        if paused:  # tokens/s counts training only
-            jax.block_until_ready(state.step)
-            clock, clock_step = time.perf_counter(), done
     return state

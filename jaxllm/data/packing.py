@@ -1,0 +1,215 @@
+"""Packing documents into batches of B striped rows, with an exact, few-integer state.
+
+B batch (rows of the global batch), T sequence length, R rows this process reads: [lo, hi).
+
+Streams. Row b of every batch is the next row of stream b, and stream b packs documents
+d_b, d_{b+B}, d_{b+2B}, ... of the stage's sequence: the rows of a batch come from different
+documents, every document is used once per pass of the sequence, and a process reading rows
+[lo, hi) reads only the documents of those streams (its share; the shares of the processes
+are disjoint and together are the single-process batch).
+
+Packing, per stream. The stream is doc_1, EOS, doc_2, EOS, ... Row r holds the T + 1 stream
+tokens [r·T, r·T + T]: inputs are the first T, targets the last T. Consecutive rows overlap by
+that one token, so every adjacent pair of the stream is trained exactly once, and a document
+longer than a row carries on in the next. Per input token:
+  segment_ids  1, 2, ... for the documents of the row's inputs in order; a document cut by a row
+               boundary carries on in the next row as that row's segment 1.
+  positions    the index within its segment: 0 at every document start and at every row start.
+  loss_mask    1.0 where the target is in the same document as the input (a document's
+               closing EOS included) and the document's own mask allows that target (a
+               prompt's tokens are not); 0.0 where the input is an EOS.
+
+State: {"batch_size": B, "rows": [lo, hi], "streams": [[k, offset], ...]}, one pair per row
+read: the sequence index k of the document holding the stream's next row's first token, and
+that token's offset in the document (tokens + EOS). Restoring re-reads one document per stream.
+Documents the next `prefetch` batches will need are loaded in the background meanwhile.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from typing import Any
+
+import grain
+import numpy as np
+
+_MAX_AHEAD = 64  # documents in flight per stream, however short they are
+
+
+class _Doc:
+    """A loaded document with its EOS: int32 tokens and uint8 mask (None: all ones)."""
+
+    __slots__ = ("tokens", "mask")
+
+    def __init__(self, doc: Any, eos_id: int):
+        self.tokens = np.empty(len(doc.ids) + 1, np.int32)
+        self.tokens[:-1] = doc.ids
+        self.tokens[-1] = eos_id
+        self.mask = None if doc.mask is None else np.append(doc.mask, np.uint8(1))
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+class StripedBatchIterator(grain.DatasetIterator):
+    """Batches of rows [lo, hi) of B striped streams (see the module docstring).
+
+    `loader.submit(indices)` returns a Future per document index, resolved with an object
+    with `.ids` (int32) and `.mask` (uint8 or None). With `num_documents` the sequence is
+    finite and the iteration ends at the first batch a stream cannot fill.
+    """
+
+    def __init__(self, loader: Any, batch_size: int, seq_len: int, eos_id: int,
+                 rows: tuple[int, int] | None = None, num_documents: int | None = None,
+                 prefetch: int = 2, gather_state: Any = None):
+        super().__init__()
+        self._loader, self._eos_id = loader, eos_id
+        self._B, self._T, self._prefetch = batch_size, seq_len, prefetch
+        self._lo, self._hi = rows or (0, batch_size)
+        if not 0 <= self._lo < self._hi <= batch_size:
+            raise ValueError(f"rows {rows} are not a non-empty range within [0, {batch_size})")
+        self._num_documents, self._gather_state = num_documents, gather_state
+        self._mean_len = float(seq_len)  # of loaded documents: how many to load ahead
+        self._seen = 0
+        self._wait = 0.0
+        self._ahead: list[list[concurrent.futures.Future]] = []
+        self.set_state({"batch_size": batch_size, "rows": [self._lo, self._hi],
+                        "streams": [[b, 0] for b in range(self._lo, self._hi)]})
+
+    # Stream i (row lo + i) has loaded documents k_i, k_i + B, ... (self._docs[i]) and
+    # futures for the ones after them (self._ahead[i]).
+
+    def _next_index(self, i: int) -> int:
+        return self._k[i] + self._B * (len(self._docs[i]) + len(self._ahead[i]))
+
+    def _submit(self, wants: dict[int, int]) -> None:
+        """wants: stream → documents to add to its look-ahead, all requested at once."""
+        indices, owners = [], []
+        for i, count in wants.items():
+            first = self._next_index(i)
+            for k in range(first, first + self._B * count, self._B):
+                if self._num_documents is not None and k >= self._num_documents:
+                    break
+                indices.append(k)
+                owners.append(i)
+        if indices:
+            for i, future in zip(owners, self._loader.submit(indices), strict=True):
+                self._ahead[i].append(future)
+
+    def _loaded_tokens(self, i: int) -> int:
+        return sum(len(d) for d in self._docs[i]) - self._offset[i]
+
+    def _fill(self) -> None:
+        """Until every stream's loaded documents hold its next row (T + 1 tokens)."""
+        while short := [i for i in range(len(self._k)) if self._loaded_tokens(i) <= self._T]:
+            self._submit({i: 1 for i in short if not self._ahead[i]})
+            if any(not self._ahead[i] for i in short):
+                raise StopIteration
+            for i in short:
+                doc = _Doc(self._ahead[i].pop(0).result(), self._eos_id)
+                self._seen += 1
+                self._mean_len += (len(doc) - self._mean_len) / min(self._seen, 1000)
+                self._docs[i].append(doc)
+
+    def _look_ahead(self) -> None:
+        """Requests what the next `prefetch` batches will probably need, at the mean length."""
+        goal = (self._prefetch + 1) * self._T
+        wants = {}
+        for i in range(len(self._k)):
+            missing = goal - self._loaded_tokens(i) - len(self._ahead[i]) * self._mean_len
+            count = min(int(np.ceil(missing / self._mean_len)), _MAX_AHEAD - len(self._ahead[i]))
+            if count > 0:
+                wants[i] = count
+        self._submit(wants)
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        self._assert_not_closed()
+        start = time.perf_counter()
+        self._fill()
+        R, T1 = len(self._k), self._T + 1
+        tokens_RT1 = np.empty((R, T1), np.int32)
+        segments_RT1 = np.empty((R, T1), np.int32)
+        positions_RT1 = np.empty((R, T1), np.int32)
+        mask_RT1 = np.ones((R, T1), np.float32)
+        for i, docs in enumerate(self._docs):
+            offset, filled = self._offset[i], 0
+            if offset >= len(docs[0]):
+                raise ValueError(f"data state: stream {self._lo + i} offset {offset} is past the "
+                                 f"end of its document {self._k[i]} ({len(docs[0])} tokens with "
+                                 "EOS); the state belongs to other data or another tokenizer")
+            for segment, doc in enumerate(docs, start=1):
+                take = min(len(doc) - offset, T1 - filled)
+                span = slice(filled, filled + take)
+                tokens_RT1[i, span] = doc.tokens[offset:offset + take]
+                segments_RT1[i, span] = segment
+                positions_RT1[i, span] = np.arange(take)
+                if doc.mask is not None:
+                    mask_RT1[i, span] = doc.mask[offset:offset + take]
+                filled += take
+                if filled == T1:
+                    break
+                offset = 0
+            # The next row starts at this row's last token: the one-token overlap.
+            del docs[:segment - 1]
+            self._k[i] += self._B * (segment - 1)
+            self._offset[i] = offset + take - 1
+        self._look_ahead()  # loaded while the caller trains on this batch
+        same_doc_RT = segments_RT1[:, :-1] == segments_RT1[:, 1:]
+        batch = {
+            "inputs": np.ascontiguousarray(tokens_RT1[:, :-1]),
+            "targets": np.ascontiguousarray(tokens_RT1[:, 1:]),
+            "segment_ids": np.ascontiguousarray(segments_RT1[:, :-1]),
+            "positions": np.ascontiguousarray(positions_RT1[:, :-1]),
+            "loss_mask": same_doc_RT * mask_RT1[:, 1:],  # a token's mask is for it as a target
+        }
+        self._wait += time.perf_counter() - start
+        return batch
+
+    def stats(self) -> dict[str, float]:
+        """Since the last call: `data_wait_sec`, the seconds `next()` blocked, and
+        `data_tokens_per_sec`, what the loader could deliver (tokens read and tokenized per
+        second of its workers' time, times their number)."""
+        out = {"data_wait_sec": self._wait, "data_tokens_per_sec": self._loader.capacity()}
+        self._wait = 0.0
+        return out
+
+    def _cancel_ahead(self) -> None:
+        for futures in self._ahead:
+            for future in futures:
+                future.cancel()
+
+    def get_state(self) -> dict[str, Any]:
+        state = {"batch_size": self._B, "rows": [self._lo, self._hi],
+                 "streams": [[int(k), int(o)] for k, o in zip(self._k, self._offset,
+                                                               strict=True)]}
+        return self._gather_state(state) if self._gather_state else state
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Takes this iterator's rows from a state of the same rows or of more (the global
+        state a multi-process run saves)."""
+        streams = state.get("streams") if isinstance(state, dict) else None
+        lo, hi = state.get("rows", [0, self._B]) if isinstance(state, dict) else (0, 0)
+        if (not isinstance(streams, list) or len(streams) != hi - lo or lo > self._lo
+                or hi < self._hi or state.get("batch_size", self._B) != self._B):
+            found = (f"rows {lo}..{hi} of a batch of {state.get('batch_size', len(streams))}"
+                     if isinstance(streams, list) else f"{state!r:.200}")
+            raise ValueError(f"data state: expected {{'streams': [[k, offset], ...]}} with one "
+                             f"pair per row of the batch ({self._B}) covering rows "
+                             f"{self._lo}..{self._hi}, got {found}; resume with the batch size "
+                             "that saved it")
+        mine = streams[self._lo - lo:self._hi - lo]
+        self._cancel_ahead()
+        self._k = [int(k) for k, _ in mine]
+        self._offset = [int(o) for _, o in mine]
+        self._docs: list[list[_Doc]] = [[] for _ in mine]
+        self._ahead = [[] for _ in mine]
+
+    def close(self) -> None:
+        self._cancel_ahead()
+        self._loader.close()
+        super().close()
+
+    def __str__(self) -> str:
+        return (f"StripedBatchIterator(batch_size={self._B}, seq_len={self._T}, "
+                f"rows={self._lo}..{self._hi})")

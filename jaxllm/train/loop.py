@@ -1,0 +1,198 @@
+"""The step loop of one stage: train, log, evaluate, save; bad steps and preemption.
+
+Bad steps: the train step itself skips an update whose loss or gradient is not finite (or
+spikes); after `config.bad_steps.max_in_row` skipped steps in a row the loop restores the
+newest checkpoint and, replaying from it, draws the offending batches without training on them.
+
+Preemption: SIGTERM or SIGINT sets a flag; at the next step boundary the loop saves a
+checkpoint, waits for it to be written, and raises `Preempted`; `python -m jaxllm.main` then
+exits with PREEMPTED_EXIT_CODE, and running the same command again resumes from that step.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from dataclasses import dataclass
+
+import jax
+import ml_collections as mc
+import numpy as np
+from jax.experimental import multihost_utils
+
+from jaxllm import sharding
+from jaxllm.checkpoint import Checkpointer, abstract_like
+from jaxllm.data import eval_batches, make_iterator
+from jaxllm.metrics import MetricsWriter, flops_per_token
+from jaxllm.optim import make_optimizer, make_schedule
+from jaxllm.train.step import TrainState, make_eval_step, make_train_step
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later", what a scheduler should do
+
+
+class Preempted(Exception):
+    """Raised once the checkpoint that SIGTERM / SIGINT asked for is on disk."""
+
+
+class PreemptionFlag:
+    """Turns SIGTERM and SIGINT into a request the loop honours at a step boundary.
+
+    A second SIGINT (Ctrl-C twice) stops at once, without a checkpoint.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self) -> PreemptionFlag:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        logging.warning("received signal %d: saving a checkpoint at the next step", signum)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def agreed(self, step: int, every: int) -> bool:
+        """Whether all processes stop now. Alone: at once. With peers: every `every` steps,
+        all processes compare flags in one small collective, so they stop at the same step."""
+        if jax.process_count() == 1:
+            return self.requested
+        if step % every:
+            return False
+        flags = multihost_utils.process_allgather(np.int32(self.requested))
+        return bool(np.max(flags))
+
+
+@dataclass
+class Run:
+    """What every stage of one run shares."""
+
+    config: mc.ConfigDict
+    workdir: str
+    mesh: jax.sharding.Mesh
+    state_sh: TrainState
+    tokenizer: object
+    ckpt: Checkpointer
+    writer: MetricsWriter
+    peak_flops: float
+    preemption: PreemptionFlag
+
+
+def run_stage(run: Run, span, state: TrainState, resume_data: dict | None,
+              model_cfg: mc.FrozenConfigDict) -> TrainState:
+    """Trains steps [state.step, span.end) of one stage and returns the state."""
+    config, writer = run.config, run.writer
+    stage = config.stages[span.name]
+    step_fn = make_train_step(model_cfg, make_optimizer(config.optimizer),
+                              make_schedule(stage.lr, span.steps), span.start,
+                              config.optimizer.grad_accum, config.loss.z_loss,
+                              config.bad_steps.spike_factor)
+    batch_sh = sharding.batch_sharding(run.mesh)
+    train_step = jax.jit(step_fn, donate_argnums=0, out_shardings=(run.state_sh, None))
+    eval_step = jax.jit(make_eval_step(model_cfg))
+    data = make_iterator(config, span.name, run.tokenizer, split="train", sharding=batch_sh)
+    if resume_data is not None:
+        data.set_state(resume_data)
+    held_out = [to_global(b, batch_sh)
+                for b in eval_batches(config, span.name, run.tokenizer, sharding=batch_sh)]
+    tokens_per_step = stage.batch_size * stage.seq_len
+    flops = flops_per_token(config.model, stage.seq_len)
+    writer.message(f"stage {span.name}: steps {span.start}..{span.end - 1}, seq_len "
+                   f"{stage.seq_len}, batch {stage.batch_size}, rope_theta {stage.rope_theta:g}")
+
+    def save(done: int) -> None:
+        run.ckpt.save(done, state, {"stage": span.name, "data_state": data.get_state()})
+
+    first = int(state.step)
+    clock, clock_step = time.perf_counter(), first
+    bad_run: list[int] = []  # consecutive skipped steps, as step indices
+    skip: set[int] = set()  # batches to draw and drop after a restore, by index from it
+    drawn, previous = 0, None  # batches drawn since this stage (re)started; last step's metrics
+    step = first
+    while step < span.end:
+        batch = next(data)
+        drawn += 1
+        if drawn - 1 in skip:
+            writer.message(f"step {step}: dropping a batch that caused bad steps")
+            continue
+        state, metrics = train_step(state, to_global(batch, batch_sh))
+        done, step = step + 1, step + 1
+        writer.advance()
+        # Read the previous step's flag: by now it is computed, so this never stalls the device.
+        if previous is not None:
+            bad_run = bad_run + [done - 2] if int(previous["skipped"]) else []
+        previous = metrics
+        if len(bad_run) >= config.bad_steps.max_in_row:
+            state, data, skip, step = _restore_after_bad_steps(run, span, state, bad_run,
+                                                              batch_sh)
+            drawn, previous, bad_run = 0, None, []
+            continue
+        if done % config.log_every == 0 or done in (1, span.end):
+            metrics = jax.device_get(metrics)
+            now = time.perf_counter()
+            rate = tokens_per_step * (done - clock_step) / (now - clock)
+            clock, clock_step = now, done
+            writer.write({"step": done, "stage": span.name, "loss": float(metrics["loss"]),
+                          "lr": float(metrics["lr"]), "grad_norm": float(metrics["grad_norm"]),
+                          "tokens_per_sec": rate, "mfu": rate * flops / run.peak_flops,
+                          "skipped": int(metrics["skipped"]),
+                          **data.stats()})  # data_wait_sec, data_tokens_per_sec
+        paused = done == first + 1  # the first step of a stage compiles: leave it out
+        if done % config.eval_every == 0 or done == span.end:
+            sums = [jax.device_get(eval_step(state.params, b)) for b in held_out]
+            eval_loss = sum(float(s[0]) for s in sums) / max(sum(float(s[1]) for s in sums), 1)
+            writer.write({"step": done, "stage": span.name, "eval_loss": eval_loss})
+            paused = True
+        if done % config.checkpoint.every_steps == 0 or done == span.end:
+            save(done)
+            paused = True
+        if config.export_hf_every and done % config.export_hf_every == 0:
+            from jaxllm.convert import export_run_checkpoint  # safetensors; only when asked
+
+            path = export_run_checkpoint(run.workdir, done, config, span.name, state.params,
+                                         run.tokenizer)
+            writer.message(f"step {done}: exported {path}")
+            paused = True
+        if run.preemption.agreed(done, config.log_every):
+            if done % config.checkpoint.every_steps and done != span.end:
+                save(done)
+            run.ckpt.wait()
+            writer.message(f"preempted: saved step {done}; run the same command to resume")
+            raise Preempted(done)
+        if paused:  # tokens/s counts training only
+            jax.block_until_ready(state.step)
+            clock, clock_step = time.perf_counter(), done
+    return state
+
+
+def _restore_after_bad_steps(run: Run, span, state: TrainState, bad_run: list[int], batch_sh):
+    """Back to the newest checkpoint of this stage; returns (state, data, skip, step)."""
+    abstract = abstract_like(state, run.state_sh)
+    restored = run.ckpt.restore_latest(abstract)
+    if restored is None or restored[1].get("stage") != span.name:
+        raise RuntimeError(
+            f"steps {bad_run[0]}..{bad_run[-1]} were all skipped (non-finite or spiking loss) "
+            f"and stage {span.name!r} has no checkpoint to go back to; lower the learning rate "
+            "or checkpoint more often (config.checkpoint.every_steps)")
+    state, meta = restored
+    start = int(state.step)
+    data = make_iterator(run.config, span.name, run.tokenizer, split="train", sharding=batch_sh)
+    data.set_state(meta["data_state"])
+    skip = {b - start for b in bad_run if b >= start}
+    run.writer.message(f"steps {bad_run[0]}..{bad_run[-1]} were skipped in a row: restored "
+                       f"step {start} and will drop the {len(skip)} batches that caused them")
+    return state, data, skip, start
+
+
+def to_global(batch: dict[str, np.ndarray], batch_sh) -> dict[str, jax.Array]:
+    """This process's rows of the batch (`make_iterator(..., sharding=batch_sh)` reads exactly
+    the rows its devices hold) → global arrays over the mesh's batch axes."""
+    return {k: jax.make_array_from_process_local_data(batch_sh, v) for k, v in batch.items()}
