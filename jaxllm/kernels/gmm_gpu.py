@@ -1,0 +1,109 @@
+"""Grouped matmul (gmm) and its transposed product (tgmm) as Pallas kernels for NVIDIA GPUs.
+
+Dimension letters: M rows, K contracted dim, N output dim, E groups; tm, tk, tn tile sizes.
+Inputs arrive padded to whole tiles (gmm.py pads).
+
+gmm: one program per (row tile, column tile). Groups are contiguous row ranges, so a row tile
+meets a contiguous run of groups [first, last]; the program loops over that run, each group's
+product over the K tiles with that group's weight tile, keeping only the rows in the group.
+Only tiles that straddle a boundary compute more than one product. Every output tile is
+written by exactly one program: no atomics, and rows in no group come out 0.
+tgmm: one program per (group, K tile, N tile) walks the row tiles of its group and accumulates
+lhs_tileᵀ @ rhs_tile with rows outside the group zeroed; an empty group writes 0.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+
+def _div(a, b: int):
+    return jax.lax.div(a, jnp.int32(b))  # `//` on traced ints does not lower in Triton
+
+
+def _gmm_kernel(first_ref, last_ref, starts_ref, ends_ref, lhs_ref, rhs_ref, out_ref, *,
+                tm, tk, tn, num_k_tiles, transpose_rhs):
+    t, n = pl.program_id(0), pl.program_id(1)
+    rows = t * tm + jnp.arange(tm)
+
+    def group(g, acc_MxN):
+        start, end = starts_ref[g], ends_ref[g]
+
+        def k_tile(kk, acc_g):
+            lhs_tile = lhs_ref[pl.ds(t * tm, tm), pl.ds(kk * tk, tk)]
+            if transpose_rhs:
+                rhs_tile = rhs_ref[g, pl.ds(n * tn, tn), pl.ds(kk * tk, tk)]
+                return acc_g + plgpu.dot(lhs_tile, rhs_tile, trans_b=True)
+            return acc_g + plgpu.dot(lhs_tile, rhs_ref[g, pl.ds(kk * tk, tk), pl.ds(n * tn, tn)])
+
+        # An empty group inside the run costs nothing: its K loop is empty.
+        num = jnp.where(end > start, num_k_tiles, 0)
+        acc_g = jax.lax.fori_loop(0, num, k_tile, jnp.zeros((tm, tn), jnp.float32))
+        in_group = (rows >= start) & (rows < end)
+        return acc_MxN + jnp.where(in_group[:, None], acc_g, 0.0)
+
+    acc = jax.lax.fori_loop(first_ref[t], last_ref[t] + 1, group,
+                            jnp.zeros((tm, tn), jnp.float32))
+    out_ref[...] = acc.astype(out_ref.dtype)
+
+
+def gmm(lhs_MxK, rhs_ExKxN, starts_E, ends_E, *, tiling, transpose_rhs, out_dtype, interpret):
+    M, K = lhs_MxK.shape
+    E = rhs_ExKxN.shape[0]
+    N = rhs_ExKxN.shape[1] if transpose_rhs else rhs_ExKxN.shape[2]
+    tm, tk, tn = tiling
+    tiles_m = M // tm
+    # Run of groups each row tile meets: from the first group ending after its first row to
+    # the last group starting before its end.
+    tile_start = jnp.arange(tiles_m, dtype=jnp.int32) * tm
+    first = jnp.searchsorted(ends_E, tile_start, side="right").astype(jnp.int32)
+    last = (jnp.searchsorted(starts_E, tile_start + tm, side="left") - 1).astype(jnp.int32)
+    last = jnp.minimum(last, E - 1)
+    full = lambda shape: pl.BlockSpec(shape, lambda t, n: (0,) * len(shape))
+    kernel = functools.partial(_gmm_kernel, tm=tm, tk=tk, tn=tn, num_k_tiles=K // tk,
+                               transpose_rhs=transpose_rhs)
+    return pl.pallas_call(
+        kernel, grid=(tiles_m, N // tn),
+        in_specs=[full((tiles_m,)), full((tiles_m,)), full((E,)), full((E,)), full((M, K)),
+                  full(rhs_ExKxN.shape)],
+        out_specs=pl.BlockSpec((tm, tn), lambda t, n: (t, n)),
+        out_shape=jax.ShapeDtypeStruct((M, N), out_dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+        interpret=interpret, name="gmm")(first, last, starts_E, ends_E, lhs_MxK, rhs_ExKxN)
+
+
+def _tgmm_kernel(starts_ref, ends_ref, lhs_ref, rhs_ref, out_ref, *, tm, tk, tn):
+    g, kk, n = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    start, end = starts_ref[g], ends_ref[g]
+
+    def row_tile(t, acc_KxN):
+        rows = t * tm + jnp.arange(tm)
+        in_group = (rows >= start) & (rows < end)
+        lhs_tile = lhs_ref[pl.ds(t * tm, tm), pl.ds(kk * tk, tk)]
+        lhs_tile = jnp.where(in_group[:, None], lhs_tile, jnp.zeros_like(lhs_tile))
+        return acc_KxN + plgpu.dot(lhs_tile, rhs_ref[pl.ds(t * tm, tm), pl.ds(n * tn, tn)],
+                                   trans_a=True)
+
+    first = _div(start, tm)
+    stop = jnp.where(end > start, _div(end + tm - 1, tm), first)
+    acc = jax.lax.fori_loop(first, stop, row_tile, jnp.zeros((tk, tn), jnp.float32))
+    out_ref[...] = acc.astype(out_ref.dtype)
+
+
+def tgmm(lhs_MxK, rhs_MxN, starts_E, ends_E, *, tiling, out_dtype, interpret):
+    M, K = lhs_MxK.shape
+    N, E = rhs_MxN.shape[1], starts_E.shape[0]
+    tm, tk, tn = tiling
+    full = lambda shape: pl.BlockSpec(shape, lambda g, kk, n: (0,) * len(shape))
+    return pl.pallas_call(
+        functools.partial(_tgmm_kernel, tm=tm, tk=tk, tn=tn), grid=(E, K // tk, N // tn),
+        in_specs=[full((E,)), full((E,)), full((M, K)), full((M, N))],
+        out_specs=pl.BlockSpec((None, tk, tn), lambda g, kk, n: (g, kk, n)),
+        out_shape=jax.ShapeDtypeStruct((E, K, N), out_dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+        interpret=interpret, name="tgmm")(starts_E, ends_E, lhs_MxK, rhs_MxN)
