@@ -11,21 +11,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_model import small_config  # one small model for the model and attention tests
 
-from jaxllm.config import ConfigError, model_defaults, validate_model
+from jaxllm.config import ConfigError, validate_model
 from jaxllm.kernels import attention, resolve_attention_impl
 from jaxllm.model import apply, init_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def small_config(**overrides):
-    c = model_defaults()
-    c.update(dict(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                  head_dim=16, intermediate_size=96, dtype="float32", remat="none",
-                  rope_theta=1e4, init_std=0.2))
-    c.update(overrides)
-    return c
 
 
 def test_auto_resolves_per_backend():
