@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 _API = {
     "load_config": "jaxllm.config",
     "forward": "jaxllm.model",
+    "generate": "jaxllm.generate",
     "load_tokenizer": "jaxllm.tokenizer",
     "load_hf": "jaxllm.convert",
     "save_hf": "jaxllm.convert",

@@ -2,6 +2,7 @@
 
 `load_hf` / `save_hf`: in memory. `export_checkpoint` / `import_hf`: the `python -m
 jaxllm.convert export|import` commands. `export_run_checkpoint`: export from a training job.
+`load_checkpoint`: a run's checkpoint as (model config, params, tokenizer), for generation.
 Imports are lazy, so `import jaxllm.convert` stays cheap.
 """
 
@@ -12,6 +13,7 @@ _API = {
     "save_hf": "jaxllm.convert.hf",
     "export_checkpoint": "jaxllm.convert.to_hf",
     "export_run_checkpoint": "jaxllm.convert.to_hf",
+    "load_checkpoint": "jaxllm.convert.to_hf",
     "import_hf": "jaxllm.convert.from_hf",
 }
 

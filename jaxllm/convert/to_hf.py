@@ -15,6 +15,7 @@ from the checkpoint's `meta`), not `config.model.rope_theta`, which later stages
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -26,10 +27,11 @@ import jax
 import ml_collections as mc
 import numpy as np
 from etils import epath
+from flax import traverse_util
 from orbax.checkpoint import type_handlers
 
 from jaxllm.config import ConfigError, model_defaults
-from jaxllm.convert import hf
+from jaxllm.convert import hf, rules
 from jaxllm.convert.rules import Path
 
 HF_FILES = "hf_files"  # where `convert import` keeps the source's tokenizer and config.json
@@ -121,17 +123,23 @@ def _tokenizer(spec: Any, max_rank: int = 0):
     return load_tokenizer(spec, max_rank=max_rank)
 
 
-def export_checkpoint(workdir: str, out_dir: str, step: int | None = None, *,
-                      dtype: str = "bfloat16", max_shard_bytes: int = 5 * 10**9,
-                      vocab_rows: int | str | None = None, tokenizer: Any = None,
-                      read_bytes: int | None = None) -> str:
-    """`convert export`: the newest (or `step`) checkpoint of a run, or a params checkpoint,
-    to a Hugging Face directory. `tokenizer` overrides the run's (a name, path or tokenizer;
-    "none" writes none). Returns a line saying what was written."""
+@dataclasses.dataclass
+class SavedModel:
+    """A checkpoint on disk opened for reading: its model, a param reader and its tokenizer."""
+
+    model: mc.ConfigDict  # with the rope base the checkpoint's stage trained with
+    read: hf.Reader
+    source_dtype: np.dtype
+    tokenizer: Any  # the run's, or an imported model's own; None if it has none
+    description: str  # "step 10 (anneal, rope_theta 1e+06) of DIR"
+    hf_config_extra: dict[str, Any]  # an imported model's special ids
+    tokenizer_files: str | None  # an imported model's own tokenizer files
+
+
+def open_checkpoint(workdir: str, step: int | None = None) -> SavedModel:
+    """The newest (or `step`) checkpoint of a run directory, or a params checkpoint."""
     if os.path.exists(os.path.join(workdir, "model.json")):
-        return _export_params_checkpoint(workdir, out_dir, dtype=dtype, tokenizer=tokenizer,
-                                         max_shard_bytes=max_shard_bytes, vocab_rows=vocab_rows,
-                                         read_bytes=read_bytes)
+        return _open_params_checkpoint(workdir)
     config_path = os.path.join(workdir, "config.json")
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"--workdir={workdir} is neither a run directory (config.json + "
@@ -149,16 +157,12 @@ def export_checkpoint(workdir: str, out_dir: str, step: int | None = None, *,
     step_dir = os.path.join(workdir, "checkpoints", str(step))
     stage = _checkpoint_stage(step_dir)
     m = run_model_config(config, stage)
-    if tokenizer is None:
-        tok = config.get("tokenizer", {})
-        tokenizer = _tokenizer(tok.get("name", "qwen2"), int(tok.get("max_rank", 0)))
-    else:
-        tokenizer = _tokenizer(tokenizer)
+    tok = config.get("tokenizer", {})
     read, source_dtype = orbax_reader(os.path.join(step_dir, "state"), prefix=("params",))
-    hf.write_hf(m, read, source_dtype, out_dir, tokenizer=tokenizer, dtype=dtype,
-                max_shard_bytes=max_shard_bytes, vocab_rows=vocab_rows, read_bytes=read_bytes)
-    return (f"exported step {step} ({stage or 'unknown stage'}, rope_theta {m.rope_theta:g}) "
-            f"of {workdir} to {out_dir}")
+    return SavedModel(m, read, source_dtype,
+                      _tokenizer(tok.get("name", "qwen2"), int(tok.get("max_rank", 0))),
+                      f"step {step} ({stage or 'unknown stage'}, rope_theta {m.rope_theta:g}) "
+                      f"of {workdir}", {}, None)
 
 
 def _checkpoint_stage(step_dir: str) -> str | None:
@@ -169,28 +173,59 @@ def _checkpoint_stage(step_dir: str) -> str | None:
         return json.load(f).get("stage")
 
 
-def _export_params_checkpoint(ckpt_dir: str, out_dir: str, *, tokenizer: Any,
-                              **options: Any) -> str:
+def _open_params_checkpoint(ckpt_dir: str) -> SavedModel:
     from jaxllm.checkpoint import load_model_config
 
     m = load_model_config(ckpt_dir)
     read, source_dtype = orbax_reader(os.path.join(ckpt_dir, "params"))
     saved = os.path.join(ckpt_dir, HF_FILES)
     extra: dict[str, Any] = {}
-    if tokenizer is None and os.path.exists(os.path.join(saved, "config.json")):
-        # The source's special ids go with its tokenizer files (copied below).
+    if os.path.exists(os.path.join(saved, "config.json")):
+        # The source's special ids go with its tokenizer files.
         with open(os.path.join(saved, "config.json")) as f:
             source = json.load(f)
         extra = {k: source[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
                  if k in source}
-    tok = _tokenizer(tokenizer)
-    hf.write_hf(m, read, source_dtype, out_dir, tokenizer=tok, hf_config_extra=extra, **options)
-    if tok is None and tokenizer is None and os.path.isdir(saved):
-        # The imported model's own tokenizer files go back out with it.
-        for file in os.listdir(saved):
+    files = saved if os.path.isdir(saved) else None
+    tokenizer = None
+    if files and os.path.exists(os.path.join(saved, "vocab.json")):
+        tokenizer = _tokenizer(saved)
+    return SavedModel(m, read, source_dtype, tokenizer, f"params checkpoint {ckpt_dir}", extra,
+                      files)
+
+
+def load_checkpoint(workdir: str, step: int | None = None) -> tuple[mc.ConfigDict, dict, Any]:
+    """(model config, params as numpy, tokenizer) of a run's newest (or `step`) checkpoint or
+    of a params checkpoint, on one host; for generation and evaluation."""
+    saved = open_checkpoint(workdir, step)
+    params = {rule.path: saved.read(rule.path, None) for rule in rules.active_rules(saved.model)}
+    return saved.model, traverse_util.unflatten_dict(params), saved.tokenizer
+
+
+def export_checkpoint(workdir: str, out_dir: str, step: int | None = None, *,
+                      dtype: str = "bfloat16", max_shard_bytes: int = 5 * 10**9,
+                      vocab_rows: int | str | None = None, tokenizer: Any = None,
+                      read_bytes: int | None = None) -> str:
+    """`convert export`: the newest (or `step`) checkpoint of a run, or a params checkpoint,
+    to a Hugging Face directory. `tokenizer` overrides the checkpoint's (a name, path or
+    tokenizer; "none" writes none). Returns a line saying what was written."""
+    saved = open_checkpoint(workdir, step)
+    if tokenizer is not None:
+        own_files = False
+        tok, extra = _tokenizer(tokenizer), {}
+    else:
+        own_files = saved.tokenizer_files is not None
+        tok = None if own_files else saved.tokenizer
+        extra = saved.hf_config_extra
+    hf.write_hf(saved.model, saved.read, saved.source_dtype, out_dir, tokenizer=tok,
+                hf_config_extra=extra, dtype=dtype, max_shard_bytes=max_shard_bytes,
+                vocab_rows=vocab_rows, read_bytes=read_bytes)
+    if own_files:  # an imported model's own tokenizer files go back out with it
+        for file in os.listdir(saved.tokenizer_files):
             if file != "config.json":
-                shutil.copy2(os.path.join(saved, file), os.path.join(out_dir, file))
-    return f"exported params checkpoint {ckpt_dir} to {out_dir}"
+                shutil.copy2(os.path.join(saved.tokenizer_files, file),
+                             os.path.join(out_dir, file))
+    return f"exported {saved.description} to {out_dir}"
 
 
 # ----------------------------------------------------------------------------- during training

@@ -6,9 +6,10 @@ from jaxllm.model.transformer import (
     apply,
     forward,
     frozen,
+    init_cache,
     init_params,
     param_count,
 )
 
-__all__ = ["Transformer", "abstract_params", "apply", "forward", "frozen", "init_params",
-           "param_count"]
+__all__ = ["Transformer", "abstract_params", "apply", "forward", "frozen", "init_cache",
+           "init_params", "param_count"]

@@ -4,6 +4,13 @@ Dimension letters: B batch, T query length, S key length, D model dim, N query h
 K kv heads, G = N / K query heads per kv head, H head dim.
 Query head n uses kv head n // G, the Hugging Face `repeat_kv` order. The score computation
 is chosen by `model.attention_impl` (auto, xla, chunked, pallas; see jaxllm/kernels).
+
+Decoding (jaxllm/generate.py) passes this layer's KV cache, k and v [B, S, K, H], and what all
+layers share: the cache's segment ids [B, S] with this call's tokens already written (0 marks
+padding and unwritten slots) and the slot `index` the tokens go to. Several tokens are a
+prefill of the empty cache: they attend to each other, by `attention_impl`. One token is a
+decode step: it attends to every written slot of the same segment, so no causal mask is needed
+(later slots are not written yet), and its [1, S] scores are small enough for plain jnp.
 """
 
 from __future__ import annotations
@@ -23,12 +30,36 @@ def dot_product_attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH:
     return attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT, impl=impl, causal=True)
 
 
+def cached_attention(q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array,
+                     segment_ids_BxT: jax.Array, kv: tuple[jax.Array, jax.Array],
+                     kv_meta: tuple[jax.Array, jax.Array], impl: str
+                     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Writes k, v into the cache at slot `index`, then attends (see the module docstring).
+    Returns out [B, T, N, H] and the cache (k, v) [B, S, K, H]."""
+    (k_BxSxKxH, v_BxSxKxH), (kv_segment_ids_BxS, index) = kv, kv_meta
+    k_BxSxKxH = jax.lax.dynamic_update_slice(k_BxSxKxH, k_BxTxKxH.astype(k_BxSxKxH.dtype),
+                                             (0, index, 0, 0))
+    v_BxSxKxH = jax.lax.dynamic_update_slice(v_BxSxKxH, v_BxTxKxH.astype(v_BxSxKxH.dtype),
+                                             (0, index, 0, 0))
+    if q_BxTxNxH.shape[1] > 1:  # prefill of the empty cache: the prompt attends to itself
+        out_BxTxNxH = dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT,
+                                            impl)
+    else:
+        dtype = q_BxTxNxH.dtype
+        out_BxTxNxH = attention(q_BxTxNxH, k_BxSxKxH.astype(dtype), v_BxSxKxH.astype(dtype),
+                                segment_ids_BxT, kv_segment_ids_BxS, impl="xla", causal=False)
+    return out_BxTxNxH, (k_BxSxKxH, v_BxSxKxH)
+
+
 class Attention(nn.Module):
     cfg: mc.FrozenConfigDict
 
     @nn.compact
-    def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array,
-                 segment_ids_BxT: jax.Array) -> jax.Array:
+    def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, segment_ids_BxT: jax.Array,
+                 kv: tuple[jax.Array, jax.Array] | None = None,
+                 kv_meta: tuple[jax.Array, jax.Array] | None = None
+                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """Returns the output [B, T, D] and, when given a cache `kv`, the updated cache."""
         cfg = self.cfg
 
         def project(heads: int, head_axis: str, name: str) -> jax.Array:
@@ -41,7 +72,12 @@ class Attention(nn.Module):
         q_BxTxNxH = apply_rope(q_BxTxNxH, positions_BxT, cfg.rope_theta)
         k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, cfg.rope_theta)
         q_BxTxNxH = nn.with_logical_constraint(q_BxTxNxH, ("batch", "length", "heads", "head_dim"))
-        out_BxTxNxH = dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT,
-                                            cfg.attention_impl)
-        return Linear((cfg.hidden_size,), ("heads", "head_dim", "embed"), cfg, n_in=2,
-                      name="o_proj")(out_BxTxNxH)
+        if kv is None:
+            out_BxTxNxH = dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH,
+                                                segment_ids_BxT, cfg.attention_impl)
+        else:
+            out_BxTxNxH, kv = cached_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT,
+                                               kv, kv_meta, cfg.attention_impl)
+        out_BxTxD = Linear((cfg.hidden_size,), ("heads", "head_dim", "embed"), cfg, n_in=2,
+                           name="o_proj")(out_BxTxNxH)
+        return out_BxTxD, kv

@@ -29,23 +29,30 @@ class Block(nn.Module):
     cfg: mc.FrozenConfigDict
 
     @nn.compact
-    def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array,
-                 segment_ids_BxT: jax.Array) -> tuple[jax.Array, None]:
+    def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, segment_ids_BxT: jax.Array,
+                 kv=None, kv_meta=None) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         cfg = self.cfg
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name=name)  # noqa: E731
         x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "act_embed"))
-        h_BxTxD = x_BxTxD + Attention(cfg, name="attn")(
-            norm("attn_norm")(x_BxTxD), positions_BxT, segment_ids_BxT)
+        attn_BxTxD, kv = Attention(cfg, name="attn")(
+            norm("attn_norm")(x_BxTxD), positions_BxT, segment_ids_BxT, kv, kv_meta)
+        h_BxTxD = x_BxTxD + attn_BxTxD
         out_BxTxD = h_BxTxD + MLP(cfg, name="mlp")(norm("mlp_norm")(h_BxTxD))
-        return out_BxTxD, None
+        return out_BxTxD, kv
 
 
 class Transformer(nn.Module):
+    """tokens, positions, segment ids [B, T] → float32 logits [B, T, V].
+
+    With a KV `cache` (see `init_cache`; decoding only) it returns the logits of the last
+    position [B, V], which is all sampling needs, and the cache with these tokens written.
+    """
+
     cfg: mc.FrozenConfigDict
 
     @nn.compact
     def __call__(self, tokens_BxT: jax.Array, positions_BxT: jax.Array,
-                 segment_ids_BxT: jax.Array) -> jax.Array:
+                 segment_ids_BxT: jax.Array, cache: dict | None = None):
         cfg = self.cfg
         dtype = dtype_of(cfg.dtype)
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
@@ -54,23 +61,52 @@ class Transformer(nn.Module):
                          name="embed")
         x_BxTxD = embed(tokens_BxT)
 
-        block = Block
-        if cfg.remat != "none":
-            block = nn.remat(Block, prevent_cse=False, policy=_REMAT_POLICIES[cfg.remat])
-        layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                         in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
-                         metadata_params={nn.PARTITION_NAME: "layers"})
-        x_BxTxD, _ = layers(cfg, name="layers")(x_BxTxD, positions_BxT, segment_ids_BxT)
+        def scan(block, in_axes):
+            return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                           in_axes=in_axes, length=cfg.num_layers,
+                           metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
+
+        if cache is None:
+            block = Block
+            if cfg.remat != "none":
+                block = nn.remat(Block, prevent_cse=False, policy=_REMAT_POLICIES[cfg.remat])
+            x_BxTxD, _ = scan(block, (nn.broadcast, nn.broadcast))(
+                x_BxTxD, positions_BxT, segment_ids_BxT)
+        else:
+            # Each layer gets its slice of the cache (scanned); segment ids and slot are shared.
+            index = cache["index"]
+            kv_segment_ids_BxS = jax.lax.dynamic_update_slice(
+                cache["segment_ids"], segment_ids_BxT.astype(jnp.int32), (0, index))
+            x_BxTxD, (k, v) = scan(Block, (nn.broadcast, nn.broadcast, 0, nn.broadcast))(
+                x_BxTxD, positions_BxT, segment_ids_BxT, (cache["k"], cache["v"]),
+                (kv_segment_ids_BxS, index))
+            cache = {"k": k, "v": v, "segment_ids": kv_segment_ids_BxS,
+                     "index": index + tokens_BxT.shape[1]}
+            x_BxTxD = x_BxTxD[:, -1:]
         x_BxTxD = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="final_norm")(x_BxTxD)
 
         if cfg.tie_embeddings:
             head_VxD = embed.embedding.astype(dtype)
-            return jnp.einsum("btd,vd->btv", x_BxTxD, head_VxD, preferred_element_type=jnp.float32)
-        head_DxV = self.param("lm_head", lambda *a: {"kernel": init_normal(
-            cfg.init_std, ("embed", "vocab"))(*a)}, (cfg.hidden_size, cfg.vocab_size),
-            dtype_of(cfg.param_dtype))["kernel"]
-        return jnp.einsum("btd,dv->btv", x_BxTxD, head_DxV.astype(dtype),
-                          preferred_element_type=jnp.float32)
+            logits_BxTxV = jnp.einsum("btd,vd->btv", x_BxTxD, head_VxD,
+                                      preferred_element_type=jnp.float32)
+        else:
+            head_DxV = self.param("lm_head", lambda *a: {"kernel": init_normal(
+                cfg.init_std, ("embed", "vocab"))(*a)}, (cfg.hidden_size, cfg.vocab_size),
+                dtype_of(cfg.param_dtype))["kernel"]
+            logits_BxTxV = jnp.einsum("btd,dv->btv", x_BxTxD, head_DxV.astype(dtype),
+                                      preferred_element_type=jnp.float32)
+        return logits_BxTxV if cache is None else (logits_BxTxV[:, 0], cache)
+
+
+def init_cache(model_config, batch: int, max_len: int, dtype=None) -> dict:
+    """An empty KV cache for `batch` rows of up to `max_len` tokens: k and v
+    [L, B, S, K, H] in the model's compute dtype (or `dtype`), segment ids [B, S] (0 = empty),
+    and `index`, the next slot to write."""
+    cfg = frozen(model_config)
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    dtype = dtype or dtype_of(cfg.dtype)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "segment_ids": jnp.zeros((batch, max_len), jnp.int32), "index": jnp.int32(0)}
 
 
 def frozen(model_config: mc.ConfigDict | mc.FrozenConfigDict) -> mc.FrozenConfigDict:
@@ -114,10 +150,11 @@ def param_count(model_config) -> int:
 
 
 def apply(model_config, params: dict, tokens_BxT: jax.Array, positions_BxT: jax.Array,
-          segment_ids_BxT: jax.Array) -> jax.Array:
-    """Traceable forward (use inside jit): logits float32 [B, T, V]."""
+          segment_ids_BxT: jax.Array, cache: dict | None = None):
+    """Traceable forward (use inside jit): logits float32 [B, T, V]; with a KV cache,
+    (last position's logits [B, V], updated cache) as `Transformer` says."""
     return Transformer(frozen(model_config)).apply(
-        {"params": params}, tokens_BxT, positions_BxT, segment_ids_BxT)
+        {"params": params}, tokens_BxT, positions_BxT, segment_ids_BxT, cache)
 
 
 @functools.partial(jax.jit, static_argnums=0)
