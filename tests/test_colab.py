@@ -53,7 +53,7 @@ def test_notebook_is_well_formed():
     nb = json.loads(NOTEBOOK.read_text())
     sources = ["".join(c["source"]) for c in nb["cells"]]
     assert any("pip install" in s for s in sources)  # installs from the repository
-    for step in ("run(config, WORKDIR)", "plt.plot", "greedy(PROMPT)", "export_checkpoint"):
+    for step in ("run(config, WORKDIR)", "plt.plot", "jaxllm.generate(", "export_checkpoint"):
         assert any(step in s for s in sources), step
     assert all(not c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code")
     assert sum("parameters" in tags for tags, _ in _code_cells()) == 1

@@ -2,8 +2,9 @@
 
 A tiny Qwen2 (configs/tiny.py:smoke) is trained 20 steps on Python sources and saved as a real
 run directory; its export must give transformers the same logits (float32, 1e-4), the same
-greedy continuation and a tokenizer that encodes the 420-string corpus of test_tokenizer.py
-identically. HF -> import -> export gives back bitwise-identical tensors.
+greedy continuation (transformers' generate vs jaxllm's KV-cache decoding) and a tokenizer
+that encodes the 420-string corpus of test_tokenizer.py identically.
+HF -> import -> export gives back bitwise-identical tensors.
 Dimension letters: B batch, T length, V vocab.
 """
 
@@ -25,6 +26,8 @@ from test_tokenizer import CORPUS
 
 from jaxllm.convert import export_run_checkpoint, load_hf, save_hf
 from jaxllm.convert.__main__ import main as convert_main
+from jaxllm.generate import generate_ids, load_model
+from jaxllm.generate import main as generate_main
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS, B, T = 20, 4, 32
@@ -106,19 +109,26 @@ def test_export_of_a_trained_run_matches_transformers(trained_run, exported):
     got_BxTxV = np.asarray(forward(model_cfg, params, tokens_BxT))
     np.testing.assert_allclose(got_BxTxV, want_BxTxV, atol=1e-4, rtol=1e-4)
 
-    # Greedy continuation of 32 tokens. (jaxllm.generate's own comparison lives with the
-    # generation work; this loop over forward shows the exported weights decode the same.)
+    # Greedy continuation of 32 tokens: transformers' generate and jaxllm's KV-cache decoding.
     prompt = tokenizer.encode("def main(argv):\n    ")
     model.generation_config.eos_token_id = None  # 32 tokens exactly, even past an EOS
     with torch.no_grad():
         hf_ids = model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
                                 pad_token_id=0)[0, len(prompt):].tolist()
-    buffer_1xT = np.zeros((1, len(prompt) + 32), np.int32)  # one shape, one compilation
-    buffer_1xT[0, :len(prompt)] = prompt
-    for t in range(len(prompt), len(prompt) + 32):
-        logits_1xTxV = np.asarray(forward(model_cfg, params, buffer_1xT))
-        buffer_1xT[0, t] = int(np.argmax(logits_1xTxV[0, t - 1]))
-    assert buffer_1xT[0, len(prompt):].tolist() == hf_ids
+    assert generate_ids(model_cfg, params, [prompt], 32)[0] == hf_ids
+
+
+def test_generate_from_the_run_directory_equals_from_its_export(trained_run, exported,
+                                                                 capsys):
+    workdir = trained_run[0]
+    model_cfg, _, tokenizer = load_model(workdir=workdir)
+    assert model_cfg.rope_theta == 1e4 and tokenizer.vocab_size == trained_run[4].vocab_size
+    outputs = []
+    for source in (f"--workdir={workdir}", f"--hf={exported}"):
+        generate_main([source, "--prompt=def main(argv):", "--prompt=import os",
+                       "--max_new_tokens=16"])
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and outputs[0].startswith("def main(argv):")
 
 
 def test_exported_tokenizer_encodes_like_jaxllm(trained_run, exported):
