@@ -20,12 +20,11 @@ import argparse
 import functools
 import os
 import platform
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timing import median_seconds
 
 from jaxllm.kernels.chunked_attention import chunked_attention
 from jaxllm.kernels.flash_attention import flash_attention
@@ -51,17 +50,6 @@ def implementations(backend: str, interpret: bool) -> dict:
     return impls
 
 
-def time_fn(fn, *args, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def measure(impl, q, k, v, warmup: int, iters: int) -> tuple[str, str]:
     fwd = jax.jit(impl)
     loss = lambda q, k, v: jnp.sum(impl(q, k, v).astype(jnp.float32))
@@ -71,7 +59,7 @@ def measure(impl, q, k, v, warmup: int, iters: int) -> tuple[str, str]:
     cells = []
     for fn, scale in ((fwd, 1.0), (fwd_bwd, 3.5)):
         try:
-            seconds = time_fn(fn, q, k, v, warmup=warmup, iters=iters)
+            seconds = median_seconds(fn, q, k, v, warmup=warmup, iters=iters)
             cells.append(f"{flops * scale / seconds / 1e12:.3f}")
         except Exception as e:  # noqa: BLE001  out of memory, refused, unsupported: say so
             cells.append(type(e).__name__)

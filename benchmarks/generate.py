@@ -17,12 +17,11 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import tempfile
-import time
 
 import jax
 import numpy as np
+from timing import median_seconds
 
 
 def trained_scale_params(model_config, seed: int = 0) -> dict:
@@ -33,16 +32,6 @@ def trained_scale_params(model_config, seed: int = 0) -> dict:
     params = init_params(model_config, jax.random.key(seed))
     return jax.tree.map(lambda x: x * 0.5 / model_config.init_std / np.sqrt(x.shape[-2])
                         if x.ndim >= 2 else x, params)
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # compile / warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -88,8 +77,8 @@ def main() -> None:
             out[:] = ids[:, args.prompt_len:].tolist()
 
         new = batch * args.new_tokens
-        jax_s = median_seconds(run_jaxllm, args.repeats)
-        torch_s = median_seconds(run_transformers, args.repeats)
+        jax_s = median_seconds(run_jaxllm, iters=args.repeats)
+        torch_s = median_seconds(run_transformers, iters=args.repeats)
         agree = sum(next((i for i, (a, b) in enumerate(zip(x, y, strict=True))
                           if a != b), len(x))
                     for x, y in zip(ours, theirs, strict=True))

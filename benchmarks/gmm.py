@@ -17,26 +17,14 @@ import argparse
 import functools
 import os
 import platform
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timing import median_seconds
 
 from jaxllm.kernels.gmm import gmm
 from jaxllm.kernels.gmm_ref import gmm_loop
-
-
-def time_fn(fn, *args, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -82,7 +70,7 @@ def main() -> None:
         cells = []
         for fn, scale in ((fwd, 1.0), (fwd_bwd, 3.0)):
             try:
-                seconds = time_fn(fn, lhs, rhs, warmup=args.warmup, iters=args.iters)
+                seconds = median_seconds(fn, lhs, rhs, warmup=args.warmup, iters=args.iters)
                 cells.append(f"{flops * scale / seconds / 1e12:.3f}")
             except Exception as e:  # noqa: BLE001  out of memory or unsupported: say so
                 cells.append(type(e).__name__)

@@ -13,23 +13,11 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-
-def time_steps(step, warmup: int, steps: int) -> list[float]:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return times
+from timing import median_seconds
 
 
 def jaxllm_step(config, tokens: np.ndarray):
@@ -107,8 +95,7 @@ def main() -> None:
     rows = []
     for name, make in (("jaxllm (jax.jit)", jaxllm_step), ("transformers (torch eager)",
                                                            torch_step)):
-        times = time_steps(make(config, tokens), args.warmup, args.steps)
-        median = statistics.median(times)
+        median = median_seconds(make(config, tokens), warmup=args.warmup, iters=args.steps)
         rows.append((name, median * 1e3, tokens_per_step / median))
     device, m = jax.devices()[0], config.model
     print(f"\nmodel {args.config} ({m.num_layers} layers, D {m.hidden_size}), "
