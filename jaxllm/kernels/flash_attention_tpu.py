@@ -219,6 +219,20 @@ def backward(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_seg_BxT, kv_seg_BxS, do_BxTxNxH,
                   for x in (lse_BxNxT, delta_BxNxT))
     has_segments = q_seg_BxT is not None
 
+    def inputs(bq: int, bk: int, q_map, kv_map) -> tuple[list, list, pl.BlockSpec,
+                                                         pl.BlockSpec]:
+        """Both backward kernels read q, k, v, do, lse, delta (and segment ids) the same way;
+        they differ in their grids, so in the index maps."""
+        q_spec = pl.BlockSpec((None, None, bq, H), q_map)
+        kv_spec = pl.BlockSpec((None, None, bk, H), kv_map)
+        row_spec = pl.BlockSpec((None, None, bq, L), q_map)
+        args = [q, k, v, do, lse, delta]
+        in_specs = [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec]
+        if has_segments:
+            seg_args, seg_specs = _segment_args(q_seg_BxT, kv_seg_BxS, bq, bk, q_map, kv_map)
+            args, in_specs = args + seg_args, in_specs + seg_specs
+        return args, in_specs, q_spec, kv_spec
+
     bq, bk, nk = blocks.block_q_dq, blocks.block_k_dq, S // blocks.block_k_dq
 
     def kv_map(b, n, i, j):
@@ -226,14 +240,7 @@ def backward(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_seg_BxT, kv_seg_BxS, do_BxTxNxH,
         return b, n // G, jnp.clip(j, lo, jnp.maximum(hi - 1, lo)), 0
 
     q_map = lambda b, n, i, j: (b, n, i, 0)
-    q_spec, kv_spec = pl.BlockSpec((None, None, bq, H), q_map), pl.BlockSpec(
-        (None, None, bk, H), kv_map)
-    row_spec = pl.BlockSpec((None, None, bq, L), q_map)
-    args, in_specs = [q, k, v, do, lse, delta], [q_spec, kv_spec, kv_spec, q_spec, row_spec,
-                                                 row_spec]
-    if has_segments:
-        seg_args, seg_specs = _segment_args(q_seg_BxT, kv_seg_BxS, bq, bk, q_map, kv_map)
-        args, in_specs = args + seg_args, in_specs + seg_specs
+    args, in_specs, q_spec, kv_spec = inputs(bq, bk, q_map, kv_map)
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg, num_k_blocks=nk, has_segments=has_segments),
         grid=(B, N, T // bq, nk), in_specs=in_specs, out_specs=q_spec,
@@ -250,14 +257,7 @@ def backward(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_seg_BxT, kv_seg_BxS, do_BxTxNxH,
         return b, k * G + jax.lax.div(step, nq), i, 0
 
     kv_map = lambda b, k, j, step: (b, k, j, 0)
-    q_spec, kv_spec = pl.BlockSpec((None, None, bq, H), q_map), pl.BlockSpec(
-        (None, None, bk, H), kv_map)
-    row_spec = pl.BlockSpec((None, None, bq, L), q_map)
-    args, in_specs = [q, k, v, do, lse, delta], [q_spec, kv_spec, kv_spec, q_spec, row_spec,
-                                                 row_spec]
-    if has_segments:
-        seg_args, seg_specs = _segment_args(q_seg_BxT, kv_seg_BxS, bq, bk, q_map, kv_map)
-        args, in_specs = args + seg_args, in_specs + seg_specs
+    args, in_specs, q_spec, kv_spec = inputs(bq, bk, q_map, kv_map)
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, cfg=cfg, num_q_blocks=nq, groups=G,
                           has_segments=has_segments),
