@@ -108,19 +108,24 @@ def run_stage(run: Run, span, state: TrainState, resume_data: dict | None,
     writer.message(f"stage {span.name}: steps {span.start}..{span.end - 1}, seq_len "
                    f"{stage.seq_len}, batch {stage.batch_size}, rope_theta {stage.rope_theta:g}")
 
+    # Batches are numbered by when they were drawn from `data` (0: its first); `saved` maps a
+    # checkpoint step to the number of batches drawn before it, so that a restore knows which
+    # batches to drop however many restores and drops came before.
     def save(done: int) -> None:
         run.ckpt.save(done, state, {"stage": span.name, "data_state": data.get_state()})
+        saved[done] = drawn
 
     first = int(state.step)
     clock, clock_step = time.perf_counter(), first
-    bad_run: list[int] = []  # consecutive skipped steps, as step indices
-    skip: set[int] = set()  # batches to draw and drop after a restore, by index from it
-    drawn, previous = 0, None  # batches drawn since this stage (re)started; last step's metrics
+    saved = {first: 0}  # (a checkpoint at `first`, if any, is where `data` started)
+    bad_run: list[tuple[int, int]] = []  # (step, batch) of consecutive skipped steps
+    dropped: set[int] = set()  # batches that a restore said to drop
+    drawn, previous = 0, None  # batches drawn from `data`; (metrics, batch) of the last step
     step = first
     while step < span.end:
         batch = next(data)
         drawn += 1
-        if drawn - 1 in skip:
+        if drawn - 1 in dropped:
             writer.message(f"step {step}: dropping a batch that caused bad steps")
             continue
         state, metrics = train_step(state, to_global(batch, batch_sh))
@@ -128,12 +133,15 @@ def run_stage(run: Run, span, state: TrainState, resume_data: dict | None,
         writer.advance()
         # Read the previous step's flag: by now it is computed, so this never stalls the device.
         if previous is not None:
-            bad_run = bad_run + [done - 2] if int(previous["skipped"]) else []
-        previous = metrics
+            bad_run = bad_run + [(done - 2, previous[1])] if int(previous[0]["skipped"]) else []
+        previous = (metrics, drawn - 1)
         if len(bad_run) >= config.bad_steps.max_in_row:
-            state, data, skip, step = _restore_after_bad_steps(run, span, state, bad_run,
-                                                              batch_sh)
-            drawn, previous, bad_run = 0, None, []
+            data.close()
+            state, data, dropped, step = _restore_after_bad_steps(
+                run, span, state, [s for s, _ in bad_run], dropped | {b for _, b in bad_run},
+                saved, batch_sh)
+            saved, bad_run, drawn, previous = {step: 0}, [], 0, None
+            clock, clock_step = time.perf_counter(), step
             continue
         if done % config.log_every == 0 or done in (1, span.end):
             metrics = jax.device_get(metrics)
@@ -170,26 +178,32 @@ def run_stage(run: Run, span, state: TrainState, resume_data: dict | None,
         if paused:  # tokens/s counts training only
             jax.block_until_ready(state.step)
             clock, clock_step = time.perf_counter(), done
+    data.close()  # with data.workers > 0 it owns worker processes
     return state
 
 
-def _restore_after_bad_steps(run: Run, span, state: TrainState, bad_run: list[int], batch_sh):
-    """Back to the newest checkpoint of this stage; returns (state, data, skip, step)."""
-    abstract = abstract_like(state, run.state_sh)
-    restored = run.ckpt.restore_latest(abstract)
+def _restore_after_bad_steps(run: Run, span, state: TrainState, bad_steps: list[int],
+                             bad_batches: set[int], saved: dict[int, int], batch_sh):
+    """Back to the newest checkpoint of this stage; returns (state, data, the batches to
+    drop numbered from that checkpoint, its step)."""
+    run.ckpt.wait()  # an asynchronous save may still be writing the newest checkpoint
+    restored = run.ckpt.restore_latest(abstract_like(state, run.state_sh))
     if restored is None or restored[1].get("stage") != span.name:
         raise RuntimeError(
-            f"steps {bad_run[0]}..{bad_run[-1]} were all skipped (non-finite or spiking loss) "
-            f"and stage {span.name!r} has no checkpoint to go back to; lower the learning rate "
-            "or checkpoint more often (config.checkpoint.every_steps)")
+            f"steps {bad_steps[0]}..{bad_steps[-1]} were all skipped (non-finite or spiking "
+            f"loss) and stage {span.name!r} has no checkpoint to go back to; lower the learning "
+            "rate or checkpoint more often (config.checkpoint.every_steps)")
     state, meta = restored
     start = int(state.step)
     data = make_iterator(run.config, span.name, run.tokenizer, split="train", sharding=batch_sh)
     data.set_state(meta["data_state"])
-    skip = {b - start for b in bad_run if b >= start}
-    run.writer.message(f"steps {bad_run[0]}..{bad_run[-1]} were skipped in a row: restored "
-                       f"step {start} and will drop the {len(skip)} batches that caused them")
-    return state, data, skip, start
+    # A checkpoint older than where `data` started (the newer ones were unreadable): which of
+    # its batches were bad is unknown; replaying meets them again and restores from here.
+    offset = saved.get(start)
+    drop = set() if offset is None else {b - offset for b in bad_batches if b >= offset}
+    run.writer.message(f"steps {bad_steps[0]}..{bad_steps[-1]} were skipped in a row: restored "
+                       f"step {start} and will drop the {len(drop)} batches that caused them")
+    return state, data, drop, start
 
 
 def to_global(batch: dict[str, np.ndarray], batch_sh) -> dict[str, jax.Array]:
