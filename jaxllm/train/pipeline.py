@@ -125,13 +125,13 @@ def initial_params(config: mc.ConfigDict, state: TrainState, state_sh: TrainStat
                           config.init.checkpoint)
         params = load_params(config.init.checkpoint, abstract_like(state.params, state_sh.params))
     elif config.init.hf:
-        from jaxllm.convert import load_hf  # reads safetensors; only needed here
+        from jaxllm.convert.hf import read_hf_config, read_hf_params  # safetensors: only here
 
-        hf_model, hf_params = load_hf(config.init.hf)
+        hf_model, _ = read_hf_config(config.init.hf)
         check_same_shapes(config.model, hf_model, config.init.hf)
-        params = jax.tree.map(
-            lambda x, old, sh: jax.device_put(jnp.asarray(x, old.dtype), sh),
-            hf_params, state.params, state_sh.params)
+        # Each device reads only its blocks: no full copy on one device first.
+        params = read_hf_params(config.init.hf, hf_model, state_sh.params,
+                                dtype=config.model.param_dtype)
     else:
         return state
     return state.replace(params=params)
