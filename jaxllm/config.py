@@ -306,6 +306,9 @@ def validate(config: mc.ConfigDict) -> None:
             _fail(f"mesh.{axis}", f"must be a positive int or -1 (the rest), got {size!r}")
     if sum(config.mesh[a] == -1 for a in config.mesh.keys()) > 1:
         _fail("mesh", "only one axis may be -1")
+    if config.init.checkpoint and config.init.hf:
+        _fail("init.hf", f"and init.checkpoint={config.init.checkpoint!r} are both set: a run "
+              "starts from one of them")
     sources = config.data.sources
     _validate_sources(config)
     names = stage_names(config)

@@ -83,3 +83,9 @@ def test_mixture_must_name_a_source():
     c.stages.pretrain.mixture = {"web": 1.0}
     with pytest.raises(ConfigError, match=r"stages\.pretrain\.mixture\.web"):
         validate(c)
+
+
+def test_a_run_starts_from_one_set_of_weights():
+    with pytest.raises(ConfigError, match=r"init\.hf.*init\.checkpoint='b' are both set"):
+        load_config(os.path.join(ROOT, "configs", "tiny.py:smoke"),
+                    ["init.checkpoint=b", "init.hf=a"])

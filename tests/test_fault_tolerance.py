@@ -216,6 +216,9 @@ def test_init_weights_of_another_shape_are_refused(tmp_path, key):
     with pytest.raises(ConfigError, match=r"config\.model\.intermediate_size=128, but .*weights "
                        "has 96"):
         pipeline.run(config, str(tmp_path / "run"))
+    with pytest.raises(ConfigError, match=f"config.init.{key} is the --workdir"):
+        pipeline.run(config, path)  # would overwrite the weights' directory
+    assert not os.path.exists(os.path.join(path, "checkpoints"))
 
 
 # ----------------------------------------------------------------------------- reset_optimizer

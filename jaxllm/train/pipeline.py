@@ -143,6 +143,11 @@ def run(config: mc.ConfigDict, workdir: str) -> TrainState:
     Raises `jaxllm.train.loop.Preempted` after saving when SIGTERM / SIGINT arrives.
     """
     validate(config)
+    for key in ("checkpoint", "hf"):
+        source = config.init[key]
+        if source and os.path.abspath(source) == os.path.abspath(workdir):
+            raise ConfigError(f"config.init.{key} is the --workdir ({workdir}): the run would "
+                              "write into the weights it starts from; use a new --workdir")
     os.makedirs(workdir, exist_ok=True)
     check_resumable(workdir, config)
     tokenizer = load_tokenizer(config.tokenizer.name, max_rank=config.tokenizer.max_rank)
