@@ -24,7 +24,7 @@ import platform
 import jax
 import jax.numpy as jnp
 import numpy as np
-from timing import median_seconds
+from timing import add_kernel_args, median_seconds
 
 from jaxllm.kernels.chunked_attention import chunked_attention
 from jaxllm.kernels.flash_attention import flash_attention
@@ -75,10 +75,7 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=8 if on_cpu else 32)
     parser.add_argument("--kv_heads", type=int, default=1 if on_cpu else 4)
     parser.add_argument("--head_dim", type=int, default=64 if on_cpu else 128)
-    parser.add_argument("--dtype", default="float32" if on_cpu else "bfloat16")
-    parser.add_argument("--interpret", action="store_true", help="CPU: add Pallas, interpreted")
-    parser.add_argument("--warmup", type=int, default=1 if on_cpu else 3)
-    parser.add_argument("--iters", type=int, default=3 if on_cpu else 10)
+    add_kernel_args(parser, on_cpu)
     args = parser.parse_args()
 
     impls = implementations(backend, args.interpret)

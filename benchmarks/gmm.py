@@ -21,7 +21,7 @@ import platform
 import jax
 import jax.numpy as jnp
 import numpy as np
-from timing import median_seconds
+from timing import add_kernel_args, median_seconds
 
 from jaxllm.kernels.gmm import gmm
 from jaxllm.kernels.gmm_ref import gmm_loop
@@ -35,10 +35,7 @@ def main() -> None:
     parser.add_argument("--top_k", type=int, default=2 if on_cpu else 8)
     parser.add_argument("--hidden", type=int, default=256 if on_cpu else 3584)
     parser.add_argument("--moe_dim", type=int, default=512 if on_cpu else 2560)
-    parser.add_argument("--dtype", default="float32" if on_cpu else "bfloat16")
-    parser.add_argument("--interpret", action="store_true", help="CPU: add Pallas, interpreted")
-    parser.add_argument("--warmup", type=int, default=1 if on_cpu else 3)
-    parser.add_argument("--iters", type=int, default=3 if on_cpu else 10)
+    add_kernel_args(parser, on_cpu)
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)

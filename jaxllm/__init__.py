@@ -4,7 +4,7 @@ The notebook API of DESIGN §1. Names resolve lazily, so `import jaxllm` stays c
 `python -m jaxllm.plan` never imports the model stack it does not need.
 """
 
-import importlib
+from jaxllm._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -17,10 +17,4 @@ _API = {
     "save_hf": "jaxllm.convert",
 }
 
-__all__ = sorted(_API)
-
-
-def __getattr__(name: str):
-    if name in _API:
-        return getattr(importlib.import_module(_API[name]), name)
-    raise AttributeError(f"module 'jaxllm' has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports(__name__, _API)

@@ -6,7 +6,7 @@ jaxllm.convert export|import` commands. `export_run_checkpoint`: export from a t
 Imports are lazy, so `import jaxllm.convert` stays cheap.
 """
 
-import importlib
+from jaxllm._lazy import lazy_exports
 
 _API = {
     "load_hf": "jaxllm.convert.hf",
@@ -17,10 +17,4 @@ _API = {
     "import_hf": "jaxllm.convert.from_hf",
 }
 
-__all__ = sorted(_API)
-
-
-def __getattr__(name: str):
-    if name in _API:
-        return getattr(importlib.import_module(_API[name]), name)
-    raise AttributeError(f"module 'jaxllm.convert' has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports(__name__, _API)

@@ -7,7 +7,7 @@ pipeline.py (config → iterator), prepare.py (the `python -m jaxllm.data.prepar
 Names resolve lazily, so a data worker process imports neither grain nor JAX.
 """
 
-import importlib
+from jaxllm._lazy import lazy_exports
 
 _API = {
     "DataError": "jaxllm.data.formats",
@@ -21,10 +21,4 @@ _API = {
     "process_share": "jaxllm.data.pipeline",
 }
 
-__all__ = sorted(_API)
-
-
-def __getattr__(name: str):
-    if name in _API:
-        return getattr(importlib.import_module(_API[name]), name)
-    raise AttributeError(f"module 'jaxllm.data' has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports(__name__, _API)
