@@ -2,7 +2,7 @@
 
     python -m jaxllm.generate --workdir=DIR [--step=N] --prompt=TEXT [--prompt=TEXT ...]
     python -m jaxllm.generate --hf=HF_DIR --prompt=TEXT [--max_new_tokens=64]
-        [--temperature=0] [--top_k=0] [--top_p=1] [--seed=0]
+        [--temperature=0] [--top_k=0] [--top_p=1] [--seed=0] [--mesh=tensor:4,fsdp:2]
 
 How it runs. Prompts are left-padded to one length P, a power of two so that prompts of
 similar length share a compilation. Padding is segment 0, which no real token attends to, and
@@ -15,6 +15,11 @@ max_new_tokens slots per row: k and v [L, B, S, K, H] in the model's compute dty
 Sampling, per row: temperature 0 is greedy (argmax); otherwise logits / temperature, then
 top-k (keep the k most likely tokens), then top-p (keep the smallest set of most likely
 tokens whose probability reaches p), the order transformers applies them in.
+
+A model larger than one device decodes on a mesh (`load_model(..., mesh="tensor:4,fsdp:2")`,
+`--mesh=tensor:4,fsdp:2`, or `mesh=`): the params take their training shardings
+(jaxllm/sharding.py), the cache splits its kv heads over `tensor` and its rows over
+data×fsdp, and the batch is padded to a multiple of data×fsdp.
 """
 
 from __future__ import annotations
@@ -30,8 +35,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections as mc
 import numpy as np
+from flax import linen as nn
 
-from jaxllm.model.transformer import apply, frozen, init_cache
+from jaxllm import sharding
+from jaxllm.config import base_config
+from jaxllm.model.transformer import abstract_params, apply, frozen, init_cache
+
+CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")  # k and v [L, B, S, K, H]
 
 
 def sample(logits_BxV: jax.Array, rng: jax.Array, temperature: float = 0.0, top_k: int = 0,
@@ -72,6 +82,8 @@ def _generate(params: dict, tokens_BxP: jax.Array, positions_BxP: jax.Array,
         return sample(logits_BxV, key, temperature, top_k, top_p)
 
     cache = init_cache(model_config, B, P + max_new_tokens)
+    for name in ("k", "v"):  # a no-op without a mesh
+        cache[name] = nn.with_logical_constraint(cache[name], CACHE_AXES)
     logits_BxV, cache = apply(model_config, params, tokens_BxP, positions_BxP,
                               segment_ids_BxP, cache)
     rng, key = jax.random.split(rng)
@@ -103,11 +115,12 @@ def _bucket(n: int) -> int:
 
 def generate_ids(model_config, params: dict, prompts: Sequence[Sequence[int]],
                  max_new_tokens: int, *, eos_id: int | None = None, num_ids: int | None = None,
-                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0
-                 ) -> list[list[int]]:
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                 mesh: jax.sharding.Mesh | None = None) -> list[list[int]]:
     """Token ids in, new token ids out, one list per prompt; a row that produces `eos_id`
     stops there (the EOS is included, as transformers does). Only ids below `num_ids`
-    (default: every row of the vocabulary) are sampled."""
+    (default: every row of the vocabulary) are sampled. `mesh`: decode sharded over it (by
+    default, the mesh the params are on, if any)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
@@ -126,6 +139,12 @@ def generate_ids(model_config, params: dict, prompts: Sequence[Sequence[int]],
         logging.warning("%d prompt + %d new tokens exceed the model's max_position_embeddings "
                         "(%d): quality past it is not what the model was trained for",
                         max(lengths), max_new_tokens, cfg.max_position_embeddings)
+    rows = len(prompts)
+    mesh = mesh or _mesh_of(params)
+    if mesh is not None:  # whole rows per data×fsdp shard: pad with 1-token prompts
+        ways = mesh.shape["data"] * mesh.shape["fsdp"]
+        prompts = list(prompts) + [[0]] * (-rows % ways)
+        params = jax.device_put(params, sharding.param_shardings(abstract_params(cfg), mesh))
     B, P = len(prompts), _bucket(max(lengths))
     tokens_BxP = np.zeros((B, P), np.int32)
     positions_BxP = np.zeros((B, P), np.int32)
@@ -135,14 +154,18 @@ def generate_ids(model_config, params: dict, prompts: Sequence[Sequence[int]],
         tokens_BxP[row, P - n:] = prompt
         positions_BxP[row, P - n:] = np.arange(n)
         segment_ids_BxP[row, P - n:] = 1
-    out_BxN = np.asarray(_generate(
-        params, tokens_BxP, positions_BxP, segment_ids_BxP, jax.random.key(seed),
+    run = functools.partial(
+        _generate, params, tokens_BxP, positions_BxP, segment_ids_BxP, jax.random.key(seed),
         jnp.int32(-1 if eos_id is None else eos_id), model_config=cfg,
         max_new_tokens=max_new_tokens, num_ids=min(num_ids or cfg.vocab_size, cfg.vocab_size),
-        temperature=float(temperature), top_k=int(top_k),
-        top_p=float(top_p)))
+        temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
+    if mesh is None:
+        out_BxN = np.asarray(run())
+    else:
+        with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+            out_BxN = np.asarray(jax.device_get(run()))
     results = []
-    for row in out_BxN.tolist():
+    for row in out_BxN[:rows].tolist():
         if eos_id is not None and eos_id in row:
             row = row[:row.index(eos_id) + 1]
         results.append(row)
@@ -151,7 +174,8 @@ def generate_ids(model_config, params: dict, prompts: Sequence[Sequence[int]],
 
 def generate(model_config, params: dict, tokenizer, prompt: str | Sequence[str],
              max_new_tokens: int = 64, *, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True) -> str | list[str]:
+             top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True,
+             mesh: jax.sharding.Mesh | None = None) -> str | list[str]:
     """`jaxllm.generate`: a prompt (or a list of prompts) in, its continuation out (without
     the prompt and without the EOS token). Greedy unless `temperature` > 0. Embedding rows
     past the tokenizer's ids (Qwen2 pads 151,646 ids to 151,936 rows) are never sampled."""
@@ -159,23 +183,33 @@ def generate(model_config, params: dict, tokenizer, prompt: str | Sequence[str],
     eos_id = tokenizer.eos_id if stop_at_eos else None
     ids = generate_ids(model_config, params, tokenizer.encode_batch(prompts), max_new_tokens,
                        eos_id=eos_id, num_ids=tokenizer.vocab_size, temperature=temperature,
-                       top_k=top_k, top_p=top_p, seed=seed)
+                       top_k=top_k, top_p=top_p, seed=seed, mesh=mesh)
     texts = [tokenizer.decode(row[:-1] if row and row[-1] == eos_id else row) for row in ids]
     return texts[0] if isinstance(prompt, str) else texts
 
 
-def load_model(workdir: str | None = None, hf: str | None = None, step: int | None = None
-               ) -> tuple[mc.ConfigDict, dict, object]:
+def load_model(workdir: str | None = None, hf: str | None = None, step: int | None = None,
+               mesh: str = "") -> tuple[mc.ConfigDict, dict, object]:
     """(model config, params, tokenizer) from a run directory / params checkpoint or from a
-    Hugging Face directory."""
+    Hugging Face directory. `mesh` ("tensor:4,fsdp:2", see `make_mesh`) places the params
+    sharded over it (an HF directory is read straight onto the shards), and `generate` then
+    decodes on that mesh; by default they go to one device."""
+    from jaxllm.convert.hf_config import read_hf_config
     from jaxllm.tokenizer import load_tokenizer
 
     if (workdir is None) == (hf is None):
         raise ValueError("give exactly one of --workdir and --hf")
+
+    def shardings(model_config):
+        if not mesh:
+            return None
+        return sharding.param_shardings(abstract_params(model_config),
+                                        make_mesh(model_config, mesh))
+
     if hf is not None:
         from jaxllm.convert import load_hf
 
-        model_config, params = load_hf(hf)
+        model_config, params = load_hf(hf, shardings(read_hf_config(hf)[0]))
         return model_config, params, load_tokenizer(hf)
     from jaxllm.convert import load_checkpoint
 
@@ -183,7 +217,30 @@ def load_model(workdir: str | None = None, hf: str | None = None, step: int | No
     if tokenizer is None:
         raise ValueError(f"{workdir} has no tokenizer of its own (a params checkpoint made by "
                          "averaging or save_params); export it with a tokenizer, or use --hf")
-    return model_config, jax.device_put(params), tokenizer
+    return model_config, jax.device_put(params, shardings(model_config)), tokenizer
+
+
+def _mesh_of(params: dict) -> jax.sharding.Mesh | None:
+    """The mesh params were placed on by `load_model(mesh=...)` (or training), if any."""
+    placed = getattr(params["embed"]["embedding"], "sharding", None)
+    if isinstance(placed, jax.sharding.NamedSharding) and placed.mesh.size > 1 and \
+            tuple(placed.mesh.axis_names) == sharding.MESH_AXES:
+        return placed.mesh
+    return None
+
+
+def make_mesh(model_config, spec: str, devices=None) -> jax.sharding.Mesh:
+    """`--mesh=tensor:4,fsdp:2`: sizes of jaxllm/sharding.py's axes (the unnamed ones 1, data
+    -1: the devices left), over `devices` (all by default), checked against the model."""
+    config = base_config()
+    config.model.update(model_config.to_dict())
+    for part in spec.split(","):
+        axis, _, size = part.partition(":")
+        if axis not in sharding.MESH_AXES or not size.lstrip("-").isdigit():
+            raise ValueError(f"--mesh={spec!r}: give AXIS:SIZE pairs, axes from "
+                             f"{', '.join(sharding.MESH_AXES)}")
+        config.mesh[axis] = int(size)
+    return sharding.make_mesh(config, devices)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -200,13 +257,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top_k", type=int, default=0, help="0: no top-k")
     parser.add_argument("--top_p", type=float, default=1.0, help="1: no top-p")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mesh", default="",
+                        help="decode sharded over a mesh, e.g. tensor:4,fsdp:2 (default: one "
+                             "device)")
     args = parser.parse_args(argv)
     try:
-        model_config, params, tokenizer = load_model(args.workdir, args.hf, args.step)
+        model_config, params, tokenizer = load_model(args.workdir, args.hf, args.step,
+                                                     args.mesh)
         texts = generate(model_config, params, tokenizer, args.prompt, args.max_new_tokens,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                          seed=args.seed)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # ConfigError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     for prompt, text in zip(args.prompt, texts, strict=True):

@@ -19,8 +19,9 @@ import torch
 from test_hf import _make_hf
 
 import jaxllm
+from jaxllm.config import ConfigError
 from jaxllm.convert import load_hf
-from jaxllm.generate import generate_ids, sample
+from jaxllm.generate import generate_ids, load_model, make_mesh, sample
 from jaxllm.model import apply, forward, init_cache
 from jaxllm.tokenizer import save_hf_tokenizer_files
 
@@ -106,6 +107,33 @@ def test_rows_stop_at_eos(model):
         cut = row.index(eos) + 1 if eos in row else len(row)
         assert new == row[:cut]
     assert len(stopped[0]) <= 4
+
+
+def test_sharded_decoding_equals_one_device(model, monkeypatch):
+    """fsdp 4 × tensor 2 over the 8 test devices, 3 prompts padded to 4 rows: load_model reads
+    the params onto their training shardings, generation runs on their mesh, and the tokens are
+    those of one device."""
+    path, _, cfg, params = model
+    save_hf_tokenizer_files(jaxllm.load_tokenizer("qwen2", max_rank=256), path)
+    _, sharded_params, _ = load_model(hf=path, mesh="fsdp:4,tensor:2")
+    q_kernel = sharded_params["layers"]["attn"]["q_proj"]["kernel"]  # [L, D, N, H]
+    assert q_kernel.sharding.spec == jax.sharding.PartitionSpec(None, ("fsdp", "sequence"),
+                                                                "tensor", None)
+    assert dict(q_kernel.sharding.mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 2,
+                                                  "expert": 1, "sequence": 1}
+    seen = []
+    real = jaxllm.generate._generate  # jaxllm.generate: the module, callable as the function
+    monkeypatch.setattr("jaxllm.generate._generate",
+                        lambda params, tokens, *a, **kw: seen.append(tokens.shape[0]) or
+                        real(params, tokens, *a, **kw))
+    prompts = _prompts(cfg.vocab_size, seed=6)
+    sharded = generate_ids(cfg, sharded_params, prompts, 16)
+    assert seen == [4]  # rows padded to a multiple of data×fsdp
+    assert sharded == generate_ids(cfg, params, prompts, 16)
+    with pytest.raises(ConfigError, match="model.num_heads=4 does not split"):
+        make_mesh(cfg, "tensor:8")
+    with pytest.raises(ValueError, match="AXIS:SIZE"):
+        make_mesh(cfg, "tenser:2")
 
 
 # ----------------------------------------------------------------------------- sampling
