@@ -117,7 +117,10 @@ BAD_RUN = ["stages.pretrain.steps=12", "checkpoint.every_steps=4", "bad_steps.ma
     # Bad again after the checkpoint at step 8, which the replay saved after dropping 5, 6.
     ((5, 6, 10, 11), [*range(8), 4, *range(7, 13), *range(12, 16)],
      [("5..6", 4, 2), ("8..9", 8, 2)], [6, 7, 9, 10]),
-], ids=["max_in_row", "longer", "twice"])
+    # The last two steps of the stage: the last one's flag is read at once, and the restore
+    # comes before the stage's final checkpoint. (The restoring step is never logged.)
+    ((10, 11), [*range(12), 8, 9, 12, 13], [("10..11", 8, 2)], [11]),
+], ids=["max_in_row", "longer", "twice", "at_the_end"])
 def test_bad_steps_restore_and_drop_their_batches(monkeypatch, tmp_path, capsys, bad,
                                                   trained_expected, restores, skipped_logged):
     config = smoke(*BAD_RUN)

@@ -135,6 +135,8 @@ def run_stage(run: Run, span, state: TrainState, resume_data: dict | None,
         if previous is not None:
             bad_run = bad_run + [(done - 2, previous[1])] if int(previous[0]["skipped"]) else []
         previous = (metrics, drawn - 1)
+        if done == span.end and int(metrics["skipped"]):  # no later step to read it at
+            bad_run, previous = bad_run + [(done - 1, drawn - 1)], None
         if len(bad_run) >= config.bad_steps.max_in_row:
             data.close()
             state, data, dropped, step = _restore_after_bad_steps(
