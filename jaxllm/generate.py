@@ -140,11 +140,13 @@ def generate_ids(model_config, params: dict, prompts: Sequence[Sequence[int]],
                         "(%d): quality past it is not what the model was trained for",
                         max(lengths), max_new_tokens, cfg.max_position_embeddings)
     rows = len(prompts)
-    mesh = mesh or _mesh_of(params)
+    if mesh is not None:
+        params = jax.device_put(params, sharding.param_shardings(abstract_params(cfg), mesh))
+    else:
+        mesh = _mesh_of(params)  # already placed there: nothing to move
     if mesh is not None:  # whole rows per data×fsdp shard: pad with 1-token prompts
         ways = mesh.shape["data"] * mesh.shape["fsdp"]
         prompts = list(prompts) + [[0]] * (-rows % ways)
-        params = jax.device_put(params, sharding.param_shardings(abstract_params(cfg), mesh))
     B, P = len(prompts), _bucket(max(lengths))
     tokens_BxP = np.zeros((B, P), np.int32)
     positions_BxP = np.zeros((B, P), np.int32)

@@ -130,10 +130,15 @@ class SavedModel:
     model: mc.ConfigDict  # with the rope base the checkpoint's stage trained with
     read: hf.Reader
     source_dtype: np.dtype
-    tokenizer: Any  # the run's, or an imported model's own; None if it has none
+    tokenizer_spec: tuple[str, int] | None  # (name or path, max_rank); None: it has none
     description: str  # "step 10 (anneal, rope_theta 1e+06) of DIR"
     hf_config_extra: dict[str, Any]  # an imported model's special ids
     tokenizer_files: str | None  # an imported model's own tokenizer files
+
+    def tokenizer(self) -> Any:
+        """The run's tokenizer, or an imported model's own; None if it has none. Loaded only
+        when asked for: building a BPE from vocab.json + merges.txt takes seconds."""
+        return None if self.tokenizer_spec is None else _tokenizer(*self.tokenizer_spec)
 
 
 def open_checkpoint(workdir: str, step: int | None = None) -> SavedModel:
@@ -160,7 +165,7 @@ def open_checkpoint(workdir: str, step: int | None = None) -> SavedModel:
     tok = config.get("tokenizer", {})
     read, source_dtype = orbax_reader(os.path.join(step_dir, "state"), prefix=("params",))
     return SavedModel(m, read, source_dtype,
-                      _tokenizer(tok.get("name", "qwen2"), int(tok.get("max_rank", 0))),
+                      (tok.get("name", "qwen2"), int(tok.get("max_rank", 0))),
                       f"step {step} ({stage or 'unknown stage'}, rope_theta {m.rope_theta:g}) "
                       f"of {workdir}", {}, None)
 
@@ -187,11 +192,8 @@ def _open_params_checkpoint(ckpt_dir: str) -> SavedModel:
         extra = {k: source[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
                  if k in source}
     files = saved if os.path.isdir(saved) else None
-    tokenizer = None
-    if files and os.path.exists(os.path.join(saved, "vocab.json")):
-        tokenizer = _tokenizer(saved)
-    return SavedModel(m, read, source_dtype, tokenizer, f"params checkpoint {ckpt_dir}", extra,
-                      files)
+    spec = (saved, 0) if files and os.path.exists(os.path.join(saved, "vocab.json")) else None
+    return SavedModel(m, read, source_dtype, spec, f"params checkpoint {ckpt_dir}", extra, files)
 
 
 def load_checkpoint(workdir: str, step: int | None = None) -> tuple[mc.ConfigDict, dict, Any]:
@@ -199,7 +201,7 @@ def load_checkpoint(workdir: str, step: int | None = None) -> tuple[mc.ConfigDic
     of a params checkpoint, on one host; for generation and evaluation."""
     saved = open_checkpoint(workdir, step)
     params = {rule.path: saved.read(rule.path, None) for rule in rules.active_rules(saved.model)}
-    return saved.model, traverse_util.unflatten_dict(params), saved.tokenizer
+    return saved.model, traverse_util.unflatten_dict(params), saved.tokenizer()
 
 
 def export_checkpoint(workdir: str, out_dir: str, step: int | None = None, *,
@@ -215,7 +217,7 @@ def export_checkpoint(workdir: str, out_dir: str, step: int | None = None, *,
         tok, extra = _tokenizer(tokenizer), {}
     else:
         own_files = saved.tokenizer_files is not None
-        tok = None if own_files else saved.tokenizer
+        tok = None if own_files else saved.tokenizer()
         extra = saved.hf_config_extra
     hf.write_hf(saved.model, saved.read, saved.source_dtype, out_dir, tokenizer=tok,
                 hf_config_extra=extra, dtype=dtype, max_shard_bytes=max_shard_bytes,
