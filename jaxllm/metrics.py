@@ -83,7 +83,11 @@ class MetricsWriter:
             return
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
-        for name, value in record.items():
+        flat = dict(record)
+        for name, value in record.items():  # one level of nesting: epoch of each source
+            if isinstance(value, dict):
+                flat.update({f"{name}/{k}": v for k, v in value.items()})
+        for name, value in flat.items():
             if isinstance(value, int | float) and name != "step":
                 self.tb.add_scalar(f"{record['stage']}/{name}" if name == "lr" else name,
                                    value, record["step"])

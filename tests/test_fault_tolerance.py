@@ -56,11 +56,11 @@ class Numbered:
         batch["number"] = number  # taken out again before the train step (see run_numbered)
         return batch
 
-    def get_state(self):
-        return {"inner": self.inner.get_state(), "number": self.number}
+    def get_state(self):  # the inner state's keys, as the pipeline reads them, plus ours
+        return {**self.inner.get_state(), "number": self.number}
 
     def set_state(self, state):
-        self.inner.set_state(state["inner"])
+        self.inner.set_state(state)
         self.number = state["number"]
 
     def stats(self):

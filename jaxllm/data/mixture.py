@@ -9,6 +9,11 @@ sampling: less spread than independent draws).
 
 Q: the slots of one block (BLOCK of them).
 
+Positions. A stage reads each source from where the stages before it left it (a `Position`):
+the stage's j-th document of source s is that source's document `positions[s](j)`, so a
+source's epochs and seeded orders run on across stages instead of restarting with each.
+`Position.after` moves a position past what a stage's streams started (packing.py).
+
 Document k, read and tokenized, is a `Document`: int32 ids and a uint8 loss mask or None
 (every token trained on). EOS is not part of it; the packer adds it.
 """
@@ -27,6 +32,33 @@ from jaxllm.data.formats import DataError, Text, Tokens
 from jaxllm.data.sources import Source
 
 BLOCK = 1 << 16
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a stage begins one source: first the `pending` documents that an earlier stage
+    placed but never started (see `after`), then documents start, start + 1, ... of the
+    source's endless order (sources.py)."""
+
+    start: int = 0
+    pending: tuple[int, ...] = ()
+
+    def __call__(self, j: int) -> int:
+        """The source document that is this stage's j-th of the source."""
+        return self.pending[j] if j < len(self.pending) else self.start + j - len(self.pending)
+
+    def after(self, used: int, skipped: Sequence[int]) -> Position:
+        """The position once a stage has started its documents 0..used-1 of the source
+        except `skipped` (sorted): those come first next time, then the rest as before."""
+        left = [self(j) for j in skipped] + list(self.pending[used:])
+        return Position(self.start + max(0, used - len(self.pending)), tuple(left))
+
+    def to_json(self) -> dict:
+        return {"start": self.start, "pending": list(self.pending)}
+
+    @classmethod
+    def from_json(cls, state: dict) -> Position:
+        return cls(int(state["start"]), tuple(int(p) for p in state["pending"]))
 
 
 @dataclass(frozen=True)
@@ -93,21 +125,44 @@ class Mixture:
         s = int(source_Q[q])
         return s, m * int(self.counts[s]) + int(rank_Q[q])
 
+    def counts_before(self, k: int) -> np.ndarray:
+        """Documents of each source among d_0 .. d_{k-1}."""
+        if len(self.counts) == 1:
+            return np.array([k], np.int64)
+        m, q = divmod(k, self.block)
+        return m * self.counts + np.bincount(self._arrangement(m)[0][:q],
+                                             minlength=len(self.counts))
+
 
 class DocumentSequence:
     """The endless, random-access documents of one stage; picklable for worker processes."""
 
     def __init__(self, sources: Sequence[Source], weights: Sequence[float], seed: int,
-                 tokenizer: Any):
+                 tokenizer: Any, positions: Sequence[Position] | None = None):
         self.sources, self.tokenizer = list(sources), tokenizer
         self.mixture = Mixture(weights, seed)
+        self.positions = list(positions or [Position()] * len(self.sources))
 
     @property
     def names(self) -> list[str]:
         return [s.name for s in self.sources]
 
+    def source_index(self, k: int) -> tuple[int, int]:
+        """(source, index in that source's endless order) of document k."""
+        s, j = self.mixture.locate(k)
+        return s, self.positions[s](j)
+
+    def epochs(self, ks: Sequence[int]) -> dict[str, int]:
+        """Each source's epoch: the newest among documents `ks` and where the stage began."""
+        out = {name: p(0) // len(src)
+               for name, p, src in zip(self.names, self.positions, self.sources, strict=True)}
+        for k in ks:
+            s, i = self.source_index(k)
+            out[self.names[s]] = max(out[self.names[s]], i // len(self.sources[s]))
+        return out
+
     def __getitem__(self, k: int) -> Document:
-        s, i = self.mixture.locate(k)
+        s, i = self.source_index(k)
         raw = self.sources[s][i]
         if isinstance(raw, Tokens):
             vocab = self.tokenizer.vocab_size

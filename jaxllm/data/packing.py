@@ -57,12 +57,13 @@ class StripedBatchIterator(grain.DatasetIterator):
 
     `loader.submit(indices)` returns a Future per document index, resolved with an object
     with `.ids` (int32) and `.mask` (uint8 or None). With `num_documents` the sequence is
-    finite and the iteration ends at the first batch a stream cannot fill.
+    finite and the iteration ends at the first batch a stream cannot fill. `describe(ks)`,
+    given the documents the streams are at, adds to `stats()`.
     """
 
     def __init__(self, loader: Any, batch_size: int, seq_len: int, eos_id: int,
                  rows: tuple[int, int] | None = None, num_documents: int | None = None,
-                 prefetch: int = 2, gather_state: Any = None):
+                 prefetch: int = 2, gather_state: Any = None, describe: Any = None):
         super().__init__()
         self._loader, self._eos_id = loader, eos_id
         self._B, self._T, self._prefetch = batch_size, seq_len, prefetch
@@ -70,6 +71,7 @@ class StripedBatchIterator(grain.DatasetIterator):
         if not 0 <= self._lo < self._hi <= batch_size:
             raise ValueError(f"rows {rows} are not a non-empty range within [0, {batch_size})")
         self._num_documents, self._gather_state = num_documents, gather_state
+        self._describe = describe
         self._mean_len = float(seq_len)  # of loaded documents: how many to load ahead
         self._seen = 0
         self._wait = 0.0
@@ -166,13 +168,13 @@ class StripedBatchIterator(grain.DatasetIterator):
         self._wait += time.perf_counter() - start
         return batch
 
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> dict[str, Any]:
         """Since the last call: `data_wait_sec`, the seconds `next()` blocked, and
         `data_tokens_per_sec`, what the loader could deliver (tokens read and tokenized per
-        second of its workers' time, times their number)."""
+        second of its workers' time, times their number); then what `describe` adds."""
         out = {"data_wait_sec": self._wait, "data_tokens_per_sec": self._loader.capacity()}
         self._wait = 0.0
-        return out
+        return out | (self._describe(self._k) if self._describe else {})
 
     def _cancel_ahead(self) -> None:
         for futures in self._ahead:

@@ -3,16 +3,20 @@
 B batch (config.stages.<stage>.batch_size), T sequence length (.seq_len), P processes that
 read distinct rows (`process_count`), R = B / P rows per process.
 
-Everything is a pure function of (config.seed, seed_offset, stage name, split, k): the same
-config gives the same batches on any number of processes and workers, and a restored state
-continues exactly where it was saved. Each stage orders its sources afresh (its seeds include
-the stage's name), so an anneal stage does not replay the documents pretraining began with.
+Everything is a pure function of (config.seed, seed_offset, stage name, split, k, and the
+sources' positions): the same config gives the same batches on any number of processes and
+workers, and a restored state continues exactly where it was saved. A source's order is its
+own (its seed does not include the stage), and each stage reads it from where the stages
+before left it (`positions`, carried in checkpoints): the long_context and anneal stages go
+on to documents that pretraining has not trained on, and a source first named in a later
+stage starts at its beginning. A source that runs out starts its next epoch in a new order.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import ml_collections as mc
@@ -47,29 +51,68 @@ def stage_mixture(config: mc.ConfigDict, stage_name: str) -> dict[str, float]:
     return weights
 
 
+Positions = Mapping[str, mixture.Position]  # source name → where a stage begins it
+
+
 def document_sequence(config: mc.ConfigDict, stage_name: str, tokenizer: Any, split: str,
-                      seed_offset: int = 0, skip_empty: bool = False
-                      ) -> mixture.DocumentSequence:
-    """The stage's endless, mixed, random-access documents; only metadata is read."""
-    opened, weights = [], []
+                      seed_offset: int = 0, skip_empty: bool = False,
+                      positions: Positions | None = None) -> mixture.DocumentSequence:
+    """The stage's endless, mixed, random-access documents; only metadata is read.
+    `positions`: where to begin each source (absent: at its start)."""
+    opened, weights, starts = [], [], []
     for name, weight in stage_mixture(config, stage_name).items():
         try:
             opened.append(sources.open_source(
-                config.data.sources[name], split, name,
-                _seed(config, seed_offset, stage_name, split, name), tokenizer))
+                config.data.sources[name], split, name, _seed(config, seed_offset, split, name),
+                tokenizer))
         except sources.EmptySplitError:
             if not skip_empty:
                 raise
             logging.warning("data source %r has no %r documents; left out of eval", name, split)
             continue
         weights.append(weight)
+        starts.append((positions or {}).get(name, mixture.Position()))
     if not opened:
         raise formats.DataError(f"no source of config.stages.{stage_name}.mixture has a "
                                 f"{split!r} split; set data.sources.<name>.heldout_fraction "
                                 "or heldout_path")
-    return mixture.DocumentSequence(opened, weights,
-                                    _seed(config, seed_offset, stage_name, split, "mixture"),
-                                    tokenizer)
+    return mixture.DocumentSequence(opened, weights, _mixture_seed(config, seed_offset,
+                                                                   stage_name, split),
+                                    tokenizer, starts)
+
+
+def _mixture_seed(config: mc.ConfigDict, seed_offset: int, stage_name: str, split: str) -> int:
+    return _seed(config, seed_offset, stage_name, split, "mixture")
+
+
+def positions_after(config: mc.ConfigDict, stage_name: str, positions: Positions,
+                    data_state: dict[str, Any], seed_offset: int = 0
+                    ) -> dict[str, mixture.Position]:
+    """Every source's position once stage `stage_name`, begun at `positions`, has trained
+    up to `data_state` (the global state of its train iterator, as checkpoints hold it).
+
+    A document counts as used once a stream has started it. Streams run at different
+    speeds, so below the furthest stream some documents were placed but never started:
+    they are the next stage's first documents of their source, so that none is skipped.
+    """
+    B, streams = int(data_state["batch_size"]), data_state["streams"]
+    if list(data_state.get("rows", [0, B])) != [0, B] or len(streams) != B:
+        raise ValueError(f"data state of rows {data_state.get('rows')}: the positions after a "
+                         f"stage need all {B} rows (the gathered state)")
+    weights = stage_mixture(config, stage_name)
+    mix = mixture.Mixture(list(weights.values()),
+                          _mixture_seed(config, seed_offset, stage_name, "train"))
+    firsts = [k + B if offset else k for k, offset in streams]  # each stream's next unstarted
+    end = max(firsts)
+    skipped: list[list[int]] = [[] for _ in weights]
+    for first in firsts:
+        for k in range(first, end, B):
+            s, j = mix.locate(k)
+            skipped[s].append(j)
+    out = dict(positions)
+    for s, (name, used) in enumerate(zip(weights, mix.counts_before(end), strict=True)):
+        out[name] = out.get(name, mixture.Position()).after(int(used), sorted(skipped[s]))
+    return out
 
 
 _CHECKED: set[str] = set()  # configs whose sources were checked in this process
@@ -136,6 +179,7 @@ def _allgather_state(state: dict[str, Any]) -> dict[str, Any]:
 def make_iterator(config: mc.ConfigDict, stage_name: str, tokenizer: Any, split: str = "train",
                   seed_offset: int = 0, *, process_index: int = 0, process_count: int = 1,
                   sharding: Any = None, workers: int | None = None,
+                  positions: Positions | None = None,
                   _skip_empty: bool = False) -> StripedBatchIterator:
     """Endless batches of this process's rows of a stage: dicts of `inputs`, `targets`,
     `segment_ids`, `positions` (int32 [R, T]) and `loss_mask` (float32 [R, T]).
@@ -147,7 +191,9 @@ def make_iterator(config: mc.ConfigDict, stage_name: str, tokenizer: Any, split:
     `get_state()` returns a JSON-serialisable dict; `set_state(state)` resumes with exactly
     the batches the uninterrupted run would have given. `split` is "train" or "heldout";
     `seed_offset` gives another, equally deterministic order; `workers` overrides
-    config.data.workers (0: threads; N: worker processes).
+    config.data.workers (0: threads; N: worker processes); `positions` says where the stage
+    begins each source (`positions_after` of the stage before). `stats()` adds `epoch`, each
+    source's epoch (0 until it has run out once).
     """
     stage = config.stages[stage_name]
     B = int(stage.batch_size)
@@ -158,14 +204,16 @@ def make_iterator(config: mc.ConfigDict, stage_name: str, tokenizer: Any, split:
                           f"{process_count} processes (process {process_index})")
     if split == "train":
         check_sources(config, tokenizer)
-    sequence = document_sequence(config, stage_name, tokenizer, split, seed_offset, _skip_empty)
+    sequence = document_sequence(config, stage_name, tokenizer, split, seed_offset, _skip_empty,
+                                 positions)
     data = config.data
     R = B // process_count
     return StripedBatchIterator(
         loader.make_loader(sequence, int(data.workers if workers is None else workers)),
         B, int(stage.seq_len), tokenizer.eos_id, rows=(process_index * R, process_index * R + R),
         prefetch=int(data.prefetch),
-        gather_state=_allgather_state if sharding is not None and process_count > 1 else None)
+        gather_state=_allgather_state if sharding is not None and process_count > 1 else None,
+        describe=lambda ks: {"epoch": sequence.epochs(ks)})
 
 
 def eval_batches(config: mc.ConfigDict, stage_name: str, tokenizer: Any, **share: Any

@@ -24,6 +24,7 @@ from jax.experimental import multihost_utils
 from jaxllm import sharding
 from jaxllm.checkpoint import Checkpointer, abstract_like
 from jaxllm.data import eval_batches, make_iterator
+from jaxllm.data.mixture import Position
 from jaxllm.metrics import MetricsWriter, flops_per_token
 from jaxllm.optim import make_optimizer, make_schedule
 from jaxllm.train.step import TrainState, make_eval_step, make_train_step
@@ -87,8 +88,10 @@ class Run:
 
 
 def run_stage(run: Run, span, state: TrainState, resume_data: dict | None,
-              model_cfg: mc.FrozenConfigDict) -> TrainState:
-    """Trains steps [state.step, span.end) of one stage and returns the state."""
+              positions: dict[str, Position], model_cfg: mc.FrozenConfigDict
+              ) -> tuple[TrainState, dict]:
+    """Trains steps [state.step, span.end) of one stage, reading each source from
+    `positions`; returns the state and the data iterator's state at the stage's end."""
     config, writer = run.config, run.writer
     stage = config.stages[span.name]
     step_fn = make_train_step(model_cfg, make_optimizer(config.optimizer),
@@ -98,7 +101,8 @@ def run_stage(run: Run, span, state: TrainState, resume_data: dict | None,
     batch_sh = sharding.batch_sharding(run.mesh)
     train_step = jax.jit(step_fn, donate_argnums=0, out_shardings=(run.state_sh, None))
     eval_step = jax.jit(make_eval_step(model_cfg))
-    data = make_iterator(config, span.name, run.tokenizer, split="train", sharding=batch_sh)
+    data = make_iterator(config, span.name, run.tokenizer, split="train", sharding=batch_sh,
+                         positions=positions)
     if resume_data is not None:
         data.set_state(resume_data)
     held_out = [to_global(b, batch_sh)
@@ -111,9 +115,12 @@ def run_stage(run: Run, span, state: TrainState, resume_data: dict | None,
     # Batches are numbered by when they were drawn from `data` (0: its first); `saved` maps a
     # checkpoint step to the number of batches drawn before it, so that a restore knows which
     # batches to drop however many restores and drops came before.
-    def save(done: int) -> None:
-        run.ckpt.save(done, state, {"stage": span.name, "data_state": data.get_state()})
+    def save(done: int) -> dict:
+        data_state = data.get_state()
+        run.ckpt.save(done, state, {"stage": span.name, "data_state": data_state,
+                                    "sources": {n: p.to_json() for n, p in positions.items()}})
         saved[done] = drawn
+        return data_state
 
     first = int(state.step)
     clock, clock_step = time.perf_counter(), first
@@ -121,6 +128,7 @@ def run_stage(run: Run, span, state: TrainState, resume_data: dict | None,
     bad_run: list[tuple[int, int]] = []  # (step, batch) of consecutive skipped steps
     dropped: set[int] = set()  # batches that a restore said to drop
     drawn, previous = 0, None  # batches drawn from `data`; (metrics, batch) of the last step
+    epochs: dict[str, int] = {}  # of each source, as last logged
     step = first
     while step < span.end:
         batch = next(data)
@@ -141,7 +149,7 @@ def run_stage(run: Run, span, state: TrainState, resume_data: dict | None,
             data.close()
             state, data, dropped, step = _restore_after_bad_steps(
                 run, span, state, [s for s, _ in bad_run], dropped | {b for _, b in bad_run},
-                saved, batch_sh)
+                saved, batch_sh, positions)
             saved, bad_run, drawn, previous = {step: 0}, [], 0, None
             clock, clock_step = time.perf_counter(), step
             continue
@@ -150,11 +158,16 @@ def run_stage(run: Run, span, state: TrainState, resume_data: dict | None,
             now = time.perf_counter()
             rate = tokens_per_step * (done - clock_step) / (now - clock)
             clock, clock_step = now, done
+            stats = data.stats()  # data_wait_sec, data_tokens_per_sec, epoch
+            for name, epoch in stats.get("epoch", {}).items():
+                if epoch > epochs.setdefault(name, epoch):
+                    writer.message(f"step {done}: data source {name!r} has been read through; "
+                                   f"epoch {epoch} begins, in a new order")
+                    epochs[name] = epoch
             writer.write({"step": done, "stage": span.name, "loss": float(metrics["loss"]),
                           "lr": float(metrics["lr"]), "grad_norm": float(metrics["grad_norm"]),
                           "tokens_per_sec": rate, "mfu": rate * flops / run.peak_flops,
-                          "skipped": int(metrics["skipped"]),
-                          **data.stats()})  # data_wait_sec, data_tokens_per_sec
+                          "skipped": int(metrics["skipped"]), **stats})
         paused = done == first + 1  # the first step of a stage compiles: leave it out
         if done % config.eval_every == 0 or done == span.end:
             sums = [jax.device_get(eval_step(state.params, b)) for b in held_out]
@@ -162,7 +175,7 @@ def run_stage(run: Run, span, state: TrainState, resume_data: dict | None,
             writer.write({"step": done, "stage": span.name, "eval_loss": eval_loss})
             paused = True
         if done % config.checkpoint.every_steps == 0 or done == span.end:
-            save(done)
+            end_data = save(done)
             paused = True
         if config.export_hf_every and done % config.export_hf_every == 0:
             from jaxllm.convert import export_run_checkpoint  # safetensors; only when asked
@@ -181,11 +194,12 @@ def run_stage(run: Run, span, state: TrainState, resume_data: dict | None,
             jax.block_until_ready(state.step)
             clock, clock_step = time.perf_counter(), done
     data.close()  # with data.workers > 0 it owns worker processes
-    return state
+    return state, end_data
 
 
 def _restore_after_bad_steps(run: Run, span, state: TrainState, bad_steps: list[int],
-                             bad_batches: set[int], saved: dict[int, int], batch_sh):
+                             bad_batches: set[int], saved: dict[int, int], batch_sh,
+                             positions: dict[str, Position]):
     """Back to the newest checkpoint of this stage; returns (state, data, the batches to
     drop numbered from that checkpoint, its step)."""
     run.ckpt.wait()  # an asynchronous save may still be writing the newest checkpoint
@@ -197,7 +211,8 @@ def _restore_after_bad_steps(run: Run, span, state: TrainState, bad_steps: list[
             "rate or checkpoint more often (config.checkpoint.every_steps)")
     state, meta = restored
     start = int(state.step)
-    data = make_iterator(run.config, span.name, run.tokenizer, split="train", sharding=batch_sh)
+    data = make_iterator(run.config, span.name, run.tokenizer, split="train", sharding=batch_sh,
+                         positions=positions)
     data.set_state(meta["data_state"])
     # A checkpoint older than where `data` started (the newer ones were unreadable): which of
     # its batches were bad is unknown; replaying meets them again and restores from here.

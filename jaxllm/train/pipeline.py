@@ -1,8 +1,9 @@
 """Runs a config's stages in order: sharded init or resume, then train, eval, log, save.
 
 Each stage has its own steps, seq_len, batch size, rope base, mixture and schedule; the
-parameters and Adam moments carry across. Global step numbers run on across stages, so
-stage k covers steps [sum of earlier stages' steps, + its own).
+parameters, Adam moments and each data source's reading position carry across. Global step
+numbers run on across stages, so stage k covers steps [sum of earlier stages' steps, + its
+own).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from jaxllm.checkpoint import (
     load_params,
 )
 from jaxllm.config import ConfigError, stage_names, validate
+from jaxllm.data.mixture import Position
+from jaxllm.data.pipeline import positions_after
 from jaxllm.metrics import MetricsWriter, measure_peak_flops
 from jaxllm.model import Transformer, abstract_params, frozen
 from jaxllm.optim import make_optimizer
@@ -168,15 +171,27 @@ def run(config: mc.ConfigDict, workdir: str) -> TrainState:
         shared = Run(config, workdir, mesh, state_sh, tokenizer, ckpt, writer,
                      measure_peak_flops(config.model.dtype), flag)
         reset = jax.jit(make_optimizer(config.optimizer).init, out_shardings=state_sh.opt_state)
+        # Where the restored checkpoint's stage began each source, and (stage, data state)
+        # of the last stage trained or restored at its end: the next stage goes on from there.
+        positions = {name: Position.from_json(p) for name, p in meta.get("sources", {}).items()}
+        ended = None
         try:
             for span in spans:
-                if not span.steps or int(state.step) >= span.end:
+                if not span.steps:
                     continue
+                if int(state.step) >= span.end:
+                    if meta.get("stage") == span.name:
+                        ended = span.name, meta["data_state"]
+                    continue
+                if ended is not None:
+                    ended_stage, ended_data = ended
+                    positions = positions_after(config, ended_stage, positions, ended_data)
                 if int(state.step) == span.start and config.stages[span.name].reset_optimizer:
                     state = state.replace(opt_state=reset(state.params))
                 resume_data = meta.get("data_state") if meta.get("stage") == span.name else None
-                state = run_stage(shared, span, state, resume_data,
-                                  stage_model_config(config, span.name))
+                state, end_data = run_stage(shared, span, state, resume_data, positions,
+                                            stage_model_config(config, span.name))
+                ended = span.name, end_data
         finally:
             ckpt.close()
             writer.close()
