@@ -1,8 +1,9 @@
 """Config schema, loading and validation.
 
 Every config file in configs/ starts from `base_config()` and changes values; `validate` then
-checks the whole tree against that schema, so a typo in a key or a value that cannot work
-fails with one message naming the key before anything is compiled (STYLE.md rule 8).
+checks the whole tree against that schema and the rules of config_rules.py (type and range
+of every key), so a typo in a key or a value that cannot work fails with one message naming
+the key before anything is compiled (STYLE.md rule 8).
 """
 
 from __future__ import annotations
@@ -12,17 +13,14 @@ import importlib.util
 import json
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import ml_collections as mc
 
-FAMILIES = ("qwen2", "qwen2_moe", "llama")
-DTYPES = ("float32", "bfloat16", "float16")
-REMAT = ("none", "full", "dots")
-ATTENTION_IMPLS = ("auto", "xla", "chunked", "pallas")
-SCHEDULES = ("cosine", "linear", "constant", "wsd")
-ROPE_SCALINGS = ("none", "yarn", "dynamic_ntk")
-SOURCE_FORMATS = ("python_stdlib", "text", "jsonl", "parquet", "arrayrecord")
+# The allowed values of every key live in config_rules.RULES; DTYPES is re-exported for convert/.
+from jaxllm.config_rules import DTYPES as DTYPES
+from jaxllm.config_rules import RULES, rule_for, walk
+
 RECIPE_STAGES = ("pretrain", "long_context", "anneal")
 
 
@@ -100,7 +98,8 @@ def data_source(format: str, path: str = "", *, heldout_fraction: float = 0.02,
 
 
 def base_config() -> mc.ConfigDict:
-    """The schema: every key any config may set, with its default."""
+    """The schema: every key any config may set, with its default; the values each key may
+    take are in jaxllm/config_rules.py RULES (a test checks that every key has one)."""
     c = mc.ConfigDict()
     c.model = model_defaults()
     c.tokenizer = mc.ConfigDict(dict(name="qwen2", max_rank=0))  # max_rank 0: the whole vocab
@@ -129,6 +128,10 @@ def base_config() -> mc.ConfigDict:
     c.eval_every = 500
     c.seed = 0
     return c
+
+
+# What each named stage and data source is checked against: their keys, not their values.
+_STAGE, _SOURCE = stage(1, 1, 1, 1.0, 1.0, 1.0, 0, "cosine"), data_source("text")
 
 
 def qwen2_recipe(config: mc.ConfigDict, *, batch_size: int, peak_lr: float,
@@ -187,7 +190,12 @@ def apply_override(config: mc.ConfigDict, override: str) -> None:
     old = node[leaf]
     if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    node[leaf] = value
+    try:
+        node[leaf] = value
+    except TypeError:  # ConfigDict keeps a key's type: 1.5 for an int key, text for a number
+        rule = rule_for(RULES, tuple(key.strip().split(".")))
+        _fail(key.strip(), (rule and rule.error(value)) or f"{value!r} is a "
+              f"{type(value).__name__}; it must be a {type(old).__name__}")
 
 
 def load_config(path: str, overrides: Sequence[str] = ()) -> mc.ConfigDict:
@@ -210,42 +218,51 @@ def _fail(key: str, message: str):
 
 
 def _check_keys(node: mc.ConfigDict, schema: mc.ConfigDict, prefix: str) -> None:
+    """Refuses keys the schema lacks, and a value where the schema has a group of keys."""
     for key in node.keys():
+        where = prefix + key
         if key not in schema:
             allowed = ", ".join(sorted(schema.keys()))
-            _fail(f"{prefix}{key}", f"unknown key; allowed keys here: {allowed}")
-        if isinstance(schema[key], mc.ConfigDict) and isinstance(node[key], mc.ConfigDict):
-            if prefix + key not in ("stages", "data.sources") and key != "mixture":
-                _check_keys(node[key], schema[key], f"{prefix}{key}.")
+            _fail(where, f"unknown key; allowed keys here: {allowed}")
+        if not isinstance(schema[key], mc.ConfigDict):
+            continue
+        if not isinstance(node[key], mc.ConfigDict):
+            _fail(where, f"must be a group of keys, got {node[key]!r}")
+        if where in ("stages", "data.sources"):  # named by the config, each like its template
+            template = _STAGE if where == "stages" else _SOURCE
+            named = mc.ConfigDict({name: template for name in node[key].keys()})
+            _check_keys(node[key], named, f"{where}.")
+        elif key != "mixture":  # source name -> weight
+            _check_keys(node[key], schema[key], f"{where}.")
 
 
-def _one_of(key: str, value, allowed: Iterable) -> None:
-    allowed = tuple(allowed)
-    if value not in allowed:
-        _fail(key, f"{value!r} is not one of {', '.join(map(repr, allowed))}")
+def _apply_rules(node: mc.ConfigDict, path: tuple[str, ...], shown: str) -> None:
+    """Checks every leaf under `node` (at `path` in the schema, shown as `shown`) by RULES."""
+    for leaf, value, rule in walk(RULES, node, path):
+        if rule is None:
+            raise LookupError(f"config.{'.'.join(leaf)} has no rule: add one to RULES in "
+                              "jaxllm/config_rules.py")
+        message = rule.error(value)
+        if message is not None:
+            _fail(".".join((shown, *leaf[len(path):])) if shown else ".".join(leaf), message)
 
 
-def _positive(key: str, value) -> None:
-    if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
-        _fail(key, f"must be a positive number, got {value!r}")
-
-
-def validate_model(m: mc.ConfigDict, prefix: str = "model") -> None:
-    _check_keys(m, model_defaults(), prefix + ".")
-    _one_of(f"{prefix}.family", m.family, FAMILIES)
-    for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
-                "head_dim", "intermediate_size", "rope_theta", "rms_norm_eps"):
-        _positive(f"{prefix}.{key}", m[key])
+def _check_model(m: mc.ConfigDict, prefix: str) -> None:
+    """The model checks that involve more than one key, or a feature not built yet."""
     if m.num_heads % m.num_kv_heads:
         _fail(f"{prefix}.num_heads", f"{m.num_heads} heads are not divisible by "
               f"num_kv_heads={m.num_kv_heads} (grouped-query attention needs N % K == 0)")
-    _one_of(f"{prefix}.dtype", m.dtype, DTYPES)
-    _one_of(f"{prefix}.param_dtype", m.param_dtype, DTYPES)
-    _one_of(f"{prefix}.remat", m.remat, REMAT)
-    _one_of(f"{prefix}.attention_impl", m.attention_impl, ATTENTION_IMPLS)
-    # auto: Pallas on GPU/TPU, chunked jnp on CPU; xla needs T² memory (jaxllm/kernels).
-    _one_of(f"{prefix}.moe_impl", m.moe_impl, ("auto", "xla", "pallas"))
-    _one_of(f"{prefix}.rope_scaling.type", m.rope_scaling.type, ROPE_SCALINGS)
+    if m.head_dim % 2:
+        _fail(f"{prefix}.head_dim", f"{m.head_dim} is odd; rope rotates pairs of dimensions")
+    if m.num_experts_per_tok > m.num_experts:
+        _fail(f"{prefix}.num_experts_per_tok", f"{m.num_experts_per_tok} exceeds "
+              f"num_experts={m.num_experts}")
+    if m.num_experts and not (m.num_experts_per_tok and m.moe_intermediate_size):
+        _fail(f"{prefix}.num_experts", f"{m.num_experts} experts need num_experts_per_tok >= 1 "
+              "and moe_intermediate_size >= 1")
+    if m.dca.local_size >= m.dca.chunk_size:
+        _fail(f"{prefix}.dca.local_size", f"{m.dca.local_size} must be below "
+              f"dca.chunk_size={m.dca.chunk_size}")
     if m.rope_scaling.type != "none":
         _fail(f"{prefix}.rope_scaling.type",
               f"{m.rope_scaling.type!r} is not built yet; use 'none'")
@@ -255,33 +272,30 @@ def validate_model(m: mc.ConfigDict, prefix: str = "model") -> None:
         _fail(f"{prefix}.family", "mixture-of-experts models are not built yet; use qwen2 or llama")
 
 
-def _validate_sources(config: mc.ConfigDict) -> None:
+def validate_model(m: mc.ConfigDict, prefix: str = "model") -> None:
+    _check_keys(m, model_defaults(), prefix + ".")
+    _apply_rules(m, ("model",), prefix)
+    _check_model(m, prefix)
+
+
+def _check_sources(config: mc.ConfigDict) -> None:
     """config.data: errors for what cannot work; warnings for a source weighted 0 or unused."""
-    sources, schema = config.data.sources, data_source("text")
+    sources = config.data.sources
     if not sources:
         _fail("data.sources", "needs at least one source")
     for name in sources.keys():
         key, src = f"data.sources.{name}", sources[name]
-        _check_keys(src, schema, key + ".")
-        fmt = src.get("format", "python_stdlib")
-        _one_of(f"{key}.format", fmt, SOURCE_FORMATS)
+        fmt = src.get("format", "python_stdlib")  # a source may leave out keys: defaults
         if fmt != "python_stdlib" and not src.get("path"):
             _fail(f"{key}.path", f"a {fmt} source needs a file, directory or glob")
-        fraction = src.get("heldout_fraction", 0.02)
-        if not isinstance(fraction, int | float) or not 0 <= fraction <= 0.5:
-            _fail(f"{key}.heldout_fraction", f"must be within [0, 0.5], got {fraction!r}")
         if fmt in ("jsonl", "parquet") and not src.get("text_field", "text"):
             _fail(f"{key}.text_field", f"a {fmt} source needs the name of its text field")
         if src.get("prompt_field") and fmt not in ("jsonl", "parquet"):
             _fail(f"{key}.prompt_field", f"only jsonl and parquet records have fields, not {fmt}")
-    for field in ("workers", "prefetch", "eval_batches"):
-        value = config.data[field]
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            _fail(f"data.{field}", f"must be an int >= 0, got {value!r}")
     used = set()
     for stage_name in stage_names(config):
         for name, weight in config.stages[stage_name].mixture.items():
-            if isinstance(weight, int | float) and weight == 0:
+            if weight == 0:
                 logging.warning("config.stages.%s.mixture.%s: weight 0, the source is not read",
                                 stage_name, name)
             elif name in sources:
@@ -290,67 +304,49 @@ def _validate_sources(config: mc.ConfigDict) -> None:
         logging.warning("config.data.sources.%s: no stage's mixture uses it", name)
 
 
+def _check_stages(config: mc.ConfigDict) -> None:
+    names, m, sources = stage_names(config), config.model, config.data.sources
+    if not names:
+        _fail("stages", "needs at least one stage")
+    accum = config.optimizer.grad_accum
+    for name in names:
+        s, key = config.stages[name], f"stages.{name}"
+        if s.seq_len > m.max_position_embeddings:
+            _fail(f"{key}.seq_len", f"{s.seq_len} exceeds model.max_position_embeddings="
+                  f"{m.max_position_embeddings}")
+        if s.batch_size % accum:
+            _fail(f"{key}.batch_size", f"{s.batch_size} is not divisible by "
+                  f"optimizer.grad_accum={accum}")
+        if s.steps and s.lr.warmup_steps > s.steps:
+            _fail(f"{key}.lr.warmup_steps", f"{s.lr.warmup_steps} is outside 0..steps={s.steps}")
+        for source in s.mixture.keys():
+            if source not in sources:
+                _fail(f"{key}.mixture.{source}", f"no such source; data.sources has "
+                      f"{', '.join(sorted(sources.keys()))}")
+        if not any(w > 0 for w in s.mixture.values()):
+            _fail(f"{key}.mixture", "needs at least one source with a positive weight")
+
+
 def validate(config: mc.ConfigDict) -> None:
-    """Raises ConfigError naming the first key whose value cannot work."""
+    """Raises ConfigError naming the first key whose value cannot work: unknown keys, then each
+    leaf against RULES, then the checks that involve several keys."""
     _check_keys(config, base_config(), "")
-    validate_model(config.model)
-    m = config.model
-    if not isinstance(config.tokenizer.max_rank, int) or config.tokenizer.max_rank < 0:
-        _fail("tokenizer.max_rank", "must be 0 (whole vocabulary) or a positive rank count")
-    if config.tokenizer.max_rank and config.tokenizer.max_rank + 3 > m.vocab_size:
+    _apply_rules(config, (), "")
+    _check_model(config.model, "model")
+    tok, m = config.tokenizer, config.model
+    if tok.max_rank and tok.name.lower() == "qwen2":
+        from jaxllm.tokenizer import QWEN2_NUM_RANKS
+
+        if not 256 <= tok.max_rank <= QWEN2_NUM_RANKS:
+            _fail("tokenizer.max_rank", f"{tok.max_rank} is outside 256..{QWEN2_NUM_RANKS} "
+                  "(the qwen2 ranks), and is not 0 (the whole vocabulary)")
+    if tok.max_rank and tok.max_rank + 3 > m.vocab_size:
         _fail("model.vocab_size", f"{m.vocab_size} rows cannot hold tokenizer.max_rank="
-              f"{config.tokenizer.max_rank} ranks plus 3 special tokens")
-    for axis in ("data", "fsdp", "tensor", "expert", "sequence"):
-        size = config.mesh[axis]
-        if not isinstance(size, int) or (size < 1 and size != -1):
-            _fail(f"mesh.{axis}", f"must be a positive int or -1 (the rest), got {size!r}")
+              f"{tok.max_rank} ranks plus 3 special tokens")
     if sum(config.mesh[a] == -1 for a in config.mesh.keys()) > 1:
         _fail("mesh", "only one axis may be -1")
     if config.init.checkpoint and config.init.hf:
         _fail("init.hf", f"and init.checkpoint={config.init.checkpoint!r} are both set: a run "
               "starts from one of them")
-    sources = config.data.sources
-    _validate_sources(config)
-    names = stage_names(config)
-    if not names:
-        _fail("stages", "needs at least one stage")
-    schema = stage(1, 1, 1, 1.0, 1.0, 1.0, 0, "cosine")
-    for name in names:
-        s, key = config.stages[name], f"stages.{name}"
-        _check_keys(s, schema, key + ".")
-        if not isinstance(s.steps, int) or s.steps < 0:
-            _fail(f"{key}.steps", f"must be an int >= 0 (0 skips the stage), got {s.steps!r}")
-        for field in ("seq_len", "batch_size", "rope_theta"):
-            _positive(f"{key}.{field}", s[field])
-        if s.seq_len > m.max_position_embeddings:
-            _fail(f"{key}.seq_len", f"{s.seq_len} exceeds model.max_position_embeddings="
-                  f"{m.max_position_embeddings}")
-        accum = config.optimizer.grad_accum
-        if s.batch_size % accum:
-            _fail(f"{key}.batch_size", f"{s.batch_size} is not divisible by "
-                  f"optimizer.grad_accum={accum}")
-        _one_of(f"{key}.lr.schedule", s.lr.schedule, SCHEDULES)
-        if s.lr.warmup_steps < 0 or (s.steps and s.lr.warmup_steps > s.steps):
-            _fail(f"{key}.lr.warmup_steps", f"{s.lr.warmup_steps} is outside 0..steps={s.steps}")
-        if not 0 <= s.lr.decay_fraction <= 1:
-            _fail(f"{key}.lr.decay_fraction", "must be within [0, 1]")
-        if not s.mixture:
-            _fail(f"{key}.mixture", "needs at least one source with a positive weight")
-        for source, weight in s.mixture.items():
-            if source not in sources:
-                _fail(f"{key}.mixture.{source}", f"no such source; data.sources has "
-                      f"{', '.join(sorted(sources.keys()))}")
-            if weight < 0:
-                _fail(f"{key}.mixture.{source}", f"weight {weight} is negative")
-        if not any(w > 0 for w in s.mixture.values()):
-            _fail(f"{key}.mixture", "needs at least one source with a positive weight")
-    _positive("optimizer.grad_accum", config.optimizer.grad_accum)
-    _positive("log_every", config.log_every)
-    if not isinstance(config.export_hf_every, int) or config.export_hf_every < 0:
-        _fail("export_hf_every", "must be 0 (off) or a positive number of steps")
-    _positive("eval_every", config.eval_every)
-    _positive("checkpoint.every_steps", config.checkpoint.every_steps)
-    _positive("checkpoint.keep", config.checkpoint.keep)
-    if config.bad_steps.spike_factor < 0 or 0 < config.bad_steps.spike_factor <= 1:
-        _fail("bad_steps.spike_factor", "must be 0 (off) or above 1")
-    _positive("bad_steps.max_in_row", config.bad_steps.max_in_row)
+    _check_sources(config)
+    _check_stages(config)

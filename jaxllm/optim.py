@@ -28,9 +28,11 @@ def decay_mask(params: dict) -> dict:
 
 
 def make_optimizer(opt: mc.ConfigDict) -> optax.GradientTransformation:
-    """Clip by global norm, then Adam, then decoupled weight decay; the caller scales by -lr."""
+    """Clip by global norm (clip_norm 0: off), then Adam, then decoupled weight decay; the
+    caller scales by -lr. Off is the identity, whose state is the clip's: a run may turn it
+    off or on when it resumes."""
     return optax.chain(
-        optax.clip_by_global_norm(opt.clip_norm),
+        optax.clip_by_global_norm(opt.clip_norm) if opt.clip_norm else optax.identity(),
         optax.scale_by_adam(b1=opt.b1, b2=opt.b2, eps=opt.eps),
         optax.add_decayed_weights(opt.weight_decay, mask=decay_mask),
     )

@@ -1,11 +1,17 @@
-"""Every config file loads, validates, and has its published parameter count (no allocation)."""
+"""Every config file loads, validates, and has its published parameter count (no allocation);
+every key of the schema has a rule, and values outside it are refused naming the key."""
 
 import glob
 import os
+import re
+import subprocess
+import sys
 
+import ml_collections as mc
 import pytest
 
 from jaxllm.config import ConfigError, base_config, load_config, stage_names, validate
+from jaxllm.config_rules import RULES, walk
 from jaxllm.model import param_count
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,3 +95,164 @@ def test_a_run_starts_from_one_set_of_weights():
     with pytest.raises(ConfigError, match=r"init\.hf.*init\.checkpoint='b' are both set"):
         load_config(os.path.join(ROOT, "configs", "tiny.py:smoke"),
                     ["init.checkpoint=b", "init.hf=a"])
+
+
+# ----------------------------------------------------------------------------- rules
+
+def test_every_schema_key_has_a_rule_and_every_rule_a_key():
+    schema = base_config()  # three stages, one source, one mixture entry, the model
+    assert stage_names(schema) and list(schema.data.sources) and schema.stages.pretrain.mixture
+    leaves = list(walk(RULES, schema))
+    assert [".".join(p) for p, _, rule in leaves if rule is None] == [], \
+        "add the new key's rule to RULES in jaxllm/config_rules.py"
+    for path, value, rule in leaves:
+        assert rule.error(value) is None, (path, value)  # each default obeys its own rule
+    used = {pattern for pattern in RULES for path, _, _ in leaves
+            if re.fullmatch(re.escape(pattern).replace(r"\*", r"[^.]+"), ".".join(path))}
+    assert set(RULES) - used == set(), "a rule for a key the schema no longer has"
+    validate(schema)
+
+
+def _smoke_with(key: str, value) -> mc.ConfigDict:
+    """configs/tiny.py:smoke with `key` set to `value`, of any type: as a config file that
+    builds its own ConfigDict can (assignment to a typed ConfigDict key would refuse it)."""
+    tree = load_config(os.path.join(ROOT, "configs", "tiny.py:smoke")).to_dict()
+    *parents, leaf = key.split(".")
+    node = tree
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+    return mc.ConfigDict(tree)
+
+
+BAD = [  # key, value, what the message says after "config.KEY: " (or all of it, from "config.")
+    ("model.family", "gpt2", "'gpt2' is not one of 'qwen2', 'qwen2_moe', 'llama'"),
+    ("model.vocab_size", 0, "0 is outside [1, inf)"),
+    ("model.hidden_size", 64.0, "must be an int, got 64.0 (float)"),
+    ("model.num_layers", True, "must be an int, got True (bool)"),
+    ("model.head_dim", -16, "-16 is outside [1, inf)"),
+    ("model.head_dim", 15, "15 is odd"),
+    ("model.intermediate_size", "128", "must be an int, got '128' (str)"),
+    ("model.qkv_bias", 1, "must be a bool, got 1 (int)"),
+    ("model.tie_embeddings", "yes", "must be a bool"),
+    ("model.rms_norm_eps", 0.0, "0.0 is outside (0, inf)"),
+    ("model.rope_theta", -1.0, "-1.0 is outside (0, inf)"),
+    ("model.rope_theta", "1e6", "must be a number, got '1e6' (str)"),
+    ("model.rope_scaling.type", "ntk", "'ntk' is not one of"),
+    ("model.rope_scaling.factor", 0.5, "0.5 is outside [1, inf)"),
+    ("model.rope_scaling", None, "must be a group of keys"),
+    ("model.dca.local_size", -1, "-1 is outside [0, inf)"),
+    ("model.dca.local_size", 40000, "must be below dca.chunk_size=32768"),
+    ("model.max_position_embeddings", 0, "0 is outside [1, inf)"),
+    ("model.num_experts", -1, "-1 is outside [0, inf)"),
+    ("model.num_experts_per_tok", 2, "2 exceeds num_experts=0"),
+    ("model.decoder_sparse_step", 0, "0 is outside [1, inf)"),
+    ("model.router_aux_loss_coef", -0.1, "-0.1 is outside [0, inf)"),
+    ("model.norm_topk_prob", None, "must be a bool, got None"),
+    ("model.dtype", "float64", "'float64' is not one of 'float32', 'bfloat16', 'float16'"),
+    ("model.remat", True, "True is not one of 'none', 'full', 'dots'"),
+    ("model.moe_impl", "loop", "'loop' is not one of"),
+    ("model.init_std", 0.0, "0.0 is outside (0, inf)"),
+    ("tokenizer.name", "", "must not be empty"),
+    ("tokenizer.max_rank", -1, "-1 is outside [0, inf)"),
+    ("tokenizer.max_rank", 100, "100 is outside 256..151643"),
+    ("mesh.fsdp", 0, "0 is outside [1, inf) and is not -1 (the rest of the devices)"),
+    ("mesh.tensor", 2.0, "must be an int"),
+    ("stages.pretrain.steps", -1, "-1 is outside [0, inf)"),
+    ("stages.pretrain.steps", 6.0, "must be an int, got 6.0 (float)"),
+    ("stages.pretrain.seq_len", 0, "0 is outside [1, inf)"),
+    ("stages.anneal.batch_size", 0, "0 is outside [1, inf)"),
+    ("stages.pretrain.rope_theta", 0.0, "0.0 is outside (0, inf)"),
+    ("stages.pretrain.reset_optimizer", "no", "must be a bool"),
+    ("stages.pretrain.lr.peak", 0.0, "0.0 is outside (0, inf)"),
+    ("stages.pretrain.lr.peak", float("inf"), "inf is outside (0, inf)"),
+    ("stages.pretrain.lr.end", -1e-4, "-0.0001 is outside [0, inf)"),
+    ("stages.pretrain.lr.warmup_steps", -1, "-1 is outside [0, inf)"),
+    ("stages.pretrain.lr.warmup_steps", 7, "7 is outside 0..steps=6"),
+    ("stages.pretrain.lr.decay_fraction", 1.5, "1.5 is outside [0, 1]"),
+    ("stages.pretrain.lr.schedule", "step", "'step' is not one of"),
+    ("stages.pretrain.mixture.stdlib", -1.0, "-1.0 is outside [0, inf)"),
+    ("stages.pretrain.mixture.stdlib", 0.0,
+     "config.stages.pretrain.mixture: needs at least one source with a positive weight"),
+    ("stages.long_context.mixture", {"web": 1.0},
+     "config.stages.long_context.mixture.web: no such source; data.sources has stdlib"),
+    ("stages.anneal", 3, "must be a group of keys"),
+    ("data.sources.stdlib.format", "csv", "'csv' is not one of"),
+    ("data.sources.stdlib.heldout_fraction", 0.6, "0.6 is outside [0, 0.5]"),
+    ("data.sources.stdlib.path", 3, "must be a string, got 3 (int)"),
+    ("data.workers", -1, "-1 is outside [0, inf)"),
+    ("data.prefetch", 1.5, "must be an int"),
+    ("data.eval_batches", -1, "-1 is outside [0, inf)"),
+    ("optimizer.b1", 1.0, "1.0 is outside [0, 1)"),
+    ("optimizer.b2", 1.5, "1.5 is outside [0, 1)"),
+    ("optimizer.b2", -0.1, "-0.1 is outside [0, 1)"),
+    ("optimizer.b1", "0.9", "must be a number, got '0.9' (str)"),
+    ("optimizer.eps", 0.0, "0.0 is outside (0, inf)"),
+    ("optimizer.weight_decay", -0.1, "-0.1 is outside [0, inf)"),
+    ("optimizer.clip_norm", -1.0, "-1.0 is outside (0, inf) and is not 0 (off)"),
+    ("optimizer.clip_norm", float("nan"), "nan is outside (0, inf)"),
+    ("optimizer.grad_accum", 0, "0 is outside [1, inf)"),
+    ("loss.z_loss", -1e-4, "-0.0001 is outside [0, inf)"),
+    ("bad_steps.spike_factor", 0.5, "0.5 is outside (1, inf) and is not 0 (off)"),
+    ("bad_steps.spike_factor", 1.0, "1.0 is outside (1, inf)"),
+    ("bad_steps.max_in_row", 0, "0 is outside [1, inf)"),
+    ("checkpoint.every_steps", 0, "0 is outside [1, inf)"),
+    ("checkpoint.keep", 0, "0 is outside [1, inf)"),
+    ("checkpoint.async", "yes", "must be a bool"),
+    ("init.hf", None, "must be a string, got None"),
+    ("init.upcycle_from", 1, "must be a string"),
+    ("export_hf_every", -1, "-1 is outside [0, inf)"),
+    ("log_every", 0, "0 is outside [1, inf)"),
+    ("eval_every", 0, "0 is outside [1, inf)"),
+    ("seed", -1, "-1 is outside [0, 2**63)"),
+    ("seed", 2**63, "9223372036854775808 is outside [0, 2**63)"),
+    ("seed", 1.0, "must be an int, got 1.0 (float)"),
+    ("seed", True, "must be an int, got True (bool)"),
+]
+
+
+@pytest.mark.parametrize("key, value, message", BAD, ids=lambda x: str(x)[:40])
+def test_out_of_range_values_are_refused_naming_the_key(key, value, message):
+    config = _smoke_with(key, value)
+    with pytest.raises(ConfigError) as info:
+        validate(config)
+    text = str(info.value)
+    if message.startswith("config."):  # a check of several keys names the one to change
+        assert text.startswith(message), text
+    else:
+        assert text.startswith(f"config.{key}: ") and message in text, text
+
+
+@pytest.mark.parametrize("key, value", [
+    ("optimizer.b2", 0.0), ("optimizer.weight_decay", 0), ("stages.pretrain.lr.end", 0),
+    ("stages.pretrain.lr.peak", 1), ("stages.pretrain.lr.decay_fraction", 1),  # ints: numbers
+    ("bad_steps.spike_factor", 0), ("bad_steps.spike_factor", 1.5), ("mesh.fsdp", -1),
+    ("optimizer.clip_norm", 0.0),
+    ("data.sources.stdlib.heldout_fraction", 0.5), ("stages.pretrain.lr.warmup_steps", 6),
+    ("stages.pretrain.mixture.stdlib", 2), ("seed", 2**63 - 1), ("tokenizer.max_rank", 256),
+])
+def test_values_at_the_edges_are_accepted(key, value):
+    config = _smoke_with(key, value)
+    if key == "mesh.fsdp":
+        config.mesh.data = 1  # only one axis may be -1
+    validate(config)
+
+
+def test_override_of_the_wrong_type_names_the_key():
+    smoke = os.path.join(ROOT, "configs", "tiny.py:smoke")
+    with pytest.raises(ConfigError, match=r"^config\.optimizer\.grad_accum: must be an int, "
+                       r"got 1\.5 \(float\)"):
+        load_config(smoke, ["optimizer.grad_accum=1.5"])
+    with pytest.raises(ConfigError, match=r"^config\.seed: must be an int, got True"):
+        load_config(smoke, ["seed=True"])
+
+
+def test_cli_refuses_a_bad_value_before_compiling(tmp_path):
+    workdir = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "jaxllm.main", "--config=configs/tiny.py:smoke",
+         f"--workdir={workdir}", "--config.optimizer.b2=1.5"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "error: config.optimizer.b2: 1.5 is outside [0, 1)" in done.stderr
+    assert not workdir.exists()  # refused before the run directory, let alone a compile

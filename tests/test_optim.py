@@ -6,7 +6,8 @@ import ml_collections as mc
 import numpy as np
 import pytest
 
-from jaxllm.optim import decay_mask, make_schedule
+from jaxllm.config import base_config
+from jaxllm.optim import decay_mask, make_optimizer, make_schedule
 
 
 def lr_config(schedule, warmup=10, peak=1.0, end=0.1):
@@ -73,3 +74,17 @@ def test_grad_accumulation_equals_one_big_batch():
         np.testing.assert_allclose(metrics_i["grad_norm"], results[0][1]["grad_norm"], rtol=1e-4)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8),
                      params_i, results[0][0])
+
+
+@pytest.mark.parametrize("clip_norm, scale", [(0.0, 1.0), (1.0, 0.1)], ids=["off", "on"])
+def test_clip_norm_zero_turns_clipping_off(clip_norm, scale):
+    opt = base_config().optimizer
+    opt.update(clip_norm=clip_norm, b1=0.0, weight_decay=0.0)
+    tx = make_optimizer(opt)
+    grads = {"w": jnp.full((100,), 1.0)}  # global norm 10
+    state = tx.init(grads)
+    assert jax.tree.structure(state) == jax.tree.structure(
+        make_optimizer(base_config().optimizer).init(grads))  # a resumed run may switch it
+    _, state = tx.update(grads, state, grads)
+    # Adam's second moment sees the gradient after clipping: (1 - b2) * g².
+    np.testing.assert_allclose(state[1].nu["w"], (1 - opt.b2) * scale ** 2, rtol=1e-6)

@@ -334,9 +334,14 @@ def load_hf(hf_dir: str, shardings: dict | None = None, dtype: str | None = None
     """Reads a Hugging Face Qwen2 / Llama directory into (model config, params).
 
     Params are `jax.Array`s in the dtype on disk (or `dtype`), layers stacked along a leading
-    L axis, on `shardings` (a tree like the params) or else the first local device.
+    L axis, on `shardings` (a tree like the params) or else the first local device. The model
+    computes in config.json's dtype, or in `dtype` when given (model.dtype and
+    model.param_dtype both), as `from_pretrained(hf_dir, dtype=...)` does in transformers.
     """
     m, _ = read_hf_config(hf_dir)
+    if dtype is not None:
+        np_dtype(dtype)  # refuses an unknown name before any tensor is read
+        m.dtype = dtype
     params = read_hf_params(hf_dir, m, shardings, dtype)
     m.param_dtype = str(np.dtype(params["embed"]["embedding"].dtype).name)
     return m, params
