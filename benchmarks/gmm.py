@@ -8,7 +8,9 @@ The MoE expert up-projection: M = tokens·top_k rows sorted by expert, routed wi
 [E, hidden, moe_dim]. Prints TFLOP/s of the forward (2·M·K·N) and of forward+backward
 (gradients of lhs and of the expert weights, the transposed product: 3× the forward).
 Defaults follow the device: the Qwen2-57B-A14B layer on GPU/TPU, a small layer in float32 on
-CPU, where the Pallas kernel only runs interpreted (--interpret, small sizes).
+CPU, where the Pallas kernel only runs interpreted (--interpret, small sizes). A cell that
+cannot run says why (`OOM`, or the exception's type) and the reasons follow the table; the
+exit status is 1 if jaxllm's kernel failed.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ import argparse
 import functools
 import os
 import platform
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from timing import add_kernel_args, median_seconds
+from timing import Failures, add_kernel_args, is_number, median_seconds
 
 from jaxllm.kernels.gmm import gmm
 from jaxllm.kernels.gmm_ref import gmm_loop
@@ -60,18 +63,25 @@ def main() -> None:
     print(f"| {'implementation':<24} | {'forward':>10} | {'fwd+bwd':>10} |")
     print(f"|{'-' * 26}|{'-' * 12}|{'-' * 12}|")
     flops = 2 * M * K * N
+    failures, ours_failed = Failures(), False
     for name, impl in impls.items():
         fwd = jax.jit(lambda a, b, impl=impl: impl(a, b, group_sizes))
         loss = lambda a, b, impl=impl: jnp.sum(impl(a, b, group_sizes).astype(jnp.float32))
         fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1)))
         cells = []
-        for fn, scale in ((fwd, 1.0), (fwd_bwd, 3.0)):
+        for fn, scale, part in ((fwd, 1.0, "forward"), (fwd_bwd, 3.0, "fwd+bwd")):
+            if cells and not is_number(cells[0]):
+                cells.append(cells[0])  # what the forward could not do, fwd+bwd cannot either
+                continue
             try:
                 seconds = median_seconds(fn, lhs, rhs, warmup=args.warmup, iters=args.iters)
                 cells.append(f"{flops * scale / seconds / 1e12:.3f}")
             except Exception as e:  # noqa: BLE001  out of memory or unsupported: say so
-                cells.append(type(e).__name__)
+                cells.append(failures.cell(f"{name} {part}", e))
+        ours_failed |= name.startswith("jaxllm") and not is_number(cells[1])
         print(f"| {name:<24} | {cells[0]:>10} | {cells[1]:>10} |", flush=True)
+    failures.print()
+    sys.exit(1 if ours_failed else 0)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""How every benchmark here times a call: the median wall time after warm-up calls.
+"""How every benchmark here times a call, and how it reports a call that failed.
 
 The scripts import it as `from timing import median_seconds` (run as `python benchmarks/X.py`,
 their own folder is on the import path).
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+import traceback
 
 import jax
 
@@ -32,3 +33,40 @@ def add_kernel_args(parser: argparse.ArgumentParser, on_cpu: bool) -> None:
     parser.add_argument("--interpret", action="store_true", help="CPU: add Pallas, interpreted")
     parser.add_argument("--warmup", type=int, default=1 if on_cpu else 3)
     parser.add_argument("--iters", type=int, default=3 if on_cpu else 10)
+
+
+def is_number(cell: str) -> bool:
+    """Whether a table cell holds a measurement (not the reason it has none)."""
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    text = str(e)
+    return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
+class Failures:
+    """Calls that raised: a short table cell now, the reasons printed after the table (the
+    first line of each; the whole traceback unless it is out of memory), so that one run on a
+    borrowed accelerator says why a row is missing. Keeps text only: the exception's frames
+    would keep the failed call's arrays alive."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, str, str, str, bool]] = []
+
+    def cell(self, where: str, e: BaseException) -> str:
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        oom = is_out_of_memory(e)
+        self.items.append((where, type(e).__name__, first, traceback.format_exc(), oom))
+        return "OOM" if oom else type(e).__name__
+
+    def print(self) -> None:
+        for where, kind, first, _, _ in self.items:
+            print(f"failed: {where}: {kind}: {first}")
+        for where, _, _, trace, oom in self.items:
+            if not oom:
+                print(f"\ntraceback of {where}:\n{trace}", end="")

@@ -1,8 +1,10 @@
 """The Pallas kernels compiled for a real accelerator (Triton on an NVIDIA GPU, Mosaic on a
 TPU), against the references: the same checks as the interpret-mode tests, at kernel block
-sizes. Skipped on CPU, where tests/test_kernels_attention.py and test_kernels_gmm.py run
-the same kernels interpreted. Tolerances: float32 inputs 1e-2 (TF32 matmuls in Triton on
-the accelerator), bfloat16 inputs 3e-2."""
+sizes, and the model with the kernel (what attention_impl='auto' runs there) against the
+model with XLA attention. Skipped on CPU, where tests/test_kernels_attention.py,
+test_kernels_gmm.py and test_attention_impls.py run the same kernels interpreted.
+`benchmarks/device_check.sh` runs this file first on a GPU. Tolerances: float32 inputs 1e-2
+(TF32 matmuls in Triton on the accelerator), bfloat16 inputs 3e-2."""
 
 import functools
 
@@ -72,3 +74,26 @@ def test_gmm_on_device(dtype, tol):
         scale = float(jnp.max(jnp.abs(b))) + 1e-6
         np.testing.assert_allclose(np.asarray(a, np.float32) / scale, np.asarray(b) / scale,
                                    atol=tol)
+
+
+def test_model_with_the_kernel_on_device():
+    """Loss and parameter gradients of a small model on packed documents, attention_impl
+    'pallas' vs 'xla', float32; each leaf within 1e-2 of its largest value."""
+    from test_model import small_config  # one small model for the model and attention tests
+
+    from jaxllm.model import apply, init_params
+
+    tokens = jax.random.randint(jax.random.key(0), (2, 256), 0, 128)
+    positions = jnp.broadcast_to(jnp.arange(256), (2, 256))
+    segments = jnp.asarray(np.repeat([[1, 2, 3, 4], [1, 1, 2, 2]], 64, axis=1), jnp.int32)
+    params = init_params(small_config(head_dim=64), jax.random.key(1))
+
+    def loss_and_grads(impl):
+        cfg = small_config(head_dim=64, attention_impl=impl)
+        loss = lambda p: jnp.mean(apply(cfg, p, tokens, positions, segments) ** 2)
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    got, want = loss_and_grads("pallas"), loss_and_grads("xla")
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        scale = float(jnp.max(jnp.abs(b))) + 1e-6
+        np.testing.assert_allclose(np.asarray(a) / scale, np.asarray(b) / scale, atol=1e-2)
