@@ -19,6 +19,7 @@ from test_fault_tolerance import smoke
 
 from jaxllm import config as config_lib
 from jaxllm import data
+from jaxllm.data import pipeline as pipeline_lib
 from jaxllm.data.mixture import Position
 from jaxllm.data.pipeline import positions_after
 from jaxllm.train import pipeline
@@ -132,7 +133,7 @@ def test_a_source_named_first_in_a_later_stage_starts_at_its_beginning(tmp_path)
     assert set(positions) == {"a", "b"}
 
 
-def test_positions_after_counts_what_streams_started():
+def test_positions_after_counts_what_streams_started(monkeypatch, caplog):
     # B = 2 streams: stream 0 is inside document 6, stream 1 at the start of document 3.
     cfg = stage_config({"s": config_lib.data_source("python_stdlib")}, stages=(
         ("pretrain", 2, 8, 1),))
@@ -141,6 +142,12 @@ def test_positions_after_counts_what_streams_started():
     # The stage's documents 0..7 are placed (0, 1 were the pending 7 and 9; j >= 2 is
     # 100 + j - 2); stream 1 did not start its 3, 5 and 7.
     assert after["s"] == Position(106, (101, 103, 105))
+    # Past MAX_PENDING, the furthest unstarted documents wait for the next epoch.
+    monkeypatch.setattr(pipeline_lib, "MAX_PENDING", 2)
+    after = positions_after(cfg, "pretrain", {"s": Position(100, (7, 9))},
+                            {"batch_size": 2, "rows": [0, 2], "streams": [[6, 5], [3, 0]]})
+    assert after["s"] == Position(106, (101, 103))
+    assert "1 documents that its streams placed but did not reach" in caplog.text
     with pytest.raises(ValueError, match="all 2 rows"):
         positions_after(cfg, "pretrain", {}, {"batch_size": 2, "rows": [0, 1],
                                               "streams": [[0, 0]]})

@@ -52,6 +52,7 @@ def stage_mixture(config: mc.ConfigDict, stage_name: str) -> dict[str, float]:
 
 
 Positions = Mapping[str, mixture.Position]  # source name → where a stage begins it
+MAX_PENDING = 1 << 16  # unstarted documents one stage hands to the next (see positions_after)
 
 
 def document_sequence(config: mc.ConfigDict, stage_name: str, tokenizer: Any, split: str,
@@ -93,7 +94,10 @@ def positions_after(config: mc.ConfigDict, stage_name: str, positions: Positions
 
     A document counts as used once a stream has started it. Streams run at different
     speeds, so below the furthest stream some documents were placed but never started:
-    they are the next stage's first documents of their source, so that none is skipped.
+    they are the next stage's first documents of their source, so that none is skipped. The
+    spread between streams grows with the square root of the steps, so after a long stage of
+    a large batch these can be millions: past MAX_PENDING, the rest wait for their sources'
+    next epoch, with a warning.
     """
     B, streams = int(data_state["batch_size"]), data_state["streams"]
     if list(data_state.get("rows", [0, B])) != [0, B] or len(streams) != B:
@@ -102,11 +106,21 @@ def positions_after(config: mc.ConfigDict, stage_name: str, positions: Positions
     weights = stage_mixture(config, stage_name)
     mix = mixture.Mixture(list(weights.values()),
                           _mixture_seed(config, seed_offset, stage_name, "train"))
-    firsts = [k + B if offset else k for k, offset in streams]  # each stream's next unstarted
-    end = max(firsts)
+    firsts = np.array([k + B if offset else k for k, offset in streams], np.int64)
+    end = cut = int(firsts.max())  # each stream's next unstarted document; the furthest
+    unstarted_below = lambda t: int(np.maximum(0, -((firsts - t) // B)).sum())
+    if unstarted_below(end) > MAX_PENDING:
+        lo, hi = int(firsts.min()), end  # the last cut with at most MAX_PENDING below it
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if unstarted_below(mid) <= MAX_PENDING else (lo, mid - 1)
+        cut = lo
+        logging.warning("stage %s: %d documents that its streams placed but did not reach are "
+                        "left to their sources' next epoch (more than %d to carry over)",
+                        stage_name, unstarted_below(end) - unstarted_below(cut), MAX_PENDING)
     skipped: list[list[int]] = [[] for _ in weights]
-    for first in firsts:
-        for k in range(first, end, B):
+    for first in firsts.tolist():
+        for k in range(first, cut, B):
             s, j = mix.locate(k)
             skipped[s].append(j)
     out = dict(positions)
