@@ -1,11 +1,15 @@
 """Orbax checkpoints: the train state plus a JSON record (stage, data-iterator state).
 
-Run layout: `<workdir>/checkpoints/<step>/{state,meta}`. Orbax writes each step into a
-temporary directory and renames it when complete, so a step directory that exists was
-finished; one that cannot be read anyway (disk trouble, a truncated copy) is skipped with a
-warning and the one before it used. The newest `checkpoint.keep` steps are kept, and each
-stage's last step for good. Restoring reads straight onto the shardings of an abstract state,
-so a full copy never sits on one host and the mesh may differ from the one that saved.
+Run layout: `<workdir>/checkpoints/<step>/{state,meta}`. Orbax marks a step finished (on a
+local disk: by renaming its temporary directory; elsewhere, or in other Orbax versions: by a
+commit_success.txt file), and lists only finished steps. A step that cannot be used is moved
+aside, never deleted, so that it is never taken for the newest again and the run can save that
+step afresh (Orbax refuses to save a step it lists): `<step>.unreadable` when restoring it
+fails (disk trouble, a truncated copy), with a warning, and the one before it is used;
+`<step>.unfinished` when a directory has a step's name but Orbax does not list it. A name taken
+already gets `-1`, `-2`, ... The newest `checkpoint.keep` steps are kept, and each stage's last
+step for good. Restoring reads straight onto the shardings of an abstract state, so a full copy
+never sits on one host and the mesh may differ from the one that saved.
 
 A params checkpoint (`python -m jaxllm.convert import`, `python -m jaxllm.checkpoint
 average`, `config.init.checkpoint`) is a directory with `params/` (Orbax) and `model.json`.
@@ -19,6 +23,7 @@ import argparse
 import json
 import logging
 import os
+import re
 from collections.abc import Iterable
 
 import jax
@@ -26,6 +31,7 @@ import jax.numpy as jnp
 import ml_collections as mc
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
 from jaxllm.config import ConfigError, model_defaults, validate_model
@@ -59,15 +65,36 @@ class Checkpointer:
 
     def restore_latest(self, abstract_state, below: int | None = None
                        ) -> tuple[object, dict] | None:
-        """The newest readable checkpoint (before step `below`, if given), or None."""
+        """The newest readable checkpoint (before step `below`, if given), or None when there
+        is none. First moves aside the unfinished steps, then, with a warning, the newer ones
+        that cannot be read. If none can be read, that is more likely a cause they share (the
+        train state's code changed, the disk is gone) than damage to each: a RuntimeError, and
+        nothing is moved, rather than a run that starts again from step 0."""
+        self.manager.wait_until_finished()  # a step still being written is neither
+        self._set_aside_unfinished()
+        failed: dict[int, str] = {}
         for step in reversed(self.steps()):
             if below is not None and step >= below:
                 continue
+            error = None
             try:
-                return self.restore(step, abstract_state)
-            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped
-                logging.warning("checkpoint %s/%d cannot be restored (%s: %s); using the one "
-                                "before it", self.directory, step, type(e).__name__, e)
+                restored = self.restore(step, abstract_state)
+            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is set aside
+                error = e
+            # Every process must go on from the same step, even if only some failed to read.
+            if not _on_any_process(error is not None):
+                if failed:
+                    self._set_aside(failed, "unreadable", f"using step {step}")
+                return restored
+            failed[step] = (f"cannot be restored ({type(error).__name__}: {error})" if error
+                            else "cannot be restored on another process")
+        if failed:
+            newest = max(failed)
+            raise RuntimeError(
+                f"none of the checkpoints {sorted(failed)} in {self.directory} can be restored; "
+                f"step {newest} {failed[newest]}. If the code of the train state changed, "
+                "resume with the code that saved them; if they are damaged, move them out of "
+                "checkpoints/ to start from step 0")
         return None
 
     def wait(self) -> None:
@@ -76,6 +103,57 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+    def _set_aside_unfinished(self) -> None:
+        """Moves aside the directories with a step's name that Orbax does not list (no commit
+        marker: a save that never finished). Orbax 0.12 deletes one when it saves that step;
+        a version that does not would refuse to save it."""
+        unlisted = {}
+        if jax.process_index() == 0:
+            self.manager.reload()  # its cached list may predate what is on disk
+            listed = set(self.manager.all_steps())
+            unlisted = {int(n): "is not a finished checkpoint (Orbax does not list it)"
+                        for n in sorted(os.listdir(self.directory))
+                        if _STEP_NAME.fullmatch(n) and int(n) not in listed}
+        self._set_aside(unlisted, "unfinished", "that step will be saved again")
+
+    def _set_aside(self, steps: dict[int, str], suffix: str, then: str) -> None:
+        """Renames each step directory (step → why it goes) to `<step>.<suffix>`, on process 0
+        only; then every process re-reads the step list, which Orbax caches."""
+        for step, why in steps.items():
+            path = os.path.join(self.directory, str(step))
+            if jax.process_index() == 0:
+                moved = _free_name(f"{path}.{suffix}")
+                os.rename(path, moved)
+            else:
+                moved = f"{path}.{suffix}[-N] (process 0 renames it)"
+            logging.warning("checkpoint %s %s; moved it to %s, kept for inspection; %s",
+                            path, why, moved, then)
+        if jax.process_count() > 1:  # the others wait for the renames before they look
+            multihost_utils.sync_global_devices(f"jaxllm set aside {suffix}")
+        self.manager.reload()
+        if still := set(steps) & set(self.manager.all_steps()):
+            raise RuntimeError(f"Orbax still lists steps {sorted(still)} of {self.directory} "
+                               f"after they were moved to <step>.{suffix}")
+
+
+# The names Orbax gives steps (no prefix, no zero padding): other entries are not steps.
+_STEP_NAME = re.compile(r"0|[1-9][0-9]*")
+
+
+def _free_name(path: str) -> str:
+    """`path`, or `path-1`, `path-2`, ... whichever does not exist yet."""
+    candidate, n = path, 0
+    while os.path.lexists(candidate):
+        n += 1
+        candidate = f"{path}-{n}"
+    return candidate
+
+
+def _on_any_process(flag: bool) -> bool:
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
 
 
 def abstract_like(tree, shardings) -> object:

@@ -1,0 +1,144 @@
+"""A checkpoint that cannot be used never stops a run for good: it is moved aside (kept), the
+run resumes from the one before it and saves that step afresh, and every step's loss is the
+uninterrupted run's bit for bit. End to end through `python -m jaxllm.main`."""
+
+import glob
+import json
+import os
+import shutil
+
+import jax.numpy as jnp
+import pytest
+from test_checkpoint import one_device_state, tiny
+from test_resume import by_step, run
+
+from jaxllm.checkpoint import Checkpointer, abstract_like
+
+# test_resume's run without its anneal stage: pretrain steps 0..7, long_context 8..9;
+# checkpoints at 3, 6, 8 (pretrain's end), 9 and 10 (long_context's end), of which keep=2 and
+# the stage ends leave 8, 9 and 10.
+TWO_STAGES = ["--config.stages.anneal.steps=0"]
+
+
+def truncate(step_dir):
+    """Every file cut to half its length: a copy that broke off, a disk that lost writes."""
+    for root, _, names in os.walk(step_dir):
+        for name in names:
+            path = os.path.join(root, name)
+            os.truncate(path, os.path.getsize(path) // 2)
+
+
+def stage_end(checkpoints):
+    truncate(checkpoints / "10")
+
+
+def mid_stage(checkpoints):
+    shutil.rmtree(checkpoints / "10")  # the run died after saving step 9
+    truncate(checkpoints / "9")
+
+
+def no_commit_marker(checkpoints):
+    # A save that broke off before its commit marker. Orbax 0.12 on a local disk marks a
+    # finished step by renaming its temporary directory, so it lists `10/` anyway and restoring
+    # it fails; an Orbax that marks it with commit_success.txt does not list it at all.
+    for path in glob.glob(str(checkpoints / "10" / "**" / "commit_success.txt"), recursive=True):
+        os.remove(path)
+    truncate(checkpoints / "10")
+
+
+def contents(path):
+    return sorted((os.path.relpath(os.path.join(root, n), path),
+                   os.path.getsize(os.path.join(root, n)))
+                  for root, _, names in os.walk(path) for n in names)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as env:
+        # The reruns load the steps this run compiles (half of a rerun's time) from disk.
+        env.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.mktemp("jax_cache")))
+        env.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+        workdir = tmp_path_factory.mktemp("uninterrupted")
+        run(workdir, *TWO_STAGES)
+        yield workdir
+
+
+@pytest.mark.parametrize("damage, step, resumed_from, moved_to", [
+    (stage_end, 10, 9, ("10.unreadable",)),
+    (mid_stage, 9, 8, ("9.unreadable",)),
+    (no_commit_marker, 10, 9, ("10.unreadable", "10.unfinished")),
+], ids=["stage_end", "mid_stage", "no_commit_marker"])
+def test_an_unusable_checkpoint_is_moved_aside_and_the_run_goes_on(
+        uninterrupted, tmp_path, damage, step, resumed_from, moved_to):
+    workdir = tmp_path / "run"
+    shutil.copytree(uninterrupted, workdir)
+    checkpoints = workdir / "checkpoints"
+    damage(checkpoints)
+    damaged = contents(checkpoints / str(step))
+    with open(workdir / "metrics.jsonl") as f:
+        logged_before = len(f.readlines())
+
+    result = run(workdir, *TWO_STAGES)  # before the fix: StepAlreadyExistsError at `step`
+    assert f"resumed from step {resumed_from} " in result.stdout
+    aside = [os.path.basename(p) for p in glob.glob(str(checkpoints / f"{step}.*"))]
+    assert len(aside) == 1 and aside[0] in moved_to, aside
+    assert f"moved it to {checkpoints / aside[0]}, kept for inspection" in result.stderr
+    assert contents(checkpoints / aside[0]) == damaged  # kept as it was
+    assert Checkpointer(str(workdir), tiny()).steps() == [8, 9, 10]  # `step` saved afresh
+
+    with open(workdir / "metrics.jsonl") as f:
+        rerun = [json.loads(line) for line in f.readlines()[logged_before:]]
+    assert [r["step"] for r in rerun if "loss" in r] == list(range(resumed_from + 1, 11))
+    expected, resumed = by_step(uninterrupted), by_step(workdir)
+    assert sorted(resumed) == sorted(expected) == list(range(1, 11))
+    for s, record in expected.items():
+        assert resumed[s]["loss"] == record["loss"], s  # bitwise: float32 on CPU
+
+
+def test_set_aside_names_never_collide_and_orbax_lists_none(tmp_path):
+    config = tiny("checkpoint.keep=3")
+    state, state_sh, _ = one_device_state(config)
+    ckpt = Checkpointer(str(tmp_path), config)
+    for step in (1, 2):
+        ckpt.save(step, state.replace(step=jnp.int32(step)), {"stage": "pretrain"})
+    ckpt.close()
+    checkpoints = tmp_path / "checkpoints"
+    truncate(checkpoints / "2")
+    os.mkdir(checkpoints / "2.unreadable")  # set aside by an earlier run
+    (checkpoints / "2.unreadable" / "state").write_text("earlier")
+    # An entry with a step's name that Orbax does not list. Orbax 0.12 lists every such
+    # directory on a local disk (see no_commit_marker above), so here it is a file; saving
+    # step 3 would delete it.
+    (checkpoints / "3").write_text("a copy that broke off")
+
+    ckpt = Checkpointer(str(tmp_path), config)
+    restored, _ = ckpt.restore_latest(abstract_like(state, state_sh))
+    assert int(restored.step) == 1
+    assert sorted(os.listdir(checkpoints)) == ["1", "2.unreadable", "2.unreadable-1",
+                                               "3.unfinished"]
+    assert ckpt.steps() == Checkpointer(str(tmp_path), config).steps() == [1]
+    for step in (2, 3):  # neither blocks saving its step again
+        ckpt.save(step, state, {"stage": "pretrain"})
+    ckpt.close()
+    assert Checkpointer(str(tmp_path), config).steps() == [1, 2, 3]
+    assert (checkpoints / "3.unfinished").read_text() == "a copy that broke off"
+    assert (checkpoints / "2.unreadable" / "state").read_text() == "earlier"
+
+
+def test_when_no_checkpoint_can_be_read_the_run_stops_and_moves_none(tmp_path):
+    """All unreadable is a shared cause more likely than damage to each: an error, not a run
+    that silently starts again from step 0."""
+    config = tiny("checkpoint.keep=3")
+    state, state_sh, _ = one_device_state(config)
+    ckpt = Checkpointer(str(tmp_path), config)
+    for step in (1, 2):
+        ckpt.save(step, state.replace(step=jnp.int32(step)), {"stage": "pretrain"})
+    ckpt.close()
+    for step in (1, 2):
+        truncate(tmp_path / "checkpoints" / str(step))
+    ckpt = Checkpointer(str(tmp_path), config)
+    with pytest.raises(RuntimeError, match=r"none of the checkpoints \[1, 2\] .* can be "
+                       r"restored; step 2 cannot be restored"):
+        ckpt.restore_latest(abstract_like(state, state_sh))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]
+    ckpt.close()
