@@ -95,13 +95,19 @@ def test_an_unusable_checkpoint_is_moved_aside_and_the_run_goes_on(
         assert resumed[s]["loss"] == record["loss"], s  # bitwise: float32 on CPU
 
 
-def test_set_aside_names_never_collide_and_orbax_lists_none(tmp_path):
+def saved_steps_1_and_2(workdir):
+    """(config, state, state shardings) of a run dir with checkpoints of steps 1 and 2."""
     config = tiny("checkpoint.keep=3")
     state, state_sh, _ = one_device_state(config)
-    ckpt = Checkpointer(str(tmp_path), config)
+    ckpt = Checkpointer(str(workdir), config)
     for step in (1, 2):
         ckpt.save(step, state.replace(step=jnp.int32(step)), {"stage": "pretrain"})
     ckpt.close()
+    return config, state, state_sh
+
+
+def test_set_aside_names_never_collide_and_orbax_lists_none(tmp_path):
+    config, state, state_sh = saved_steps_1_and_2(tmp_path)
     checkpoints = tmp_path / "checkpoints"
     truncate(checkpoints / "2")
     os.mkdir(checkpoints / "2.unreadable")  # set aside by an earlier run
@@ -128,12 +134,7 @@ def test_set_aside_names_never_collide_and_orbax_lists_none(tmp_path):
 def test_when_no_checkpoint_can_be_read_the_run_stops_and_moves_none(tmp_path):
     """All unreadable is a shared cause more likely than damage to each: an error, not a run
     that silently starts again from step 0."""
-    config = tiny("checkpoint.keep=3")
-    state, state_sh, _ = one_device_state(config)
-    ckpt = Checkpointer(str(tmp_path), config)
-    for step in (1, 2):
-        ckpt.save(step, state.replace(step=jnp.int32(step)), {"stage": "pretrain"})
-    ckpt.close()
+    config, state, state_sh = saved_steps_1_and_2(tmp_path)
     for step in (1, 2):
         truncate(tmp_path / "checkpoints" / str(step))
     ckpt = Checkpointer(str(tmp_path), config)
