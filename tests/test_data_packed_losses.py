@@ -38,27 +38,28 @@ def test_packed_batch_losses_equal_each_documents_own(tmp_path):
     params = init_params(model, jax.random.key(0))
     nll_fn = jax.jit(lambda inputs, targets, positions, segments: token_losses(
         forward(model, params, inputs, positions, segments), targets)[0])
-    batches = take(data.make_iterator(cfg, "pretrain", tok), 3)
+    n = 4  # batches of 2 rows
+    batches = take(data.make_iterator(cfg, "pretrain", tok), n)
     # Alone: each document's tokens of a row from position 0, right-padded to T (causal: the
-    # padding changes nothing before it). One forward pass: rows 0..5 are the packed rows,
+    # padding changes nothing before it). One forward pass: rows 0..2n-1 are the packed rows,
     # the rest one document each.
-    segments = [(n, b, np.flatnonzero(batch["segment_ids"][b] == s))
-                for n, batch in enumerate(batches) for b in range(2)
+    segments = [(k, b, np.flatnonzero(batch["segment_ids"][b] == s))
+                for k, batch in enumerate(batches) for b in range(2)
                 for s in np.unique(batch["segment_ids"][b])]
     assert len(segments) > 10
     arrays = {key: np.zeros((64, T), np.int32)
               for key in ("inputs", "targets", "positions", "segment_ids")}
     for key in arrays:
-        arrays[key][:6] = np.concatenate([batch[key] for batch in batches])
-    for row, (n, b, idx) in enumerate(segments, start=6):
-        arrays["inputs"][row, :len(idx)] = batches[n]["inputs"][b, idx]
-        arrays["targets"][row, :len(idx)] = batches[n]["targets"][b, idx]
+        arrays[key][:2 * n] = np.concatenate([batch[key] for batch in batches])
+    for row, (k, b, idx) in enumerate(segments, start=2 * n):
+        arrays["inputs"][row, :len(idx)] = batches[k]["inputs"][b, idx]
+        arrays["targets"][row, :len(idx)] = batches[k]["targets"][b, idx]
         arrays["positions"][row] = np.arange(T)
         arrays["segment_ids"][row] = 1
     nll = np.asarray(nll_fn(*arrays.values()))
-    packed_nll, alone_nll = nll[:6].reshape(3, 2, T), nll[6:]
-    for row, (n, b, idx) in enumerate(segments):
-        np.testing.assert_allclose(packed_nll[n, b, idx], alone_nll[row, :len(idx)],
+    packed_nll, alone_nll = nll[:2 * n].reshape(n, 2, T), nll[2 * n:]
+    for row, (k, b, idx) in enumerate(segments):
+        np.testing.assert_allclose(packed_nll[k, b, idx], alone_nll[row, :len(idx)],
                                    rtol=1e-5, atol=1e-5)
     for batch in batches:  # prompts are never targets; completions and their EOS are
         prompt_targets = np.isin(batch["targets"], [ord("Q"), ord("?")])
@@ -66,6 +67,6 @@ def test_packed_batch_losses_equal_each_documents_own(tmp_path):
         completion = (batch["targets"] >= ord("a")) & (batch["targets"] <= ord("h"))
         assert np.all(batch["loss_mask"][completion & (batch["positions"] > 0)] == 1)
     # The check has teeth: without segment ids, later documents see earlier ones.
-    arrays["segment_ids"][:6] = 1
-    unmasked = np.asarray(nll_fn(*arrays.values()))[:6].reshape(3, 2, T)
+    arrays["segment_ids"][:2 * n] = 1
+    unmasked = np.asarray(nll_fn(*arrays.values()))[:2 * n].reshape(n, 2, T)
     assert not np.allclose(unmasked, packed_nll, atol=1e-4)

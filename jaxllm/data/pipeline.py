@@ -5,9 +5,9 @@ read distinct rows (`process_count`), R = B / P rows per process.
 
 Everything is a pure function of (config.seed, seed_offset, stage name, split, k, and the
 sources' positions): the same config gives the same batches on any number of processes and
-workers, and a restored state continues exactly where it was saved. A source's order is its
-own (its seed does not include the stage), and each stage reads it from where the stages
-before left it (`positions`, carried in checkpoints): the long_context and anneal stages go
+workers, and a restored state continues exactly where it was saved. A training source's
+order is its own (its seed does not include the stage), and each stage reads it from where
+the stages before left it (`positions`, carried in checkpoints): the long_context and anneal stages go
 on to documents that pretraining has not trained on, and a source first named in a later
 stage starts at its beginning. A source that runs out starts its next epoch in a new order.
 """
@@ -64,8 +64,8 @@ def document_sequence(config: mc.ConfigDict, stage_name: str, tokenizer: Any, sp
     for name, weight in stage_mixture(config, stage_name).items():
         try:
             opened.append(sources.open_source(
-                config.data.sources[name], split, name, _seed(config, seed_offset, split, name),
-                tokenizer))
+                config.data.sources[name], split, name,
+                _source_seed(config, seed_offset, stage_name, split, name), tokenizer))
         except sources.EmptySplitError:
             if not skip_empty:
                 raise
@@ -80,6 +80,15 @@ def document_sequence(config: mc.ConfigDict, stage_name: str, tokenizer: Any, sp
     return mixture.DocumentSequence(opened, weights, _mixture_seed(config, seed_offset,
                                                                    stage_name, split),
                                     tokenizer, starts)
+
+
+def _source_seed(config: mc.ConfigDict, seed_offset: int, stage_name: str, split: str,
+                 name: str) -> int:
+    """A training source's order is the source's own, whichever stage reads it (positions
+    carry across stages); each stage evaluates on held-out documents in an order of its own,
+    as its eval batches have its own shape."""
+    stage = (stage_name,) if split == "heldout" else ()
+    return _seed(config, seed_offset, *stage, split, name)
 
 
 def _mixture_seed(config: mc.ConfigDict, seed_offset: int, stage_name: str, split: str) -> int:
