@@ -7,9 +7,10 @@ Everything is a pure function of (config.seed, seed_offset, stage name, split, k
 sources' positions): the same config gives the same batches on any number of processes and
 workers, and a restored state continues exactly where it was saved. A training source's
 order is its own (its seed does not include the stage), and each stage reads it from where
-the stages before left it (`positions`, carried in checkpoints): the long_context and anneal stages go
-on to documents that pretraining has not trained on, and a source first named in a later
-stage starts at its beginning. A source that runs out starts its next epoch in a new order.
+the stages before left it (`positions`, carried in checkpoints): the long_context and anneal
+stages go on to documents that pretraining has not trained on, and a source first named in a
+later stage starts at its beginning. A source that runs out starts its next epoch in a new
+order.
 """
 
 from __future__ import annotations
