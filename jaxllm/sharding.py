@@ -2,7 +2,8 @@
 
 Parameters and activations name their axes logically (`embed`, `mlp`, `heads`, ...); RULES
 says which mesh axis each is split over. Changing a parallelism strategy means changing
-this table, not the model.
+this table, not the model. Kernels that XLA cannot partition (Pallas) are mapped onto the
+mesh by the same table in jaxllm/shard_kernels.py (`shard_map` on per-device blocks).
 """
 
 from __future__ import annotations

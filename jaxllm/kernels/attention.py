@@ -10,6 +10,10 @@ G = N / K, H head dim.
 | pallas  | flash_attention: Pallas kernel for the backend (Triton | O(N·T)      |
 |         | on NVIDIA GPU, Mosaic on TPU; interpreted on CPU)      |             |
 | auto    | pallas on GPU and TPU, chunked on CPU                  |             |
+
+These functions see whatever arrays they are given. On a mesh, call them through
+jaxllm/shard_kernels.py (the model does): XLA cannot partition a Pallas call, so without
+that wrapper every device would run the kernel on the gathered global batch.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Dimension letters: B batch, T query length, S key length, D model dim, N query heads,
 K kv heads, G = N / K query heads per kv head, H head dim.
 Query head n uses kv head n // G, the Hugging Face `repeat_kv` order. The score computation
-is chosen by `model.attention_impl` (auto, xla, chunked, pallas; see jaxllm/kernels).
+is chosen by `model.attention_impl` (auto, xla, chunked, pallas; see jaxllm/kernels), and
+runs per device on a mesh (jaxllm/shard_kernels.py); this layer only names logical axes.
 
 Decoding (jaxllm/generate.py) passes this layer's KV cache, k and v [B, S, K, H], and what all
 layers share: the cache's segment ids [B, S] with this call's tokens already written (0 marks
@@ -19,8 +20,8 @@ import jax
 import ml_collections as mc
 from flax import linen as nn
 
-from jaxllm.kernels import attention
 from jaxllm.model.layers import Linear, apply_rope
+from jaxllm.shard_kernels import attention
 
 
 def dot_product_attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array,

@@ -1,0 +1,173 @@
+"""Kernels on the mesh: `jax.shard_map` wrappers that hand each device its own block.
+
+Dimension letters: B batch, T query length, S key length, N query heads, K kv heads,
+G = N / K, H head dim; s the size of the sequence axes, Tl = T / s the queries of one device.
+
+XLA cannot partition a Pallas call (Triton on GPU, Mosaic on TPU): under `jit` with sharded
+operands it gathers them and runs the whole kernel on every device. So the model calls
+`attention` from here, which finds the mesh the caller set (`jax.set_mesh`, as training and
+sharded decoding do; read at trace time with `jax.sharding.get_abstract_mesh`) and runs the
+kernel inside `jax.shard_map` on per-device blocks. The model names no mesh axis: the blocks
+follow the logical axes of sharding.RULES, the one table.
+
+| operand                       | logical axes              | mesh axes (RULES)              |
+|-------------------------------|---------------------------|--------------------------------|
+| q, out [B, T, N, H]           | batch, length, heads, –   | (data, fsdp), sequence, tensor |
+| k, v [B, S, K, H]             | batch, length, kv_heads, –| (data, fsdp), sequence, tensor |
+| segment ids [B, T] / [B, S]   | batch, length             | (data, fsdp), sequence         |
+| lse [B, T, N]                 | batch, length, heads      | (data, fsdp), sequence, tensor |
+
+Query heads and kv heads split over the same axes, so each device holds whole GQA groups:
+its N/t query heads read exactly its K/t kv heads (query head n reads kv head n // G).
+
+Sequence (self-attention, T = S, causal): each device keeps its Tl queries and all-gathers
+K/V (and their segment ids) over `sequence` inside the shard_map, then attends to the T keys
+*ending at its last query*: the keys are shifted right by (s-1-i)·Tl on device i, the gap
+filled with keys of segment -1, which no query matches. The kernels put a query block at the
+end of the keys (q_offset = S - T), so the shift is exactly the causal offset of device i;
+causal block skipping and segment-range skipping then drop the keys it may not see. Each
+device does 1/s of the attention (device s-1 the most: causal work is not balanced; ring
+attention, a later increment, streams K/V instead of gathering them). Anything else
+(cross-attention, decoding against a cache, T not divisible by s) keeps T and S whole: XLA
+gathers the sequence shards outside and the sequence devices compute the same block.
+
+A dimension that its mesh axes do not divide (heads and kv heads are judged together) is left
+whole on every device rather than refused: training meshes are checked up front
+(sharding.check_divisible, rows padded by generate), so this only spares odd callers. With no
+mesh, or when no dimension splits (every axis of size 1), the kernel is called directly, so a
+model run on one device, in tests or a notebook, does exactly what it did.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
+
+from jaxllm import sharding
+from jaxllm.kernels.attention import attention as kernel_attention
+
+# Logical name → mesh axes, from the one table in sharding.py.
+_MESH_AXES = {name: (axes,) if isinstance(axes, str) else tuple(axes or ())
+              for name, axes in sharding.RULES}
+# check_vma=True rejects both kernels (jax 0.10): a pallas_call's out_shape would have to name
+# its varying axes, and the chunked kernel's lax.cond skip branch returns unvarying constants.
+# Off, shard_map's transpose divides by and sums over the axes a spec leaves out, which is the
+# right gradient for operands replicated over them (tested against one device).
+CHECK_VMA = False
+GAP_SEGMENT = -1  # segment id of the keys that fill the shift: real segment ids are >= 0
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSplit:
+    """Mesh axes of each attention dimension on one mesh; None: whole on every device."""
+
+    batch: tuple[str, ...] | None
+    sequence: tuple[str, ...] | None  # queries split, K/V gathered (self-attention only)
+    heads: tuple[str, ...] | None
+
+    def q(self) -> P:  # q and out [B, T, N, H]
+        return P(self.batch, self.sequence, self.heads, None)
+
+    def rows(self) -> P:  # segment ids [B, T]
+        return P(self.batch, self.sequence)
+
+    def lse(self) -> P:  # [B, T, N]
+        return P(self.batch, self.sequence, self.heads)
+
+
+def _axes_of_type(mesh, axis_type: AxisType) -> tuple[str, ...]:
+    # From the public axis_types rather than AbstractMesh helpers that have moved between
+    # jax releases (0.10 here, 0.11 on the GPU machine).
+    return tuple(a for a, t in zip(mesh.axis_names, mesh.axis_types, strict=True)
+                 if t == axis_type)
+
+
+def _split(mesh, logical: str, *sizes: int) -> tuple[str, ...] | None:
+    """The mesh axes that split dimensions of `sizes` named `logical`, or None (kept whole):
+    only axes of the mesh, larger than 1 and not already manual (inside another shard_map);
+    None too when their product does not divide every size."""
+    manual = _axes_of_type(mesh, AxisType.Manual)
+    axes = tuple(a for a in _MESH_AXES.get(logical, ())
+                 if a in mesh.shape and mesh.shape[a] > 1 and a not in manual)
+    ways = math.prod(mesh.shape[a] for a in axes)
+    if not axes or any(n % ways for n in sizes):
+        return None
+    return axes
+
+
+def attention_split(mesh, B: int, T: int, S: int, N: int, K: int,
+                    causal: bool) -> AttentionSplit | None:
+    """How attention of these sizes splits over `mesh`; None when nothing splits (call the
+    kernel directly)."""
+    if mesh.empty:
+        return None
+    heads = _split(mesh, "heads", N, K)
+    if heads != _split(mesh, "kv_heads", N, K):  # GQA groups must stay whole on a device
+        heads = None
+    # The key shift is a causal offset: only causal self-attention splits its queries.
+    sequence = _split(mesh, "length", T) if causal and T == S else None
+    split = AttentionSplit(_split(mesh, "batch", B), sequence, heads)
+    return None if split == AttentionSplit(None, None, None) else split
+
+
+def _shifted_keys(x_BxSx_: jax.Array, sequence: tuple[str, ...], Tl: int, fill):
+    """This device's view of the gathered keys: the S keys ending at its last query (device i
+    of s sees keys [(i+1)·Tl - S, (i+1)·Tl), those before 0 being `fill`)."""
+    x_BxSx_ = jax.lax.all_gather(x_BxSx_, sequence, axis=1, tiled=True)
+    S = x_BxSx_.shape[1]
+    gap = jnp.full((x_BxSx_.shape[0], S - Tl, *x_BxSx_.shape[2:]), fill, x_BxSx_.dtype)
+    start = jax.lax.axis_index(sequence) * Tl
+    return jax.lax.dynamic_slice_in_dim(jnp.concatenate([gap, x_BxSx_], axis=1), start, S,
+                                        axis=1)
+
+
+def _sequence_local(call, sequence: tuple[str, ...], q, k, v, q_seg, kv_seg):
+    """Per-device body when queries split over `sequence` (see the module docstring)."""
+    B, Tl = q.shape[:2]
+    if q_seg is None:  # the gap needs segment ids to be masked
+        q_seg = jnp.ones((B, Tl), jnp.int32)
+    kv_seg = q_seg if kv_seg is None else kv_seg
+    k, v = (_shifted_keys(x, sequence, Tl, 0) for x in (k, v))
+    kv_seg = _shifted_keys(kv_seg.astype(jnp.int32), sequence, Tl, GAP_SEGMENT)
+    return call(q, k, v, q_seg.astype(jnp.int32), kv_seg)
+
+
+def attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array,
+              segment_ids_BxT: jax.Array | None = None,
+              kv_segment_ids_BxS: jax.Array | None = None, *, impl: str = "auto",
+              causal: bool = True, return_lse: bool = False, **kwargs):
+    """jaxllm.kernels.attention (same arguments and results), run on per-device blocks of the
+    mesh in context; see the module docstring for the blocks."""
+    B, T, N, _ = q_BxTxNxH.shape
+    S, K = k_BxSxKxH.shape[1:3]
+    mesh = jax.sharding.get_abstract_mesh()
+    split = attention_split(mesh, B, T, S, N, K, causal)
+    call = functools.partial(kernel_attention, impl=impl, causal=causal,
+                             return_lse=return_lse, **kwargs)
+    if split is None:
+        return call(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT, kv_segment_ids_BxS)
+    # shard_map takes arrays only: absent segment ids travel as a mask of which are given.
+    operands = (q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT, kv_segment_ids_BxS)
+    given = tuple(x is not None for x in operands)
+    in_specs = tuple(s for s, g in zip((split.q(),) * 3 + (split.rows(),) * 2, given,
+                                       strict=True) if g)
+
+    def local(*blocks):
+        it = iter(blocks)
+        args = [next(it) if g else None for g in given]
+        if split.sequence is None:
+            return call(*args)
+        return _sequence_local(call, split.sequence, *args)
+
+    arrays = [x for x in operands if x is not None]
+    if _axes_of_type(mesh, AxisType.Explicit):  # explicit shardings must equal in_specs
+        arrays = [jax.reshard(x, s) for x, s in zip(arrays, in_specs, strict=True)]
+    out_specs = (split.q(), split.lse()) if return_lse else split.q()
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                         check_vma=CHECK_VMA)(*arrays)
