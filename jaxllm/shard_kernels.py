@@ -20,7 +20,13 @@ follow the logical axes of sharding.RULES, the one table.
 Query heads and kv heads split over the same axes, so each device holds whole GQA groups:
 its N/t query heads read exactly its K/t kv heads (query head n reads kv head n // G).
 
-Sequence (self-attention, T = S, causal): each device keeps its Tl queries and all-gathers
+Sequence, rows in the zigzag layout (declared with `zigzag_rows()` at trace time, as the
+train loop does after laying its batches out by `row_order`): causal self-attention is ring
+attention (jaxllm/ring_attention.py): K/V travel round the `sequence` ring by
+collective-permute, and every device does the same share of the causal work.
+
+Sequence, rows in order (anything else: self-attention, T = S, causal): each device keeps
+its Tl queries and all-gathers
 K/V (and their segment ids) over `sequence` inside the shard_map, then attends to the T keys
 *ending at its last query*: the keys are shifted right by (s-1-i)·Tl on device i, the gap
 filled with keys of segment -1, which no query matches. The kernels put a query block at the
@@ -40,17 +46,22 @@ model run on one device, in tests or a notebook, does exactly what it did.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import math
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 from jaxllm import sharding
 from jaxllm.kernels.attention import attention as kernel_attention
+from jaxllm.ring_attention import ring_attention, zigzag_order
 
 # Logical name → mesh axes, from the one table in sharding.py.
 _MESH_AXES = {name: (axes,) if isinstance(axes, str) else tuple(axes or ())
@@ -116,6 +127,44 @@ def attention_split(mesh, B: int, T: int, S: int, N: int, K: int,
     return None if split == AttentionSplit(None, None, None) else split
 
 
+_ZIGZAG = contextvars.ContextVar("jaxllm_zigzag_rows", default=False)
+
+
+@contextlib.contextmanager
+def zigzag_rows() -> Iterator[None]:
+    """While tracing under it, rows split over `sequence` are in the zigzag layout
+    (`row_order`), and causal self-attention runs as ring attention."""
+    token = _ZIGZAG.set(True)
+    try:
+        yield
+    finally:
+        _ZIGZAG.reset(token)
+
+
+def row_order(mesh, T: int) -> np.ndarray | None:
+    """The token order that rows of T tokens take on `mesh` for ring attention (device r of
+    the s on `sequence` holds chunks r and 2s-1-r of 2s), or None when `sequence` does not
+    split them (then they stay in order)."""
+    axes = _split(mesh, "length", T)
+    if axes is None or len(axes) != 1 or T % (2 * mesh.shape[axes[0]]):
+        return None
+    return zigzag_order(T, mesh.shape[axes[0]])
+
+
+def traced_in_row_order(fn: Callable, order: np.ndarray | None) -> Callable:
+    """`fn`, traced under `zigzag_rows()` when `order` (from `row_order`) is not None: for a
+    step function whose batches are laid out in that order."""
+    if order is None:
+        return fn
+
+    @functools.wraps(fn)
+    def in_zigzag(*args, **kwargs):
+        with zigzag_rows():
+            return fn(*args, **kwargs)
+
+    return in_zigzag
+
+
 def _shifted_keys(x_BxSx_: jax.Array, sequence: tuple[str, ...], Tl: int, fill):
     """This device's view of the gathered keys: the S keys ending at its last query (device i
     of s sees keys [(i+1)·Tl - S, (i+1)·Tl), those before 0 being `fill`)."""
@@ -158,11 +207,23 @@ def attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array,
     in_specs = tuple(s for s, g in zip((split.q(),) * 3 + (split.rows(),) * 2, given,
                                        strict=True) if g)
 
+    zigzag = split.sequence is not None and _ZIGZAG.get()
+    if zigzag and (len(split.sequence) != 1 or T % (2 * mesh.shape[split.sequence[0]])
+                   or kwargs.get("local_window") is not None):
+        raise ValueError(f"rows of {T} tokens declared in the zigzag layout cannot run as ring "
+                         f"attention over {split.sequence} (needs one axis, T divisible by "
+                         "twice its size, no local window)")
+
     def local(*blocks):
         it = iter(blocks)
         args = [next(it) if g else None for g in given]
         if split.sequence is None:
             return call(*args)
+        if zigzag:
+            q, k, v, q_seg, _ = args  # self-attention: the keys' segment ids are the queries'
+            q_seg = jnp.ones(q.shape[:2], jnp.int32) if q_seg is None else q_seg
+            return ring_attention(q, k, v, q_seg, axis_name=split.sequence[0], impl=impl,
+                                  scale=kwargs.get("scale"), return_lse=return_lse)
         return _sequence_local(call, split.sequence, *args)
 
     arrays = [x for x in operands if x is not None]

@@ -27,6 +27,7 @@ from jaxllm.data import eval_batches, make_iterator
 from jaxllm.data.mixture import Position
 from jaxllm.metrics import MetricsWriter, flops_per_token
 from jaxllm.optim import make_optimizer, make_schedule
+from jaxllm.shard_kernels import row_order, traced_in_row_order
 from jaxllm.train.step import TrainState, make_eval_step, make_train_step
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later", what a scheduler should do
@@ -99,13 +100,16 @@ def run_stage(run: Run, span, state: TrainState, resume_data: dict | None,
                               config.optimizer.grad_accum, config.loss.z_loss,
                               config.bad_steps.spike_factor)
     batch_sh = sharding.batch_sharding(run.mesh)
-    train_step = jax.jit(step_fn, donate_argnums=0, out_shardings=(run.state_sh, None))
-    eval_step = jax.jit(make_eval_step(model_cfg))
+    # Split over `sequence`, rows are laid out for ring attention (to_global permutes them).
+    order = row_order(run.mesh, stage.seq_len)
+    train_step = jax.jit(traced_in_row_order(step_fn, order), donate_argnums=0,
+                         out_shardings=(run.state_sh, None))
+    eval_step = jax.jit(traced_in_row_order(make_eval_step(model_cfg), order))
     data = make_iterator(config, span.name, run.tokenizer, split="train", sharding=batch_sh,
                          positions=positions)
     if resume_data is not None:
         data.set_state(resume_data)
-    held_out = [to_global(b, batch_sh)
+    held_out = [to_global(b, batch_sh, order)
                 for b in eval_batches(config, span.name, run.tokenizer, sharding=batch_sh)]
     tokens_per_step = stage.batch_size * stage.seq_len
     flops = flops_per_token(config.model, stage.seq_len)
@@ -136,7 +140,7 @@ def run_stage(run: Run, span, state: TrainState, resume_data: dict | None,
         if drawn - 1 in dropped:
             writer.message(f"step {step}: dropping a batch that caused bad steps")
             continue
-        state, metrics = train_step(state, to_global(batch, batch_sh))
+        state, metrics = train_step(state, to_global(batch, batch_sh, order))
         done, step = step + 1, step + 1
         writer.advance()
         # Read the previous step's flag: by now it is computed, so this never stalls the device.
@@ -223,7 +227,12 @@ def _restore_after_bad_steps(run: Run, span, state: TrainState, bad_steps: list[
     return state, data, drop, start
 
 
-def to_global(batch: dict[str, np.ndarray], batch_sh) -> dict[str, jax.Array]:
+def to_global(batch: dict[str, np.ndarray], batch_sh, order: np.ndarray | None = None
+              ) -> dict[str, jax.Array]:
     """This process's rows of the batch (`make_iterator(..., sharding=batch_sh)` reads exactly
-    the rows its devices hold) → global arrays over the mesh's batch axes."""
+    the rows its devices hold) → global arrays over the mesh's batch axes; with `order`
+    (shard_kernels.row_order), each row's tokens in that order. Every token's loss is its
+    own, so the order changes no loss or gradient, only which device holds which token."""
+    if order is not None:
+        batch = {k: v[:, order] for k, v in batch.items()}
     return {k: jax.make_array_from_process_local_data(batch_sh, v) for k, v in batch.items()}
