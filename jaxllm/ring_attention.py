@@ -53,8 +53,14 @@ def visible_chunk_pairs(devices: int) -> list[int]:
 def _merge(acc, part):
     """Two partial attentions of the same queries (out float32 [B, T, N, H], lse [B, T, N])."""
     (out_a, lse_a), (out_b, lse_b) = acc, part
-    lse = jnp.logaddexp(lse_a, lse_b)
-    safe = jnp.where(jnp.isneginf(lse), 0.0, lse)  # rows that saw nothing yet stay 0
+    # Rows that saw nothing in either part (lse -inf in both) stay 0 with lse -inf, and every
+    # derivative stays finite: the shift m cancels, and the log is of a sum made 1 there.
+    m = jax.lax.stop_gradient(jnp.maximum(lse_a, lse_b))
+    m = jnp.where(jnp.isneginf(m), 0.0, m)
+    total = jnp.exp(lse_a - m) + jnp.exp(lse_b - m)
+    seen = total > 0
+    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, total, 1.0)), -jnp.inf)
+    safe = jnp.where(seen, lse, 0.0)
     weight = lambda x: jnp.exp(x - safe)[..., None]
     return out_a * weight(lse_a) + out_b.astype(jnp.float32) * weight(lse_b), lse
 
@@ -74,23 +80,28 @@ def ring_attention(q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Ar
     kernel = lambda q, k, v, qs, ks, causal: attention(
         q, k, v, qs, ks, impl=impl, causal=causal, scale=scale, return_lse=True)
 
-    def with_rows(rows: slice, out_lse):
-        """A partial attention of some query rows, padded to all T (zeros, lse -inf)."""
-        out, lse = out_lse
-        B, _, N, H = q_BxTxNxH.shape
-        full_out = jnp.zeros((B, T, N, H), out.dtype).at[:, rows].set(out)
-        return full_out, jnp.full((B, T, N), -jnp.inf, lse.dtype).at[:, rows].set(lse)
-
     def step(j, k, v, kv_seg):
         if not causal:
             return kernel(q_BxTxNxH, k, v, segment_ids_BxT, kv_seg, False)
         if j == 0:
             return kernel(q_BxTxNxH, k, v, segment_ids_BxT, kv_seg, True)
-        earlier = lambda: kernel(q_BxTxNxH, k[:, :c], v[:, :c], segment_ids_BxT,
-                                 kv_seg[:, :c], False)
-        later = lambda: with_rows(slice(c, T), kernel(
-            q_BxTxNxH[:, c:], k, v, segment_ids_BxT[:, c:], kv_seg, False))
-        return jax.lax.cond((r - j) % s < r, earlier, later)
+        # Two c × c calls whose operands a select picks: a lax.cond around the kernels would
+        # make autodiff store every block's scores (its partial evaluation of both branches
+        # sees through the kernels' custom VJPs).
+        earlier = (r - j) % s < r
+        pick = lambda a, b: jnp.where(earlier, a, b)
+        halves = lambda x: (x[:, :c], x[:, c:])
+        (q1, q2), (s1, s2) = halves(q_BxTxNxH), halves(segment_ids_BxT)
+        (k1, k2), (v1, v2), (t1, t2) = halves(k), halves(v), halves(kv_seg)
+        # earlier (src < r): first chunk of queries and second, each over src's first chunk;
+        # later (src > r): second chunk of queries over src's first chunk and its second.
+        a = kernel(pick(q1, q2), k1, v1, pick(s1, s2), t1, False)
+        b = kernel(q2, pick(k1, k2), pick(v1, v2), s2, pick(t1, t2), False)
+        later_out, later_lse = _merge((a[0].astype(jnp.float32), a[1]), b)
+        first = (pick(a[0].astype(jnp.float32), 0.0), pick(a[1], -jnp.inf))
+        second = (pick(b[0].astype(jnp.float32), later_out), pick(b[1], later_lse))
+        return (jnp.concatenate([first[0], second[0]], axis=1),
+                jnp.concatenate([first[1], second[1]], axis=1))
 
     ring = [(i, (i + 1) % s) for i in range(s)]
     kv = (k_BxTxKxH, v_BxTxKxH, segment_ids_BxT)

@@ -134,9 +134,13 @@ def _forward(q, k, v, q_seg, kv_seg, cfg: ChunkedConfig):
         init = (jnp.full((B, K, rows), MASK_VALUE, jnp.float32),
                 jnp.zeros((B, K, rows), jnp.float32), jnp.zeros((B, K, rows, H), jnp.float32))
         lo, hi = cfg.mask.kv_block_range(i, cfg.block_q, cfg.block_k, nk)
+        # Traced bounds: a while loop, never a scan. Under a scanned model, autodiff's partial
+        # evaluation of a shard_map holding this kernel (ring attention's non-causal calls)
+        # would otherwise keep every block's scores of a static-bound scan as residuals, which
+        # the custom VJP never needs: 8 GiB instead of 70 MiB at 32K tokens.
         m, l, acc = jax.lax.fori_loop(
-            lo, hi, lambda j, st: _if_same_document(ranges, i, j, functools.partial(visit, j), st),
-            init)
+            jnp.asarray(lo, jnp.int32), jnp.asarray(hi, jnp.int32),
+            lambda j, st: _if_same_document(ranges, i, j, functools.partial(visit, j), st), init)
         # A row that saw no key still has m == MASK_VALUE and a meaningless sum.
         seen = m > 0.5 * MASK_VALUE
         l_safe = jnp.where(seen, l, 1.0)
