@@ -133,8 +133,10 @@ def ring_blocks(B: int, Tl: int, N: int, K: int) -> set:
     ("pallas", ("data", "tensor", "fsdp"), 32, {((2, 32, 2, 16), (2, 32, 1, 16))}),
     ("chunked", ("data", "tensor", "fsdp"), 32, {((2, 32, 2, 16), (2, 32, 1, 16))}),
     ("pallas", ("data", "tensor", "sequence"), 32, ring_blocks(4, 16, 2, 1)),
+    ("chunked", ("data", "tensor", "sequence"), 32, ring_blocks(4, 16, 2, 1)),
     ("chunked", ("data", "sequence", "sequence"), 4096, ring_blocks(1, 1024, 4, 2)),
-], ids=["pallas-fsdp", "chunked-fsdp", "pallas-sequence", "chunked-sequence4-4096"])
+], ids=["pallas-fsdp", "chunked-fsdp", "pallas-sequence", "chunked-sequence",
+        "chunked-sequence4-4096"])
 def test_sharded_train_step_equals_one_device(impl, axes, seq_len, blocks, monkeypatch):
     """tiny:smoke (B=8, T=32, N=4, K=2) on data2×tensor2×(fsdp2 or sequence2), and B=2 rows
     of 4,096 packed tokens on data2×sequence4, vs one device: the kernel runs on per-device
