@@ -9,6 +9,9 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from timing import is_number  # noqa: E402  (a table cell that holds a measurement)
+
 SCRIPT = os.path.join(ROOT, "benchmarks", "device_check.sh")
 STEPS = ("install", "env", "kernel_tests", "attention", "gmm", "train_step")
 
@@ -28,14 +31,6 @@ def table_rows(log: str) -> dict[str, list[str]]:
             cells = cells[1:]
         rows.setdefault(cells[0], []).extend(cells[1:])
     return rows
-
-
-def is_number(cell: str) -> bool:
-    try:
-        float(cell)
-    except ValueError:
-        return False
-    return True
 
 
 @pytest.fixture(scope="module")
