@@ -59,6 +59,26 @@ def measure_peak_flops(dtype: str, size: int = 2048, repeats: int = 5) -> float:
     return peak
 
 
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter, imported only where needed (process 0).
+
+    tensorboardX imports torch, when it is installed, only to accept torch tensors: 2-4 s at
+    every start of a run. This writer passes it Python numbers, so torch is hidden for that
+    import (unless something imported it already) and stays importable afterwards.
+    """
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # `import torch` raises ImportError: tensorboardX goes without
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if sys.modules.get("torch", 0) is None:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricsWriter:
     """metrics.jsonl (appended on resume), TensorBoard events and progress, on process 0."""
 
@@ -69,9 +89,7 @@ class MetricsWriter:
             return
         os.makedirs(workdir, exist_ok=True)
         self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-        from tensorboardX import SummaryWriter  # only process 0 needs it
-
-        self.tb = SummaryWriter(logdir=workdir)
+        self.tb = _summary_writer_class()(logdir=workdir)
         if sys.stderr.isatty():
             from tqdm import tqdm
 

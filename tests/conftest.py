@@ -1,9 +1,31 @@
-"""Test defaults: CPU, float32 matmuls at full precision, fake devices for mesh tests."""
+"""Test defaults: CPU, float32 matmuls at full precision, fake devices for mesh tests.
 
+One persistent compilation cache for the whole session, in a fresh temporary folder, shared
+with every `python -m jaxllm.main` the tests start (they inherit the environment): most of a
+smoke run's time is compiling the same few steps again. Every compile is cached, however
+quick, on CPU too. A cached executable is the one compiled for the same program, jaxlib,
+options and devices (the key hashes them all; the fake device count changes the program's
+devices, multi-process runs have keys of their own), so bitwise comparisons between runs hold.
+A folder that cannot be written only costs the cache: JAX warns and compiles.
+"""
+
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    try:
+        _cache_dir = tempfile.mkdtemp(prefix="jaxllm-test-jax-cache-")
+    except OSError:  # no writable temporary folder: run without the cache
+        pass
+    else:
+        atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 import jax  # noqa: E402
 

@@ -57,9 +57,26 @@ def by_step(workdir):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("uninterrupted")
-    run(workdir)
-    return by_step(workdir)
+    """The records of a run that nothing stops, a function that waits for it. The run starts
+    at once, beside the first test's own: each compiles while the other computes."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    workdir = root / "run"
+    with open(root / "output.log", "w+") as log:
+        proc = subprocess.Popen(command(workdir), cwd=ROOT, env=env(), text=True, stdout=log,
+                                stderr=subprocess.STDOUT)
+        records = {}
+
+        def wait():
+            if not records:
+                proc.wait(timeout=600)
+                log.seek(0)
+                assert proc.returncode == 0, log.read()[-3000:]
+                records.update(by_step(workdir))
+            return records
+
+        yield wait
+        proc.kill()  # (only if a test failed before waiting for it)
+        proc.wait()
 
 
 def test_sigkill_then_resume_is_bitwise_exact(uninterrupted, tmp_path):
@@ -77,7 +94,7 @@ def test_sigkill_then_resume_is_bitwise_exact(uninterrupted, tmp_path):
     proc.wait()
     result = run(tmp_path)
     assert "resumed from step" in result.stdout
-    resumed = by_step(tmp_path)
+    resumed, uninterrupted = by_step(tmp_path), uninterrupted()
     assert sorted(resumed) == sorted(uninterrupted) == list(range(1, 13))
     for step, record in uninterrupted.items():
         assert resumed[step]["loss"] == record["loss"], step  # bitwise: float32 on CPU
@@ -99,14 +116,14 @@ def test_sigterm_saves_and_exits_then_resumes_in_long_context(uninterrupted, tmp
     result = run(tmp_path)
     assert f"resumed from step {saved} (long_context)" in result.stdout
     assert "stage long_context: steps 8..9, seq_len 64, batch 2, rope_theta 1e+06" in result.stdout
-    resumed = by_step(tmp_path)
+    resumed, uninterrupted = by_step(tmp_path), uninterrupted()
     for step in range(saved + 1, 13):
         assert resumed[step]["lr"] == uninterrupted[step]["lr"]
         assert resumed[step]["loss"] == uninterrupted[step]["loss"]
     assert resumed[10]["stage"] == "long_context" and resumed[11]["stage"] == "anneal"
 
 
-def test_a_changed_safe_setting_is_accepted_with_a_warning(uninterrupted, tmp_path):
+def test_a_changed_safe_setting_is_accepted_with_a_warning(tmp_path):
     run(tmp_path, "--config.stages.anneal.steps=1")
     result = run(tmp_path, "--config.stages.anneal.steps=2", "--config.model.remat=full")
     assert "config.model.remat" in result.stderr and "resumed from step 11" in result.stdout
