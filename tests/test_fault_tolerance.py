@@ -80,12 +80,12 @@ def run_numbered(monkeypatch, config, workdir, bad=None, absent=None):
         inner = real_iterator(config, stage_name, *args, **kwargs)
         return Numbered(inner, bad.get(stage_name, ()), absent.get(stage_name, ()))
 
-    def to_global(batch, batch_sh):  # the loop calls it on exactly the batches it trains on
+    def to_global(batch, batch_sh, order=None):  # called on exactly the batches it trains on
         if "number" in batch:
             batch = dict(batch)
             trained.append(batch.pop("number"))
             assert len(trained) < RUNAWAY, f"a restore loop? trained on {trained}"
-        return real_to_global(batch, batch_sh)
+        return real_to_global(batch, batch_sh, order)
 
     monkeypatch.setattr(loop, "make_iterator", numbered_iterator)
     monkeypatch.setattr(loop, "to_global", to_global)
