@@ -19,12 +19,22 @@ ids are global, so equal ids mean the same document on any two devices.
 
 Without causality every step is all of T × T, with any layout.
 
-The backward is autodiff through the steps: the kernels' VJPs take the log-sum-exp cotangent
-that the merge produces. Every received block is a residual, so keys and values cost s blocks
-per layer in the backward, queries and outputs one.
+The backward (a custom VJP) keeps only this device's blocks and the merged output and
+log-sum-exp, so its memory is linear in T, not in s·T. It sends the key/value blocks round the
+ring again, now with their gradient accumulators: at each step it recomputes that step's
+partial attention and pulls back through it the cotangents that the merge gives it,
+
+    w = exp(lse_j - lse),  d out_j = w · d out,  d lse_j = w · (d out · (out_j - out) + d lse),
+
+then adds dq here and dk, dv to the travelling accumulators, which one last hop brings home.
+The recompute costs one more attention forward per layer, the price of not keeping s blocks
+(with `remat`, the model pays it anyway for every other layer op).
 """
 
 from __future__ import annotations
+
+import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -71,46 +81,110 @@ def ring_attention(q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Ar
     """Attention of this device's queries over the keys of every device on `axis_name`; call
     inside `jax.shard_map` with the row split over that axis, in the zigzag layout when
     `causal`. Same results as `jaxllm.kernels.attention` on the whole row (in that order)."""
-    s = jax.lax.axis_size(axis_name)
-    r = jax.lax.axis_index(axis_name)
-    T = q_BxTxNxH.shape[1]
-    if causal and T % 2:
-        raise ValueError(f"{T} tokens per device do not split into the zigzag's two chunks")
-    c = T // 2
-    kernel = lambda q, k, v, qs, ks, causal: attention(
-        q, k, v, qs, ks, impl=impl, causal=causal, scale=scale, return_lse=True)
-
-    def step(j, k, v, kv_seg):
-        if not causal:
-            return kernel(q_BxTxNxH, k, v, segment_ids_BxT, kv_seg, False)
-        if j == 0:
-            return kernel(q_BxTxNxH, k, v, segment_ids_BxT, kv_seg, True)
-        # Two c × c calls whose operands a select picks: a lax.cond around the kernels would
-        # make autodiff store every block's scores (its partial evaluation of both branches
-        # sees through the kernels' custom VJPs).
-        earlier = (r - j) % s < r
-        pick = lambda a, b: jnp.where(earlier, a, b)
-        halves = lambda x: (x[:, :c], x[:, c:])
-        (q1, q2), (s1, s2) = halves(q_BxTxNxH), halves(segment_ids_BxT)
-        (k1, k2), (v1, v2), (t1, t2) = halves(k), halves(v), halves(kv_seg)
-        # earlier (src < r): first chunk of queries and second, each over src's first chunk;
-        # later (src > r): second chunk of queries over src's first chunk and its second.
-        a = kernel(pick(q1, q2), k1, v1, pick(s1, s2), t1, False)
-        b = kernel(q2, pick(k1, k2), pick(v1, v2), s2, pick(t1, t2), False)
-        later_out, later_lse = _merge((a[0].astype(jnp.float32), a[1]), b)
-        first = (pick(a[0].astype(jnp.float32), 0.0), pick(a[1], -jnp.inf))
-        second = (pick(b[0].astype(jnp.float32), later_out), pick(b[1], later_lse))
-        return (jnp.concatenate([first[0], second[0]], axis=1),
-                jnp.concatenate([first[1], second[1]], axis=1))
-
-    ring = [(i, (i + 1) % s) for i in range(s)]
-    kv = (k_BxTxKxH, v_BxTxKxH, segment_ids_BxT)
-    acc = None
-    for j in range(s):
-        nxt = jax.lax.ppermute(kv, axis_name, ring) if j + 1 < s else None  # overlaps the step
-        out, lse = step(j, *kv)
-        acc = (out.astype(jnp.float32), lse) if acc is None else _merge(acc, (out, lse))
-        kv = nxt
-    out, lse = acc
+    if causal and q_BxTxNxH.shape[1] % 2:
+        raise ValueError(f"{q_BxTxNxH.shape[1]} tokens per device do not split into the "
+                         "zigzag's two chunks")
+    out, lse = _ring(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT,
+                     _Ring(axis_name, causal, impl, scale))
     out = out.astype(q_BxTxNxH.dtype)
     return (out, lse) if return_lse else out
+
+
+class _Ring(NamedTuple):
+    axis_name: str
+    causal: bool
+    impl: str
+    scale: float | None
+
+
+def _step(cfg: _Ring, j: int | jax.Array, q_BxTxNxH, segment_ids_BxT, k, v, kv_seg):
+    """Partial attention (out float32, lse) of the local queries over the block that step j
+    holds: device (r - j) mod s's keys. j is the int 0 or a traced step of the loop."""
+    kernel = lambda q, k, v, qs, ks, causal: attention(
+        q, k, v, qs, ks, impl=cfg.impl, causal=causal, scale=cfg.scale, return_lse=True)
+    if not cfg.causal or isinstance(j, int):
+        out, lse = kernel(q_BxTxNxH, k, v, segment_ids_BxT, kv_seg, cfg.causal)
+        return out.astype(jnp.float32), lse
+    s = jax.lax.axis_size(cfg.axis_name)
+    r = jax.lax.axis_index(cfg.axis_name)
+    c = q_BxTxNxH.shape[1] // 2
+    # Two c × c calls whose operands a select picks: a lax.cond around the kernels would
+    # make autodiff store every block's scores (its partial evaluation of both branches
+    # sees through the kernels' custom VJPs).
+    earlier = (r - j) % s < r
+    pick = lambda a, b: jnp.where(earlier, a, b)
+    halves = lambda x: (x[:, :c], x[:, c:])
+    (q1, q2), (s1, s2) = halves(q_BxTxNxH), halves(segment_ids_BxT)
+    (k1, k2), (v1, v2), (t1, t2) = halves(k), halves(v), halves(kv_seg)
+    # earlier (src < r): first chunk of queries and second, each over src's first chunk;
+    # later (src > r): second chunk of queries over src's first chunk and its second.
+    a = kernel(pick(q1, q2), k1, v1, pick(s1, s2), t1, False)
+    b = kernel(q2, pick(k1, k2), pick(v1, v2), s2, pick(t1, t2), False)
+    later_out, later_lse = _merge((a[0].astype(jnp.float32), a[1]), b)
+    first = (pick(a[0].astype(jnp.float32), 0.0), pick(a[1], -jnp.inf))
+    second = (pick(b[0].astype(jnp.float32), later_out), pick(b[1], later_lse))
+    return (jnp.concatenate([first[0], second[0]], axis=1),
+            jnp.concatenate([first[1], second[1]], axis=1))
+
+
+def _pass(cfg: _Ring, x):
+    """One hop round the ring: device i's `x` goes to device i + 1."""
+    s = jax.lax.axis_size(cfg.axis_name)
+    return jax.lax.ppermute(x, cfg.axis_name, [(i, (i + 1) % s) for i in range(s)])
+
+
+def _ring_steps(cfg: _Ring, kv, carry, body):
+    """carry = body(j, kv_j, carry) for j = 0 .. s-1, where kv_j is the block that device
+    r - j sent. Step 0 is unrolled (causal, it is the only one with a causal mask); the rest
+    is one loop, so memory does not grow with s. Each step sends its block on before it
+    computes, so the transfer overlaps the compute (the last send is spare: s hops, not s-1)."""
+    s = jax.lax.axis_size(cfg.axis_name)
+    nxt = _pass(cfg, kv)
+    carry = body(0, kv, carry)
+
+    def later(j, state):
+        kv, carry = state
+        nxt = _pass(cfg, kv)
+        return nxt, body(j, kv, carry)
+
+    return jax.lax.fori_loop(1, s, later, (nxt, carry))[1]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _ring(q, k, v, seg, cfg: _Ring):
+    return _ring_fwd(q, k, v, seg, cfg)[0]
+
+
+def _ring_fwd(q, k, v, seg, cfg: _Ring):
+    B, T, N, _ = q.shape
+    acc = (jnp.zeros(q.shape, jnp.float32), jnp.full((B, T, N), -jnp.inf, jnp.float32))
+    out, lse = _ring_steps(cfg, (k, v, seg), acc,
+                           lambda j, kv, acc: _merge(acc, _step(cfg, j, q, seg, *kv)))
+    return (out, lse), (q, k, v, seg, out, lse)
+
+
+def _ring_bwd(cfg: _Ring, residuals, cotangents):
+    q, k, v, seg, out, lse = residuals
+    d_out, d_lse = cotangents
+    d_out = d_out.astype(jnp.float32)
+    d_out_dot_out = jnp.einsum("btnh,btnh->btn", d_out, out)
+    # Rows that saw nothing (lse -inf) get no gradient: their weights are 0.
+    safe_lse = jnp.where(jnp.isneginf(lse), jnp.inf, lse)
+
+    def body(j, kv, carry):
+        dq, dk, dv = carry
+        (out_j, lse_j), pull = jax.vjp(
+            lambda q, k, v: _step(cfg, j, q, seg, k, v, kv[2]), q, kv[0], kv[1])
+        w = jnp.exp(lse_j - safe_lse)
+        d_lse_j = w * (jnp.einsum("btnh,btnh->btn", d_out, out_j) - d_out_dot_out + d_lse)
+        dq_j, dk_j, dv_j = pull((w[..., None] * d_out, d_lse_j))
+        # The block's gradient travels with it; after step s - 1 one more hop takes it home.
+        dk, dv = _pass(cfg, (dk + dk_j.astype(jnp.float32), dv + dv_j.astype(jnp.float32)))
+        return dq + dq_j.astype(jnp.float32), dk, dv
+
+    zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
+    dq, dk, dv = _ring_steps(cfg, (k, v, seg), (zeros(q), zeros(k), zeros(v)), body)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_ring.defvjp(_ring_fwd, _ring_bwd)

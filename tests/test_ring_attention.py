@@ -150,7 +150,7 @@ def compiled_train_step(sequence: int, T: int = 32768):
 def test_a_32k_step_on_sequence_4_moves_kv_by_permute_in_a_third_of_the_memory():
     one, four = compiled_train_step(1), compiled_train_step(4)
     ratio = four.memory_analysis().temp_size_in_bytes / one.memory_analysis().temp_size_in_bytes
-    assert ratio <= 1 / 3, ratio  # measured 0.32 (remat full; 0.39 with remat none)
+    assert ratio <= 1 / 3, ratio  # measured 0.25 (remat full; 0.32 before the custom VJP)
     hlo = four.as_text()
     assert "collective-permute" in hlo
     # What is gathered is parameters (FSDP over fsdp × sequence): no gathered array has a
@@ -159,3 +159,21 @@ def test_a_32k_step_on_sequence_4_moves_kv_by_permute_in_a_third_of_the_memory()
     assert gathered
     for dims in gathered:
         assert max(map(int, dims.split(",")), default=0) < 32768 // 4, dims
+
+
+def test_backward_memory_does_not_grow_with_the_ring():
+    """The custom VJP keeps this device's blocks only: with T tokens per device, a ring of 8
+    needs no more temp memory than a ring of 4 (autodiff kept every received block: 1.6×
+    and 2.2× the ring of 2 at s = 4 and 8 on these shapes)."""
+    B, T, N, K, H = 1, 1024, 4, 2, 32
+
+    def temp_bytes(s):
+        x = jax.ShapeDtypeStruct((B, T * s, N, H), jnp.float32)
+        kv = jax.ShapeDtypeStruct((B, T * s, K, H), jnp.float32)
+        seg = jax.ShapeDtypeStruct((B, T * s), jnp.int32)
+        grad = jax.jit(jax.grad(lambda q, k, v, seg: jnp.sum(
+            ring_in_layout(s, True, "chunked")(q, k, v, seg)[0]), argnums=(0, 1, 2)))
+        return grad.lower(x, kv, kv, seg).compile().memory_analysis().temp_size_in_bytes
+
+    four, eight = temp_bytes(4), temp_bytes(8)
+    assert eight <= 1.05 * four, (four, eight)
