@@ -55,6 +55,7 @@ def model_defaults() -> mc.ConfigDict:
             router_aux_loss_coef=0.001,
             router_z_loss_coef=0.0,
             decoder_sparse_step=1,
+            moe_capacity_factor=0.0,  # 0: dropless; else each expert takes ≤ cf·N·K/E copies
             dtype="bfloat16",
             param_dtype="float32",
             remat="full",
@@ -268,8 +269,12 @@ def _check_model(m: mc.ConfigDict, prefix: str) -> None:
               f"{m.rope_scaling.type!r} is not built yet; use 'none'")
     if m.dca.enabled:
         _fail(f"{prefix}.dca.enabled", "dual chunk attention is not built yet")
-    if m.family == "qwen2_moe" or m.num_experts:
-        _fail(f"{prefix}.family", "mixture-of-experts models are not built yet; use qwen2 or llama")
+    if (m.family == "qwen2_moe") != (m.num_experts > 0):
+        _fail(f"{prefix}.num_experts", f"{m.num_experts} experts with family={m.family!r}: a "
+              "qwen2_moe model needs num_experts >= 1, and only qwen2_moe has experts")
+    if m.num_experts and m.num_layers % m.decoder_sparse_step:
+        _fail(f"{prefix}.decoder_sparse_step", f"{m.decoder_sparse_step} does not divide "
+              f"num_layers={m.num_layers} (layers run in groups that end in a sparse layer)")
 
 
 def validate_model(m: mc.ConfigDict, prefix: str = "model") -> None:

@@ -148,6 +148,7 @@ RULES: dict[str, Rule] = {
     "model.router_aux_loss_coef": RATE,
     "model.router_z_loss_coef": RATE,
     "model.decoder_sparse_step": SIZE,
+    "model.moe_capacity_factor": RATE,  # 0: dropless
     "model.dtype": choice(*DTYPES),
     "model.param_dtype": choice(*DTYPES),
     "model.remat": choice(*REMAT),

@@ -19,7 +19,7 @@ tokens whose probability reaches p), the order transformers applies them in.
 A model larger than one device decodes on a mesh (`load_model(..., mesh="tensor:4,fsdp:2")`,
 `--mesh=tensor:4,fsdp:2`, or `mesh=`): the params take their training shardings
 (jaxllm/sharding.py), the cache splits its kv heads over `tensor` and its rows over
-data×fsdp, and the batch is padded to a multiple of data×fsdp.
+data×fsdp×expert, and the batch is padded to a multiple of it.
 """
 
 from __future__ import annotations
@@ -144,8 +144,8 @@ def generate_ids(model_config, params: dict, prompts: Sequence[Sequence[int]],
         params = jax.device_put(params, sharding.param_shardings(abstract_params(cfg), mesh))
     else:
         mesh = _mesh_of(params)  # already placed there: nothing to move
-    if mesh is not None:  # whole rows per data×fsdp shard: pad with 1-token prompts
-        ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    if mesh is not None:  # whole rows per data×fsdp×expert shard: pad with 1-token prompts
+        ways = sharding.batch_ways(mesh)
         prompts = list(prompts) + [[0]] * (-rows % ways)
     B, P = len(prompts), _bucket(max(lengths))
     tokens_BxP = np.zeros((B, P), np.int32)

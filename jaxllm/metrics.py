@@ -18,13 +18,28 @@ import ml_collections as mc
 PEAK_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "jaxllm", "peak_flops.json")
 
 
-def flops_per_token(model_cfg: mc.ConfigDict, seq_len: int) -> float:
-    """Training FLOPs per token, PaLM's count: 6·(matmul params) + 12·L·N·H·T (attention)."""
+def ffn_widths(model_cfg: mc.ConfigDict) -> tuple[float, float]:
+    """(all, active per token) SwiGLU widths summed over layers: a dense layer counts F, a
+    sparse one E·F_e + F_shared, of which K·F_e + F_shared run for a token."""
     m = model_cfg
-    D, L, N, K, H, F, V = (m.hidden_size, m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim,
-                           m.intermediate_size, m.vocab_size)
-    per_layer = D * (N + 2 * K) * H + N * H * D + 3 * D * F
-    matmul_params = L * per_layer + D * V  # the output head is a matmul even when tied
+    if not m.num_experts:
+        return (m.num_layers * m.intermediate_size,) * 2
+    sparse = m.num_layers // m.decoder_sparse_step
+    dense = (m.num_layers - sparse) * m.intermediate_size
+    shared = sparse * m.shared_expert_intermediate_size
+    return (dense + shared + sparse * m.num_experts * m.moe_intermediate_size,
+            dense + shared + sparse * m.num_experts_per_tok * m.moe_intermediate_size)
+
+
+def flops_per_token(model_cfg: mc.ConfigDict, seq_len: int) -> float:
+    """Training FLOPs per token, PaLM's count: 6·(matmul params) + 12·L·N·H·T (attention);
+    for MoE models the matmul params a token uses (its K experts, the shared expert, router)."""
+    m = model_cfg
+    D, L, N, K, H, V = (m.hidden_size, m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim,
+                        m.vocab_size)
+    router = (L // m.decoder_sparse_step) * D * (m.num_experts + 1) if m.num_experts else 0
+    matmul_params = (L * (D * (N + 2 * K) * H + N * H * D) + 3 * D * ffn_widths(m)[1] + router
+                     + D * V)  # the output head is a matmul even when tied
     return 6.0 * matmul_params + 12.0 * L * N * H * seq_len
 
 

@@ -21,7 +21,7 @@ from jax.sharding import AbstractMesh, AxisType
 
 from jaxllm import sharding
 from jaxllm.config import ConfigError, stage_names, validate
-from jaxllm.metrics import flops_per_token
+from jaxllm.metrics import ffn_widths, flops_per_token
 from jaxllm.model import abstract_params
 
 ACCELERATORS = {"v5p": 95e9, "v6e": 32e9, "h100": 80e9}  # bytes of memory per chip
@@ -36,11 +36,14 @@ def _bytes(dtype: str) -> int:
 def activation_bytes(config: mc.ConfigDict, stage_name: str, axes: dict[str, int]) -> float:
     """Peak activation memory of one device in one micro-batch's forward + backward."""
     m, s = config.model, config.stages[stage_name]
-    B = s.batch_size / config.optimizer.grad_accum / (axes["data"] * axes["fsdp"])
+    B = s.batch_size / config.optimizer.grad_accum / math.prod(axes[a] for a in sharding.BATCH_AXES)
     T, S = s.seq_len / axes["sequence"], s.seq_len
     tp = axes["tensor"]
     D, L, H, a = m.hidden_size, m.num_layers, m.head_dim, _bytes(m.dtype)
-    N, K, F, V = m.num_heads / tp, m.num_kv_heads / tp, m.intermediate_size / tp, m.vocab_size / tp
+    # F: the SwiGLU width a token runs through in one layer (MoE: its K experts and the shared
+    # one, plus its K dispatched copies of D, counted as F/2 each below).
+    F = ffn_widths(m)[1] / L / tp + (2 * m.num_experts_per_tok * D / 4 if m.num_experts else 0)
+    N, K, V = m.num_heads / tp, m.num_kv_heads / tp, m.vocab_size / tp
     # Attention's T×S float32 scores and probabilities with plain XLA softmax; the blockwise
     # kernels hold one block of keys (at most 512) at a time instead.
     scores = 2 * 4 * N * T * (S if m.attention_impl == "xla" else min(S, 512))
@@ -94,7 +97,8 @@ def make_plan(config: mc.ConfigDict, num_devices: int) -> dict:
     first = next(iter(stages.values()), {"seq_len": 4096})
     return {
         "params_total": total,
-        "params_active": total,  # dense: every parameter is used for every token
+        # MoE: a token runs through K of the E experts of each sparse layer.
+        "params_active": total - 3 * m.hidden_size * (ffn_widths(m)[0] - ffn_widths(m)[1]),
         "flops_per_token": flops_per_token(m, first["seq_len"]),
         "devices": num_devices,
         "mesh": axes,

@@ -19,11 +19,13 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from jaxllm.config import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert", "sequence")
+BATCH_AXES = ("data", "fsdp", "expert")  # the mesh axes that split a batch's rows
 
 RULES = (
-    # Activations: rows over data and fsdp, tokens over sequence; the residual stream's D is
-    # whole on each device (tensor parallelism splits heads and F inside a layer).
-    ("batch", ("data", "fsdp")),
+    # Activations: rows over data, fsdp and expert (outside the MoE layers expert devices are
+    # data parallel), tokens over sequence; the residual stream's D is whole on each device
+    # (tensor parallelism splits heads and F inside a layer).
+    ("batch", BATCH_AXES),
     ("length", "sequence"),
     ("act_embed", None),
     # Parameters: FSDP splits D over fsdp and sequence together, so that sequence-parallel
@@ -36,7 +38,9 @@ RULES = (
     ("head_dim", None),
     ("norm", None),  # norm scales are D floats: replicating them costs nothing
     ("layers", None),
-    ("expert", "expert"),
+    ("expert", "expert"),  # MoE: experts over expert, each expert's F over tensor
+    ("expert_mlp", "tensor"),
+    ("router", None),  # the router's E columns and the shared-expert gate's one
 )
 
 
@@ -60,7 +64,9 @@ def check_divisible(config: mc.ConfigDict, sizes: tuple[int, ...]) -> None:
     axes = dict(zip(MESH_AXES, sizes, strict=True))
     m = config.model
     checks = [("tensor", f"model.{k}", m[k]) for k in
-              ("num_heads", "num_kv_heads", "intermediate_size", "vocab_size")]
+              ("num_heads", "num_kv_heads", "intermediate_size", "vocab_size",
+               "moe_intermediate_size", "shared_expert_intermediate_size")]
+    checks.append(("expert", "model.num_experts", m.num_experts))
     axes["fsdp×sequence"] = axes["fsdp"] * axes["sequence"]
     checks.append(("fsdp×sequence", "model.hidden_size", m.hidden_size))
     for name in config.stages.keys():
@@ -69,13 +75,16 @@ def check_divisible(config: mc.ConfigDict, sizes: tuple[int, ...]) -> None:
         if value % axes[axis]:
             raise ConfigError(f"config.{key}={value} does not split over mesh axis {axis!r} of "
                               f"size {axes[axis]}; choose config.mesh sizes dividing {value}")
-    batch_ways = axes["data"] * axes["fsdp"] * config.optimizer.grad_accum
+    if axes["expert"] > 1 and not m.num_experts:
+        raise ConfigError(f"config.mesh.expert={axes['expert']} needs a mixture-of-experts "
+                          "model (model.num_experts > 0); use data for a dense model")
+    ways = math.prod(axes[a] for a in BATCH_AXES)
     for name in config.stages.keys():
         rows = config.stages[name].batch_size
-        if config.stages[name].steps and rows % batch_ways:
+        if config.stages[name].steps and rows % (ways * config.optimizer.grad_accum):
             raise ConfigError(
-                f"config.stages.{name}.batch_size: {rows} rows do not split over mesh data×fsdp="
-                f"{axes['data'] * axes['fsdp']} times optimizer.grad_accum="
+                f"config.stages.{name}.batch_size: {rows} rows do not split over mesh "
+                f"data×fsdp×expert={ways} times optimizer.grad_accum="
                 f"{config.optimizer.grad_accum}")
 
 
@@ -95,8 +104,13 @@ def param_shardings(abstract_boxed_params, mesh: Mesh):
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Batch rows over (data, fsdp); every other dimension replicated."""
-    return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    """Batch rows over (data, fsdp, expert); every other dimension replicated."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def batch_ways(mesh: Mesh) -> int:
+    """How many ways a batch's rows split on `mesh`."""
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

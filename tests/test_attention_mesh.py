@@ -117,7 +117,7 @@ def train_loss_and_grads(config, devices, record=lambda: None):
                           sharding.batch_sharding(mesh), order)
         record()
         grad_fn = jax.grad(lambda p, b: summed_loss(p, model_cfg, b, 0.0), has_aux=True)
-        grads, (nll, count) = jax.jit(shard_kernels.traced_in_row_order(grad_fn, order))(
+        grads, (nll, count, _) = jax.jit(shard_kernels.traced_in_row_order(grad_fn, order))(
             state.params, batch)
         return float(nll / count), jax.device_get(grads)
 

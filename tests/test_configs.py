@@ -7,9 +7,11 @@ import re
 import subprocess
 import sys
 
+import jax
 import ml_collections as mc
 import pytest
 
+from jaxllm import sharding
 from jaxllm.config import ConfigError, base_config, load_config, stage_names, validate
 from jaxllm.config_rules import RULES, walk
 from jaxllm.model import param_count
@@ -24,12 +26,14 @@ PUBLISHED = {  # parameters, relative tolerance
     "qwen2_72b": (72.7e9, 0.005),
     "llama2_7b": (6.74e9, 0.005),
     "llama3_1_8b": (8.03e9, 0.005),
+    "qwen2_57b_a14b": (57.4e9, 0.005),
+    "qwen1_5_moe_a2_7b": (14.3e9, 0.005),
 }
 
 
 def test_every_config_file_is_covered():
     names = {os.path.basename(p)[:-3] for p in CONFIGS}
-    assert names - {"tiny"} == set(PUBLISHED), "add the new config's published size here"
+    assert names - {"tiny", "tiny_moe"} == set(PUBLISHED), "add the new config's published size"
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.basename(p))
@@ -74,6 +78,32 @@ def test_bad_values_name_the_key(override, key):
         load_config(os.path.join(ROOT, "configs", "tiny.py:smoke"),
                     ["optimizer.grad_accum=2", override] if "batch_size" not in override
                     else ["optimizer.grad_accum=4", override])
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["model.num_experts_per_tok=5"], "model.num_experts_per_tok"),  # top-k > 4 experts
+    (["model.num_experts=0"], "model.num_experts"),  # qwen2_moe without experts
+    (["model.family=qwen2"], "model.num_experts"),  # experts in a dense family
+    (["model.decoder_sparse_step=3"], "model.decoder_sparse_step"),  # 2 layers
+    (["model.moe_intermediate_size=0"], "model.num_experts"),
+    (["model.moe_capacity_factor=-1.0"], "model.moe_capacity_factor"),
+    (["mesh.data=1", "mesh.expert=8"], "model.num_experts"),  # 4 experts over 8 devices
+    (["mesh.expert=2", "mesh.tensor=2", "model.moe_intermediate_size=33"],
+     "model.moe_intermediate_size"),
+])
+def test_bad_moe_configs_name_the_key(overrides, key):
+    """tiny_moe:smoke (2 layers, 4 experts of 32, shared 64) made wrong one way at a time:
+    one ConfigError naming the key, from loading or from building the 8-device mesh."""
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        config = load_config(os.path.join(ROOT, "configs", "tiny_moe.py:smoke"), overrides)
+        sharding.make_mesh(config, jax.devices()[:8])
+
+
+def test_expert_axis_needs_experts():
+    config = load_config(os.path.join(ROOT, "configs", "tiny.py:smoke"),
+                         ["mesh.data=4", "mesh.expert=2"])
+    with pytest.raises(ConfigError, match=r"mesh\.expert=2 needs a mixture-of-experts"):
+        sharding.make_mesh(config, jax.devices()[:8])
 
 
 def test_unknown_key_written_in_a_config_file_is_refused():

@@ -31,7 +31,10 @@ def test_plan_runs_on_every_config(path):
     b = plan["bytes_per_device"]
     assert b["total"] == pytest.approx(b["params"] + b["optimizer"] + b["gradients"]
                                        + b["activations"])
-    assert plan["params_active"] == plan["params_total"] > 0
+    if load_config(path).model.num_experts:
+        assert 0 < plan["params_active"] < plan["params_total"]
+    else:
+        assert plan["params_active"] == plan["params_total"] > 0
     assert set(plan["fits"]) == {"v5p", "v6e", "h100"}
 
 
@@ -44,6 +47,27 @@ def test_qwen2_72b_documented_meshes_fit(variant, devices, chip):
     shards = plan["mesh"]["fsdp"] * plan["mesh"]["sequence"] * plan["mesh"]["tensor"]
     assert plan["bytes_per_device"]["params"] == pytest.approx(72.7e9 * 4 / shards, rel=0.01)
     assert plan["fits"][chip]
+
+
+@pytest.mark.parametrize("name, variant, devices, total, active", [
+    ("qwen2_57b_a14b", "v5p_256", 128, 57.4e9, 14.2e9),
+    ("qwen2_57b_a14b", "h100_128", 128, 57.4e9, 14.2e9),
+    ("qwen1_5_moe_a2_7b", "v5p_32", 16, 14.3e9, 2.7e9),
+    ("qwen1_5_moe_a2_7b", "h100_16", 16, 14.3e9, 2.7e9)])
+def test_moe_counts_and_documented_meshes(name, variant, devices, total, active):
+    """Published total and active parameters (within 0.5 %); FLOPs per token count the active
+    ones; the documented meshes fit their chips."""
+    config = load_config(os.path.join(ROOT, "configs", f"{name}.py:{variant}"))
+    plan = make_plan(config, devices)
+    assert plan["params_total"] == pytest.approx(total, rel=0.005)
+    assert plan["params_active"] == pytest.approx(active, rel=0.005)
+    embed = config.model.vocab_size * config.model.hidden_size  # the input table is no matmul
+    matmul = plan["params_active"] - embed - sum(  # nor are norms and biases
+        config.model.num_layers * k for k in (2 * config.model.hidden_size, (
+            config.model.num_heads + 2 * config.model.num_kv_heads) * config.model.head_dim))
+    attention = 12 * config.model.num_layers * config.model.num_heads * config.model.head_dim
+    assert plan["flops_per_token"] == pytest.approx(6 * matmul + attention * 4096, rel=1e-3)
+    assert plan["fits"]["v5p" if variant.startswith("v5p") else "h100"]
 
 
 def test_cli_json():

@@ -73,4 +73,4 @@ def test_resume_refuses_a_changed_model(trained):
 def test_batch_that_does_not_split_over_the_mesh_is_refused(tmp_path):
     result = run_main(str(tmp_path), devices=8)  # data=-1 → 8 ways, batch 4
     assert result.returncode == 2
-    assert "batch_size" in result.stderr and "data×fsdp=8" in result.stderr
+    assert "batch_size" in result.stderr and "data×fsdp×expert=8" in result.stderr

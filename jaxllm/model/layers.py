@@ -88,14 +88,15 @@ def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, theta: float) -> 
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)); F is `intermediate_size` unless `features` says."""
 
     cfg: mc.FrozenConfigDict
+    features: int | None = None
 
     @nn.compact
     def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
         cfg = self.cfg
-        F, D = cfg.intermediate_size, cfg.hidden_size
+        F, D = self.features or cfg.intermediate_size, cfg.hidden_size
         gate_BxTxF = Linear((F,), ("embed", "mlp"), cfg, name="gate_proj")(x_BxTxD)
         up_BxTxF = Linear((F,), ("embed", "mlp"), cfg, name="up_proj")(x_BxTxD)
         h_BxTxF = nn.with_logical_constraint(nn.silu(gate_BxTxF) * up_BxTxF,

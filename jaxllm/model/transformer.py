@@ -1,8 +1,16 @@
 """The decoder-only transformer (Qwen2 / Llama) and its pure-function entry points.
 
-Dimension letters: B batch, T length, D model dim, V vocab, L layers.
+Dimension letters: B batch, T length, D model dim, V vocab, L layers, G layer groups.
 Layers run under `nn.scan`, so an 80-layer model traces and compiles one layer; their
 parameters carry a leading L axis (logical name `layers`).
+
+Mixture of experts (jaxllm/model/moe.py): layer i is sparse when (i + 1) % decoder_sparse_step
+== 0. With a step of 1 every layer is sparse and the scan is over layers as for dense models
+(params `layers/mlp/...` with the MoE's children). With a step k > 1 the scan is over the
+G = L / k groups of k layers, k - 1 dense then one sparse (`Group`; params
+`layers/layer_{j}/...` with a leading G axis): compile time stays that of one group, whatever
+the depth. Each scanned step also returns its router statistics, which `apply(with_aux=True)`
+turns into the MoE losses and metrics.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from flax import linen as nn
 
 from jaxllm.model.attention import Attention
 from jaxllm.model.layers import MLP, RMSNorm, dtype_of, init_normal
+from jaxllm.model.moe import SparseMoE, router_losses
 
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -24,21 +33,54 @@ _REMAT_POLICIES = {
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(.))."""
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(.)), the mlp a SwiGLU or,
+    when `sparse`, the MoE. Returns (x, (kv, router statistics))."""
 
     cfg: mc.FrozenConfigDict
+    sparse: bool = False
 
     @nn.compact
     def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, segment_ids_BxT: jax.Array,
-                 kv=None, kv_meta=None) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+                 kv=None, kv_meta=None) -> tuple[jax.Array, tuple]:
         cfg = self.cfg
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name=name)  # noqa: E731
         x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "act_embed"))
         attn_BxTxD, kv = Attention(cfg, name="attn")(
             norm("attn_norm")(x_BxTxD), positions_BxT, segment_ids_BxT, kv, kv_meta)
         h_BxTxD = x_BxTxD + attn_BxTxD
-        out_BxTxD = h_BxTxD + MLP(cfg, name="mlp")(norm("mlp_norm")(h_BxTxD))
-        return out_BxTxD, kv
+        if self.sparse:
+            mlp_BxTxD, stats = SparseMoE(cfg, name="mlp")(norm("mlp_norm")(h_BxTxD))
+        else:
+            mlp_BxTxD, stats = MLP(cfg, name="mlp")(norm("mlp_norm")(h_BxTxD)), None
+        return h_BxTxD + mlp_BxTxD, (kv, stats)
+
+
+class Group(nn.Module):
+    """decoder_sparse_step = k layers, `layer_0` .. `layer_{k-1}`, the last one sparse; the
+    scanned unit of an MoE model whose dense and sparse layers alternate. Its KV cache slices
+    are [k, ...]."""
+
+    cfg: mc.FrozenConfigDict
+
+    @nn.compact
+    def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, kv=None, kv_meta=None):
+        k = self.cfg.decoder_sparse_step
+        ks, vs = [], []
+        for j in range(k):
+            x_BxTxD, (kv_j, stats) = Block(self.cfg, sparse=j == k - 1, name=f"layer_{j}")(
+                x_BxTxD, positions_BxT, segment_ids_BxT,
+                None if kv is None else (kv[0][j], kv[1][j]), kv_meta)
+            if kv_j is not None:
+                ks.append(kv_j[0])
+                vs.append(kv_j[1])
+        return x_BxTxD, ((jnp.stack(ks), jnp.stack(vs)) if ks else None, stats)
+
+
+def layer_groups(cfg) -> tuple[int, int]:
+    """(G scanned steps, k layers per step): k = decoder_sparse_step for an MoE model whose
+    sparse layers are not every layer, else 1."""
+    k = cfg.decoder_sparse_step if cfg.num_experts and cfg.decoder_sparse_step > 1 else 1
+    return cfg.num_layers // k, k
 
 
 class Transformer(nn.Module):
@@ -52,7 +94,7 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_BxT: jax.Array, positions_BxT: jax.Array,
-                 segment_ids_BxT: jax.Array, cache: dict | None = None):
+                 segment_ids_BxT: jax.Array, cache: dict | None = None, with_aux: bool = False):
         cfg = self.cfg
         dtype = dtype_of(cfg.dtype)
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
@@ -61,27 +103,35 @@ class Transformer(nn.Module):
                          name="embed")
         x_BxTxD = embed(tokens_BxT)
 
+        G, k = layer_groups(cfg)
+        unit = Group if k > 1 else Block
+        kwargs = {"sparse": True} if cfg.num_experts and k == 1 else {}
+
         def scan(block, in_axes):
             return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                           in_axes=in_axes, length=cfg.num_layers,
-                           metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
+                           in_axes=in_axes, length=G,
+                           metadata_params={nn.PARTITION_NAME: "layers"})(
+                               cfg, name="layers", **kwargs)
 
         if cache is None:
-            block = Block
+            block = unit
             if cfg.remat != "none":
-                block = nn.remat(Block, prevent_cse=False, policy=_REMAT_POLICIES[cfg.remat])
-            x_BxTxD, _ = scan(block, (nn.broadcast, nn.broadcast))(
+                block = nn.remat(unit, prevent_cse=False, policy=_REMAT_POLICIES[cfg.remat])
+            x_BxTxD, (_, stats_G) = scan(block, (nn.broadcast, nn.broadcast))(
                 x_BxTxD, positions_BxT, segment_ids_BxT)
         else:
             # Each layer gets its slice of the cache (scanned); segment ids and slot are shared.
             index = cache["index"]
             kv_segment_ids_BxS = jax.lax.dynamic_update_slice(
                 cache["segment_ids"], segment_ids_BxT.astype(jnp.int32), (0, index))
-            x_BxTxD, (k, v) = scan(Block, (nn.broadcast, nn.broadcast, 0, nn.broadcast))(
-                x_BxTxD, positions_BxT, segment_ids_BxT, (cache["k"], cache["v"]),
-                (kv_segment_ids_BxS, index))
-            cache = {"k": k, "v": v, "segment_ids": kv_segment_ids_BxS,
-                     "index": index + tokens_BxT.shape[1]}
+            by_group = lambda x: x.reshape(G, k, *x.shape[1:]) if k > 1 else x  # noqa: E731
+            x_BxTxD, ((k_cache, v_cache), stats_G) = scan(
+                unit, (nn.broadcast, nn.broadcast, 0, nn.broadcast))(
+                x_BxTxD, positions_BxT, segment_ids_BxT,
+                (by_group(cache["k"]), by_group(cache["v"])), (kv_segment_ids_BxS, index))
+            cache = {"k": k_cache.reshape(cache["k"].shape),
+                     "v": v_cache.reshape(cache["v"].shape),
+                     "segment_ids": kv_segment_ids_BxS, "index": index + tokens_BxT.shape[1]}
             x_BxTxD = x_BxTxD[:, -1:]
         x_BxTxD = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="final_norm")(x_BxTxD)
 
@@ -95,7 +145,11 @@ class Transformer(nn.Module):
                 dtype_of(cfg.param_dtype))["kernel"]
             logits_BxTxV = jnp.einsum("btd,dv->btv", x_BxTxD, head_DxV.astype(dtype),
                                       preferred_element_type=jnp.float32)
-        return logits_BxTxV if cache is None else (logits_BxTxV[:, 0], cache)
+        if cache is not None:
+            return logits_BxTxV[:, 0], cache
+        if not with_aux:
+            return logits_BxTxV
+        return logits_BxTxV, (router_losses(stats_G, cfg) if cfg.num_experts else {})
 
 
 def init_cache(model_config, batch: int, max_len: int, dtype=None) -> dict:
@@ -150,11 +204,13 @@ def param_count(model_config) -> int:
 
 
 def apply(model_config, params: dict, tokens_BxT: jax.Array, positions_BxT: jax.Array,
-          segment_ids_BxT: jax.Array, cache: dict | None = None):
+          segment_ids_BxT: jax.Array, cache: dict | None = None, with_aux: bool = False):
     """Traceable forward (use inside jit): logits float32 [B, T, V]; with a KV cache,
-    (last position's logits [B, V], updated cache) as `Transformer` says."""
+    (last position's logits [B, V], updated cache) as `Transformer` says; `with_aux` (no
+    cache): (logits, aux), aux the MoE losses and metrics of jaxllm/model/moe.py
+    `router_losses` ({} for a dense model)."""
     return Transformer(frozen(model_config)).apply(
-        {"params": params}, tokens_BxT, positions_BxT, segment_ids_BxT, cache)
+        {"params": params}, tokens_BxT, positions_BxT, segment_ids_BxT, cache, with_aux)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -28,7 +28,7 @@ from jaxllm.data.mixture import Position
 from jaxllm.metrics import MetricsWriter, flops_per_token
 from jaxllm.optim import make_optimizer, make_schedule
 from jaxllm.shard_kernels import row_order, traced_in_row_order
-from jaxllm.train.step import TrainState, make_eval_step, make_train_step
+from jaxllm.train.step import MOE_METRICS, TrainState, make_eval_step, make_train_step
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later", what a scheduler should do
 
@@ -171,7 +171,8 @@ def run_stage(run: Run, span, state: TrainState, resume_data: dict | None,
             writer.write({"step": done, "stage": span.name, "loss": float(metrics["loss"]),
                           "lr": float(metrics["lr"]), "grad_norm": float(metrics["grad_norm"]),
                           "tokens_per_sec": rate, "mfu": rate * flops / run.peak_flops,
-                          "skipped": int(metrics["skipped"]), **stats})
+                          "skipped": int(metrics["skipped"]), **stats,
+                          **{k: float(metrics[k]) for k in MOE_METRICS if k in metrics}})
         paused = done == first + 1  # the first step of a stage compiles: leave it out
         if done % config.eval_every == 0 or done == span.end:
             sums = [jax.device_get(eval_step(state.params, b)) for b in held_out]

@@ -4,6 +4,12 @@ Dimension letters: A gradient-accumulation micro-batches, B batch, T length, V v
 The loss is the mean next-token cross entropy over the tokens whose `loss_mask` is 1, with a
 float32 log-softmax; with accumulation the mean is over all tokens of the global batch, so
 it does not depend on how the batch is split.
+
+Mixture-of-experts models add their router losses (jaxllm/model/moe.py `router_losses`):
+`router_aux_loss_coef` × the load-balancing loss and `router_z_loss_coef` × the router z-loss,
+each computed per micro-batch and weighted by its tokens like the cross entropy. The step's
+metrics then carry `aux_loss`, `router_z_loss`, `expert_load` and `dropped_frac`, averaged
+the same way.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ class TrainState:
                    loss_ema=jnp.float32(0), bad_in_row=jnp.int32(0))
 
 
+MOE_METRICS = ("aux_loss", "router_z_loss", "expert_load", "dropped_frac")
 EMA_DECAY = 0.99  # the loss average spans ~100 steps: slow enough that a spike stands out
 
 
@@ -49,15 +56,19 @@ def token_losses(logits_BxTxV: jax.Array, targets_BxT: jax.Array
 
 
 def summed_loss(params: dict, model_cfg: mc.FrozenConfigDict, batch: Batch, z_loss: float
-                ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """(Σ nll + z_loss·Σ logz², (Σ nll, token count)) over the masked tokens."""
-    logits_BxTxV = apply(model_cfg, params, batch["inputs"], batch["positions"],
-                         batch["segment_ids"])
+                ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, dict]]:
+    """(Σ nll + z_loss·Σ logz² + count·(MoE router losses), (Σ nll, token count, the MoE
+    metrics × count)) over the masked tokens."""
+    logits_BxTxV, aux = apply(model_cfg, params, batch["inputs"], batch["positions"],
+                              batch["segment_ids"], with_aux=True)
     nll_BxT, logz_BxT = token_losses(logits_BxTxV, batch["targets"])
     mask_BxT = batch["loss_mask"].astype(jnp.float32)
-    nll = jnp.sum(nll_BxT * mask_BxT)
+    nll, count = jnp.sum(nll_BxT * mask_BxT), jnp.sum(mask_BxT)
     objective = nll + z_loss * jnp.sum(jnp.square(logz_BxT) * mask_BxT) if z_loss else nll
-    return objective, (nll, jnp.sum(mask_BxT))
+    if aux:
+        objective += count * (model_cfg.router_aux_loss_coef * aux["aux_loss"]
+                              + model_cfg.router_z_loss_coef * aux["router_z_loss"])
+    return objective, (nll, count, jax.tree.map(lambda x: x * count, aux))
 
 
 def make_train_step(model_cfg: mc.FrozenConfigDict, tx: optax.GradientTransformation,
@@ -77,14 +88,16 @@ def make_train_step(model_cfg: mc.FrozenConfigDict, tx: optax.GradientTransforma
             lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
 
         def accumulate(carry, micro_batch):
-            grads, nll, count = carry
-            g, (nll_i, count_i) = grad_fn(state.params, model_cfg, micro_batch, z_loss)
+            grads, nll, count, aux = carry
+            g, (nll_i, count_i, aux_i) = grad_fn(state.params, model_cfg, micro_batch, z_loss)
             grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
-            return (grads, nll + nll_i, count + count_i), None
+            aux = jax.tree.map(jnp.add, aux, aux_i)
+            return (grads, nll + nll_i, count + count_i, aux), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-        (grads, nll, count), _ = jax.lax.scan(
-            accumulate, (zeros, jnp.float32(0), jnp.float32(0)), micro_AxB)
+        no_aux = {k: jnp.float32(0) for k in MOE_METRICS} if model_cfg.num_experts else {}
+        (grads, nll, count, aux), _ = jax.lax.scan(
+            accumulate, (zeros, jnp.float32(0), jnp.float32(0), no_aux), micro_AxB)
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
         loss, grad_norm = nll / count, optax.global_norm(grads)
@@ -104,7 +117,8 @@ def make_train_step(model_cfg: mc.FrozenConfigDict, tx: optax.GradientTransforma
             loss_ema=jnp.where(ok, ema, state.loss_ema),
             bad_in_row=jnp.where(ok, 0, state.bad_in_row + 1))
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens": count,
-                   "skipped": 1 - ok.astype(jnp.int32)}
+                   "skipped": 1 - ok.astype(jnp.int32),
+                   **{k: v / count for k, v in aux.items()}}
         return new_state, metrics
 
     return train_step
@@ -114,7 +128,7 @@ def make_eval_step(model_cfg: mc.FrozenConfigDict) -> Callable[[dict, Batch], tu
     """params, batch → (Σ nll, token count); the caller divides after summing batches."""
 
     def eval_step(params: dict, batch: Batch) -> tuple[jax.Array, jax.Array]:
-        _, (nll, count) = summed_loss(params, model_cfg, batch, 0.0)
+        _, (nll, count, _) = summed_loss(params, model_cfg, batch, 0.0)
         return nll, count
 
     return eval_step

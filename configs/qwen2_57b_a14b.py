@@ -1,0 +1,42 @@
+"""Qwen2-57B-A14B (≈57.4B parameters, ≈14.2B active per token, untied) with the Qwen2
+three-stage recipe.
+
+Every layer is sparse: 64 routed experts of size 2,560, 8 per token, plus a shared expert of
+size 20,480 gated by a sigmoid. The published model was upcycled from Qwen2-7B
+(`--config.init.upcycle_from=QWEN2_7B_DIR`, see the README's MoE section).
+
+Variants with a mesh that `python -m jaxllm.plan --config=configs/qwen2_57b_a14b.py:NAME
+--devices=128` shows to fit (53 GB per device; the 32K stages' float32 logits are most of it):
+  `qwen2_57b_a14b.py:v5p_256`   a TPU v5p-256 pod slice (128 chips): expert 8 × fsdp 8 × tensor 2
+  `qwen2_57b_a14b.py:h100_128`  16 nodes of 8 H100s: tensor 2 and expert 4 within a node,
+                                the rest of expert 8 × fsdp 8 across nodes
+"""
+
+from jaxllm.config import base_config, qwen2_recipe
+
+# mesh, grad_accum
+MESHES = {
+    "v5p_256": (dict(data=1, fsdp=8, tensor=2, expert=8, sequence=1), 2),
+    "h100_128": (dict(data=1, fsdp=8, tensor=2, expert=8, sequence=1), 2),
+}
+
+
+def get_config(arg=None):
+    c = base_config()
+    c.model.update(family="qwen2_moe", vocab_size=151936, hidden_size=3584, num_layers=28,
+                   num_heads=28, num_kv_heads=4, head_dim=128, intermediate_size=18944,
+                   qkv_bias=True, tie_embeddings=False, rms_norm_eps=1e-6, num_experts=64,
+                   num_experts_per_tok=8, moe_intermediate_size=2560,
+                   shared_expert_intermediate_size=20480, norm_topk_prob=False,
+                   router_aux_loss_coef=0.001, decoder_sparse_step=1)
+    qwen2_recipe(c, batch_size=1024, peak_lr=3e-4, pretrain_steps=1_700_000,
+                 long_context_steps=20_000, anneal_steps=10_000)
+    c.mesh.update(data=1, fsdp=-1)
+    c.checkpoint.every_steps = 500
+    if arg is not None:
+        if arg not in MESHES:
+            raise ValueError(f"configs/qwen2_57b_a14b.py: unknown variant {arg!r}; known: "
+                             f"{', '.join(MESHES)}")
+        mesh, c.optimizer.grad_accum = MESHES[arg]
+        c.mesh.update(mesh)
+    return c
