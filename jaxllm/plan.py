@@ -50,9 +50,9 @@ def activation_bytes(config: mc.ConfigDict, stage_name: str, axes: dict[str, int
     # Everything one layer keeps for its backward pass, per token: norm outputs and residual
     # stream (5 D), q/k/v before and after RoPE, attention output, and the four F-wide MLP
     # intermediates.
-    # Split over sequence, a device also holds the K/V of the row's other S - T tokens while
-    # it attends (received round the ring, or gathered), and autodiff keeps them.
-    kv_others = 2 * K * H * (S - T) * a
+    # Split over sequence, ring attention holds two more K/V blocks of T tokens while it
+    # attends (the one it computes with and the one arriving) and keeps none for the backward.
+    kv_others = 2 * K * H * 2 * T * a if S > T else 0
     per_layer = (B * T * a * (5 * D + 2 * (N + 2 * K) * H + N * H + 4 * F)
                  + B * (scores + kv_others))
     carry = B * T * D * a  # the residual stream saved between layers under scan
