@@ -197,7 +197,8 @@ def load_params(ckpt_dir: str, abstract_params) -> dict:
 # The model keys that decide parameter shapes (and so what weights fit).
 SHAPE_KEYS = ("family", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
               "head_dim", "intermediate_size", "qkv_bias", "tie_embeddings", "num_experts",
-              "moe_intermediate_size", "shared_expert_intermediate_size", "param_dtype")
+              "moe_intermediate_size", "shared_expert_intermediate_size",
+              "decoder_sparse_step", "param_dtype")
 
 
 def check_same_shapes(model: mc.ConfigDict, other: mc.ConfigDict, where: str) -> None:

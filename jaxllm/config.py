@@ -123,7 +123,9 @@ def base_config() -> mc.ConfigDict:
     # the run restores the last checkpoint and skips the batches that caused them.
     c.bad_steps = mc.ConfigDict(dict(spike_factor=0.0, max_in_row=3))
     c.checkpoint = mc.ConfigDict(dict(every_steps=1000, keep=3, **{"async": True}))
-    c.init = mc.ConfigDict(dict(checkpoint="", hf="", upcycle_from=""))
+    # upcycle_from: a dense params checkpoint or HF dir made into this MoE (jaxllm/upcycle.py);
+    # upcycle_reinit: the share of each expert's units re-drawn from the init (Qwen2: 0.5).
+    c.init = mc.ConfigDict(dict(checkpoint="", hf="", upcycle_from="", upcycle_reinit=0.5))
     c.export_hf_every = 0  # >0: also write <workdir>/hf/<step>/ every this many steps
     c.log_every = 10
     c.eval_every = 500
@@ -353,5 +355,12 @@ def validate(config: mc.ConfigDict) -> None:
     if config.init.checkpoint and config.init.hf:
         _fail("init.hf", f"and init.checkpoint={config.init.checkpoint!r} are both set: a run "
               "starts from one of them")
+    for key in ("checkpoint", "hf"):
+        if config.init.upcycle_from and config.init[key]:
+            _fail("init.upcycle_from", f"and init.{key}={config.init[key]!r} are both set: a "
+                  "run starts from one of them")
+    if config.init.upcycle_from and not config.model.num_experts:
+        _fail("init.upcycle_from", "upcycling builds a mixture of experts: set "
+              "model.family=qwen2_moe and model.num_experts >= 1")
     _check_sources(config)
     _check_stages(config)

@@ -195,6 +195,7 @@ RULES: dict[str, Rule] = {
     "init.checkpoint": TEXT,
     "init.hf": TEXT,
     "init.upcycle_from": TEXT,
+    "init.upcycle_reinit": number("[0, 1]"),  # share of each expert's units re-drawn
     "export_hf_every": COUNT,  # 0: off
     "log_every": SIZE,
     "eval_every": SIZE,

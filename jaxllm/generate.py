@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
                                      description="Sample continuations of prompts.")
     parser.add_argument("--workdir", help="run directory (newest checkpoint) or params "
                                           "checkpoint")
-    parser.add_argument("--hf", help="Hugging Face directory (Qwen2 / Llama)")
+    parser.add_argument("--hf", help="Hugging Face directory (Qwen2 / Qwen2-MoE / Llama)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step of --workdir")
     parser.add_argument("--prompt", action="append", required=True,
                         help="prompt text; repeat for a batch")

@@ -95,6 +95,14 @@ def make_plan(config: mc.ConfigDict, num_devices: int) -> dict:
                         "activation_bytes": act}
     total_bytes = params + optimizer + gradients + peak_activations
     first = next(iter(stages.values()), {"seq_len": 4096})
+    extra = {}
+    if config.init.upcycle_from:  # reads the dense source's config only, no weights
+        from jaxllm import upcycle
+
+        dense, _ = upcycle.read_dense_config(config.init.upcycle_from)
+        extra["upcycle"] = upcycle.make_plan(
+            dense, m, config.init.upcycle_reinit,
+            f"config.init.upcycle_from={config.init.upcycle_from!r}").describe()
     return {
         "params_total": total,
         # MoE: a token runs through K of the E experts of each sparse layer.
@@ -106,6 +114,7 @@ def make_plan(config: mc.ConfigDict, num_devices: int) -> dict:
                              "activations": peak_activations, "total": total_bytes},
         "fits": {name: total_bytes <= cap * USABLE_FRACTION for name, cap in ACCELERATORS.items()},
         "stages": stages,
+        **extra,
     }
 
 
@@ -131,6 +140,8 @@ def format_plan(plan: dict) -> str:
                      f"{s['tokens_per_step']:>10,} tokens/step, "
                      f"{s['flops_per_token'] / 1e9:.2f} GFLOP/token, "
                      f"activations {_gb(s['activation_bytes']).strip()}")
+    if "upcycle" in plan:
+        lines.append(f"init            {plan['upcycle']}")
     return "\n".join(lines)
 
 

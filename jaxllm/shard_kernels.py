@@ -42,6 +42,10 @@ whole on every device rather than refused: training meshes are checked up front
 (sharding.check_divisible, rows padded by generate), so this only spares odd callers. With no
 mesh, or when no dimension splits (every axis of size 1), the kernel is called directly, so a
 model run on one device, in tests or a notebook, does exactly what it did.
+
+The MoE layers' dispatch (sorting token-copies by expert, the grouped matmuls and the
+all-to-all over `expert`) is mapped onto the mesh the same way, with `mesh_axes_for`, in
+jaxllm/experts.py.
 """
 
 from __future__ import annotations
@@ -92,18 +96,18 @@ class AttentionSplit:
         return P(self.batch, self.sequence, self.heads)
 
 
-def _axes_of_type(mesh, axis_type: AxisType) -> tuple[str, ...]:
+def axes_of_type(mesh, axis_type: AxisType) -> tuple[str, ...]:
     # From the public axis_types rather than AbstractMesh helpers that have moved between
     # jax releases (0.10 here, 0.11 on the GPU machine).
     return tuple(a for a, t in zip(mesh.axis_names, mesh.axis_types, strict=True)
                  if t == axis_type)
 
 
-def _split(mesh, logical: str, *sizes: int) -> tuple[str, ...] | None:
+def mesh_axes_for(mesh, logical: str, *sizes: int) -> tuple[str, ...] | None:
     """The mesh axes that split dimensions of `sizes` named `logical`, or None (kept whole):
     only axes of the mesh, larger than 1 and not already manual (inside another shard_map);
     None too when their product does not divide every size."""
-    manual = _axes_of_type(mesh, AxisType.Manual)
+    manual = axes_of_type(mesh, AxisType.Manual)
     axes = tuple(a for a in _MESH_AXES.get(logical, ())
                  if a in mesh.shape and mesh.shape[a] > 1 and a not in manual)
     ways = math.prod(mesh.shape[a] for a in axes)
@@ -118,12 +122,12 @@ def attention_split(mesh, B: int, T: int, S: int, N: int, K: int,
     kernel directly)."""
     if mesh.empty:
         return None
-    heads = _split(mesh, "heads", N, K)
-    if heads != _split(mesh, "kv_heads", N, K):  # GQA groups must stay whole on a device
+    heads = mesh_axes_for(mesh, "heads", N, K)
+    if heads != mesh_axes_for(mesh, "kv_heads", N, K):  # GQA groups must stay whole on a device
         heads = None
     # The key shift is a causal offset: only causal self-attention splits its queries.
-    sequence = _split(mesh, "length", T) if causal and T == S else None
-    split = AttentionSplit(_split(mesh, "batch", B), sequence, heads)
+    sequence = mesh_axes_for(mesh, "length", T) if causal and T == S else None
+    split = AttentionSplit(mesh_axes_for(mesh, "batch", B), sequence, heads)
     return None if split == AttentionSplit(None, None, None) else split
 
 
@@ -145,7 +149,7 @@ def row_order(mesh, T: int) -> np.ndarray | None:
     """The token order that rows of T tokens take on `mesh` for ring attention (device r of
     the s on `sequence` holds chunks r and 2s-1-r of 2s), or None when `sequence` does not
     split them (then they stay in order)."""
-    axes = _split(mesh, "length", T)
+    axes = mesh_axes_for(mesh, "length", T)
     if axes is None or len(axes) != 1 or T % (2 * mesh.shape[axes[0]]):
         return None
     return zigzag_order(T, mesh.shape[axes[0]])
@@ -227,7 +231,7 @@ def attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array,
         return _sequence_local(call, split.sequence, *args)
 
     arrays = [x for x in operands if x is not None]
-    if _axes_of_type(mesh, AxisType.Explicit):  # explicit shardings must equal in_specs
+    if axes_of_type(mesh, AxisType.Explicit):  # explicit shardings must equal in_specs
         arrays = [jax.reshard(x, s) for x, s in zip(arrays, in_specs, strict=True)]
     out_specs = (split.q(), split.lse()) if return_lse else split.q()
     return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs,

@@ -70,6 +70,24 @@ def test_moe_counts_and_documented_meshes(name, variant, devices, total, active)
     assert plan["fits"]["v5p" if variant.startswith("v5p") else "h100"]
 
 
+def test_plan_shows_qwen2_7b_upcycled_into_57b_a14b(tmp_path):
+    """The dense source's config.json alone (no weights) is enough for plan to check the pair
+    and say how the experts are cut."""
+    from jaxllm.convert.hf_config import config_to_hf
+
+    dense = load_config(os.path.join(ROOT, "configs", "qwen2_7b.py")).model
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(config_to_hf(dense, "bfloat16"), f)
+    out = subprocess.run(
+        [sys.executable, "-m", "jaxllm.plan", "--config=configs/qwen2_57b_a14b.py:v5p_256",
+         "--devices=128", f"--config.init.upcycle_from={tmp_path}"], cwd=ROOT,
+        env={**os.environ, "XLA_FLAGS": ""}, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert ("each dense FFN of 18944 units copied 9 times, shuffled, cut into 64 experts of "
+            "2560 (6656 units discarded), 1280 units of each expert re-initialised") in out.stdout
+    assert "57.409B total, 14.249B active" in out.stdout
+
+
 def test_cli_json():
     env = {**os.environ, "XLA_FLAGS": ""}
     out = subprocess.run([sys.executable, "-m", "jaxllm.plan", "--config=configs/qwen2_7b.py",

@@ -1,4 +1,5 @@
-"""Conversion between jaxllm checkpoints and Hugging Face directories (Qwen2, Llama).
+"""Conversion between jaxllm checkpoints and Hugging Face directories (Qwen2, Qwen2-MoE,
+Llama).
 
 `load_hf` / `save_hf`: in memory. `export_checkpoint` / `import_hf`: the `python -m
 jaxllm.convert export|import` commands. `export_run_checkpoint`: export from a training job.

@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--tokenizer", default=None,
                      help="tokenizer to write (default: the run's); 'none' writes none")
     imp = sub.add_parser("import", help="Hugging Face directory -> jaxllm params checkpoint")
-    imp.add_argument("--hf", required=True, help="Hugging Face Qwen2 / Llama directory")
+    imp.add_argument("--hf", required=True, help="Hugging Face Qwen2 / Qwen2-MoE / Llama directory")
     imp.add_argument("--out", required=True, help="params checkpoint directory to write")
     imp.add_argument("--dtype", default=None, choices=("bfloat16", "float32", "float16"),
                      help="cast the weights (default: keep the dtype on disk)")

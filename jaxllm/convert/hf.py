@@ -1,4 +1,5 @@
-"""Hugging Face checkpoints (Qwen2, Llama) <-> jaxllm params, streamed tensor by tensor.
+"""Hugging Face checkpoints (Qwen2, Qwen2-MoE, Llama) <-> jaxllm params, streamed tensor by
+tensor.
 
 `rules.py` names every tensor; this module moves them. Decisions, written down once:
 
@@ -34,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import math
 import os
 import warnings
 from collections.abc import Callable
@@ -152,7 +154,7 @@ def _blocks(m, rule: rules.Rule, group: list[rules.Entry], source_dtype, read_by
     per_index = np.dtype(source_dtype).itemsize * int(np.prod(
         rules.stacked_shape(m, rule)[1:]))
     step = max(1, read_bytes // max(per_index, 1))
-    n = m[rules.STACKED[rule.placeholders[0]]]
+    n = rules.stack_sizes(m, rule)[0]
     return [(slice(s, min(s + step, n)),
              [e for e in group if s <= e.index[0] < min(s + step, n)]) for s in range(0, n, step)]
 
@@ -236,19 +238,23 @@ def _flat_range(sl: tuple[slice, ...], dims: tuple[int, ...]) -> tuple[int, int]
 
 
 def _read_block(handle, name: str, rule: rules.Rule, shape: tuple[int, ...],
-                sl: tuple[slice, ...]) -> np.ndarray:
-    """The block `sl` of one jaxllm slice, reading only what it needs where the layout allows."""
+                sl: tuple[slice, ...], at: tuple[int, int] | None = None) -> np.ndarray:
+    """The block `sl` of one jaxllm slice, reading only what it needs where the layout allows.
+    `at` = (expert, first row): the slice is that part of a fused [E, rows, in] tensor."""
     t = handle.get_slice(name)
     if rule.kind == "copy":
         return t[sl] if sl else t[:]
+    lead, row0 = ((slice(at[0], at[0] + 1),), at[1]) if at else ((), 0)
     if rule.kind == "linear":
         n = rule.n_in
         rin, rout = _flat_range(sl[:n], shape[:n]), _flat_range(sl[n:], shape[n:])
         if rin and rout:
-            block = t[rout[0]:rout[1], rin[0]:rin[1]]
-            return block.T.reshape([s.indices(d)[1] - s.indices(d)[0]
-                                    for s, d in zip(sl, shape, strict=True)])
-    return rules.to_jax(rule, t[:], shape)[sl]  # biases are small; odd shardings read whole
+            block = t[(*lead, slice(row0 + rout[0], row0 + rout[1]), slice(*rin))]
+            return block.reshape(block.shape[-2:]).T.reshape(
+                [s.indices(d)[1] - s.indices(d)[0] for s, d in zip(sl, shape, strict=True)])
+        w = t[(*lead, slice(row0, row0 + math.prod(shape[n:])), slice(None))]  # odd sharding
+        return rules.to_jax(rule, w.reshape(w.shape[-2:]), shape)[sl]
+    return rules.to_jax(rule, t[:], shape)[sl]  # biases are small; read whole
 
 
 def read_hf_params(hf_dir: str, m: mc.ConfigDict, shardings: dict | None = None,
@@ -256,7 +262,6 @@ def read_hf_params(hf_dir: str, m: mc.ConfigDict, shardings: dict | None = None,
     """Params of `m` from `hf_dir`, each built on its sharding (default: the first device)
     from only the blocks each device holds. `dtype` casts (default: the dtype on disk)."""
     files = tensor_files(hf_dir)
-    shapes = rules.param_shapes(m)
     flat_sh = traverse_util.flatten_dict(shardings) if shardings else {}
     default_sh = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     flat: dict[rules.Path, jax.Array] = {}
@@ -266,9 +271,6 @@ def read_hf_params(hf_dir: str, m: mc.ConfigDict, shardings: dict | None = None,
                    for p in set(files.values())}
 
         def handle(name: str, expected: tuple[int, ...]):
-            if name not in files:
-                raise ValueError(f"{hf_dir} is missing tensor {name!r} (a {m.family} model with "
-                                 f"qkv_bias={m.qkv_bias}, tie_embeddings={m.tie_embeddings})")
             h = handles[files[name]]
             got = tuple(h.get_slice(name).get_shape())
             if got != tuple(expected):
@@ -277,25 +279,38 @@ def read_hf_params(hf_dir: str, m: mc.ConfigDict, shardings: dict | None = None,
             used.add(name)
             return h
 
+        def source(rule: rules.Rule, ix: tuple[int, ...], want: tuple[int, ...]):
+            """(file handle, tensor name, None or (expert, first row) in a fused tensor)."""
+            name = rules.hf_name(rule, ix)
+            if name in files:
+                return handle(name, want), name, None
+            fused = rules.fused_name(rule, ix) if rule.fused else ""
+            if fused in files:
+                part, parts = rule.part
+                return (handle(fused, (m.num_experts, parts * want[0], want[1])), fused,
+                        (ix[1], part * want[0]))
+            raise ValueError(f"{hf_dir} is missing tensor {name!r}"
+                             f"{f' (or {fused!r})' if fused else ''} (a {m.family} model with "
+                             f"qkv_bias={m.qkv_bias}, tie_embeddings={m.tie_embeddings})")
+
         for rule in rules.active_rules(m):
-            shape, n_stack = shapes[rule.path], len(rule.placeholders)
-            names = {ix: rules.hf_name(rule, ix) for ix in rules.indices(m, rule)}
-            hs = {ix: handle(nm, rules.hf_shape(rule, shape)) for ix, nm in names.items()}
-            first = next(iter(names))
-            disk = _ST_DTYPES.get(hs[first].get_slice(names[first]).get_dtype())
+            shape, n_stack = rules.slice_shape(m, rule), len(rule.placeholders)
+            want = rules.hf_shape(rule, shape)
+            sources = {ix: source(rule, ix, want) for ix in rules.indices(m, rule)}
+            h, name, _ = next(iter(sources.values()))
+            disk = _ST_DTYPES.get(h.get_slice(name).get_dtype())
             if disk is None:
-                raise ValueError(f"{hf_dir}: tensor {names[first]!r} is "
-                                 f"{hs[first].get_slice(names[first]).get_dtype()}; jaxllm reads "
-                                 f"{', '.join(_ST_DTYPES)}")
+                raise ValueError(f"{hf_dir}: tensor {name!r} is {h.get_slice(name).get_dtype()}"
+                                 f"; jaxllm reads {', '.join(_ST_DTYPES)}")
             cast = np_dtype(dtype or disk)
 
-            def block(index, rule=rule, shape=shape, n_stack=n_stack, names=names, hs=hs,
+            def block(index, rule=rule, shape=shape, n_stack=n_stack, sources=sources,
                       cast=cast) -> np.ndarray:
                 index = tuple(index)
-                stacked = rules.stacked_shape(m, rule)[:n_stack]
+                stacked = rules.stack_sizes(m, rule)
                 ranges = [range(*s.indices(n)) for s, n in zip(index, stacked, strict=False)]
-                parts = [_read_block(hs[ix], names[ix], rule, shape, index[n_stack:])
-                         for ix in itertools.product(*ranges)]
+                parts = [_read_block(*sources[ix][:2], rule, shape, index[n_stack:],
+                                     sources[ix][2]) for ix in itertools.product(*ranges)]
                 out = np.stack(parts).reshape(*map(len, ranges), *parts[0].shape)
                 return out.astype(cast, copy=False)
 
@@ -308,7 +323,8 @@ def read_hf_params(hf_dir: str, m: mc.ConfigDict, shardings: dict | None = None,
 
 def _check_leftovers(hf_dir, m, files, handles, used, flat) -> None:
     leftover = sorted(set(files) - used)
-    zero_only = {rules.hf_name(z, (i,)) for z in rules.ZERO_TENSORS
+    # Tensors jaxllm has no param for: accepted when all zero, or when inert in `m`.
+    zero_only = {rules.hf_name(z, (i,)): z.inert and z.when(m) for z in rules.ZERO_TENSORS
                  for i in range(m.num_layers)}
     if m.tie_embeddings and "lm_head.weight" in leftover:
         # Some exporters write the tied head anyway; harmless when it is the embedding.
@@ -318,7 +334,7 @@ def _check_leftovers(hf_dir, m, files, handles, used, flat) -> None:
                              "differs from model.embed_tokens.weight")
         leftover.remove("lm_head.weight")
     for name in [n for n in leftover if n in zero_only]:
-        if np.any(handles[files[name]].get_tensor(name)):
+        if not zero_only[name] and np.any(handles[files[name]].get_tensor(name)):
             raise ValueError(f"{hf_dir}: tensor {name!r} is nonzero; jaxllm has no such "
                              "parameter, so converting would change the model")
         leftover.remove(name)
@@ -331,7 +347,7 @@ def _check_leftovers(hf_dir, m, files, handles, used, flat) -> None:
 
 def load_hf(hf_dir: str, shardings: dict | None = None, dtype: str | None = None
             ) -> tuple[mc.ConfigDict, dict[str, Any]]:
-    """Reads a Hugging Face Qwen2 / Llama directory into (model config, params).
+    """Reads a Hugging Face Qwen2 / Qwen2-MoE / Llama directory into (model config, params).
 
     Params are `jax.Array`s in the dtype on disk (or `dtype`), layers stacked along a leading
     L axis, on `shardings` (a tree like the params) or else the first local device. The model

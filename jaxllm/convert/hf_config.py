@@ -1,4 +1,4 @@
-"""Hugging Face `config.json` <-> jaxllm model config (Qwen2, Llama).
+"""Hugging Face `config.json` <-> jaxllm model config (Qwen2, Qwen2-MoE, Llama).
 
 Written in the current transformers format (`rope_parameters`, `dtype`) plus the older keys
 (`rope_theta`, `torch_dtype`) that transformers 4.x and vLLM still read; read from either.
@@ -15,7 +15,12 @@ import ml_collections as mc
 from jaxllm.config import DTYPES, ConfigError, model_defaults, validate_model
 
 QWEN_ENDOFTEXT = 151643  # bos and eos of the Qwen2 base models
-ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
+ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+                 "llama": "LlamaForCausalLM"}
+# Qwen2MoeConfig keys with the same name and meaning in jaxllm's model config.
+MOE_KEYS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size",
+            "shared_expert_intermediate_size", "decoder_sparse_step", "norm_topk_prob",
+            "router_aux_loss_coef")
 
 
 def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, dict[str, Any]]:
@@ -55,8 +60,12 @@ def config_from_hf(hf: dict[str, Any], dtype: str | None = None) -> mc.ConfigDic
     m.num_kv_heads = hf.get("num_key_value_heads") or m.num_heads
     m.head_dim = hf.get("head_dim") or m.hidden_size // m.num_heads
     m.intermediate_size = hf["intermediate_size"]
-    # Qwen2 always has q/k/v biases; Llama has them (and an o_proj bias) with attention_bias.
-    m.qkv_bias = family == "qwen2" or bool(hf.get("attention_bias", False))
+    # Qwen2 always has q/k/v biases, Qwen2-MoE unless transformers 5's qkv_bias says not;
+    # Llama has them (and an o_proj bias) with attention_bias.
+    m.qkv_bias = family == "qwen2" or bool(hf.get(
+        "qkv_bias" if family == "qwen2_moe" else "attention_bias", family == "qwen2_moe"))
+    if family == "qwen2_moe":
+        _moe_from_hf(hf, m)
     m.tie_embeddings = bool(hf.get("tie_word_embeddings", False))
     m.rms_norm_eps = float(hf.get("rms_norm_eps", 1e-6))
     m.rope_theta, rope_scaling = _rope_from_hf(hf)
@@ -70,6 +79,19 @@ def config_from_hf(hf: dict[str, Any], dtype: str | None = None) -> mc.ConfigDic
         # Compute in the dtype the weights were published in, as transformers does.
         m.dtype = m.param_dtype = dtype
     return m
+
+
+def _moe_from_hf(hf: dict[str, Any], m: mc.ConfigDict) -> None:
+    if hf.get("mlp_only_layers"):
+        raise ValueError(f"mlp_only_layers={hf['mlp_only_layers']} is not supported: jaxllm's "
+                         "sparse layers are those with (i + 1) % decoder_sparse_step == 0, "
+                         "so mlp_only_layers must be empty")
+    # Shapes and routing come from config.json: a missing key is an error, not a default.
+    for key in MOE_KEYS[:4]:
+        m[key] = int(hf[key])
+    m.decoder_sparse_step = int(hf.get("decoder_sparse_step", 1))
+    m.norm_topk_prob = bool(hf.get("norm_topk_prob", False))
+    m.router_aux_loss_coef = float(hf.get("router_aux_loss_coef", 0.001))
 
 
 def config_to_hf(m: mc.ConfigDict, dtype: str, eos_id: int = QWEN_ENDOFTEXT) -> dict[str, Any]:
@@ -106,9 +128,14 @@ def config_to_hf(m: mc.ConfigDict, dtype: str, eos_id: int = QWEN_ENDOFTEXT) -> 
         "torch_dtype": dtype,
         "dtype": dtype,
     }
-    if m.family == "qwen2":
+    if m.family in ("qwen2", "qwen2_moe"):
         hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=m.num_layers)
-    else:
+    if m.family == "qwen2_moe":
+        # q/k/v biases are always written (zeros if jaxllm trained none): transformers 4
+        # builds them whatever qkv_bias says.
+        hf.update({key: m[key] for key in MOE_KEYS}, qkv_bias=True, mlp_only_layers=[],
+                  output_router_logits=False)
+    elif m.family == "llama":
         hf.update(attention_bias=bool(m.qkv_bias), mlp_bias=False, pretraining_tp=1)
     if m.dca.enabled:
         hf["dual_chunk_attention_config"] = {

@@ -122,7 +122,8 @@ def _differences(old, new, prefix=""):
 
 
 def initial_params(config: mc.ConfigDict, state: TrainState, state_sh: TrainState) -> TrainState:
-    """`config.init.checkpoint` or `config.init.hf` weights, read onto the params' shardings."""
+    """`config.init.checkpoint`, `config.init.hf` or `config.init.upcycle_from` (a dense model
+    upcycled into this MoE, jaxllm/upcycle.py) weights, read onto the params' shardings."""
     if config.init.checkpoint:
         check_same_shapes(config.model, load_model_config(config.init.checkpoint),
                           config.init.checkpoint)
@@ -135,6 +136,10 @@ def initial_params(config: mc.ConfigDict, state: TrainState, state_sh: TrainStat
         # Each device reads only its blocks: no full copy on one device first.
         params = read_hf_params(config.init.hf, hf_model, state_sh.params,
                                 dtype=config.model.param_dtype)
+    elif config.init.upcycle_from:
+        from jaxllm.upcycle import upcycled_params
+
+        params = upcycled_params(config, state_sh.params)
     else:
         return state
     return state.replace(params=params)
@@ -146,7 +151,7 @@ def run(config: mc.ConfigDict, workdir: str) -> TrainState:
     Raises `jaxllm.train.loop.Preempted` after saving when SIGTERM / SIGINT arrives.
     """
     validate(config)
-    for key in ("checkpoint", "hf"):
+    for key in ("checkpoint", "hf", "upcycle_from"):
         source = config.init[key]
         if source and os.path.abspath(source) == os.path.abspath(workdir):
             raise ConfigError(f"config.init.{key} is the --workdir ({workdir}): the run would "

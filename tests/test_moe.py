@@ -1,0 +1,183 @@
+"""The MoE model end to end: decoding with a cache, training on expert-parallel meshes equal to
+one device, and `jaxllm.main` on configs/tiny_moe.py through its stages, killed and resumed.
+
+Dispatch against a per-expert loop is tests/test_experts.py; transformers parity is
+tests/test_convert_moe.py; upcycling is tests/test_upcycle.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from jax.sharding import PartitionSpec
+
+from jaxllm import sharding
+from jaxllm.config import load_config
+from jaxllm.data import make_iterator
+from jaxllm.model import apply, forward, init_cache, init_params
+from jaxllm.optim import make_optimizer, make_schedule
+from jaxllm.tokenizer import load_tokenizer
+from jaxllm.train.pipeline import init_train_state, stage_model_config, to_global
+from jaxllm.train.step import make_train_step
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = os.path.join(ROOT, "configs", "tiny_moe.py:smoke")
+
+
+def smoke(*overrides):
+    """tiny_moe:smoke (2 layers, 4 experts of 32 top-2, shared expert 64) at 8 rows a step."""
+    return load_config(SMOKE, [f"stages.{s}.batch_size=8"
+                               for s in ("pretrain", "long_context", "anneal")] + list(overrides))
+
+
+@pytest.mark.parametrize("sparse_step", [1, 2])
+def test_cache_decoding_equals_full_forward(sparse_step):
+    """Prefill then one token at a time through the scanned groups (step 2: a dense and a
+    sparse layer per group, the cache reshaped to [G, k, ...]) equals full forward passes."""
+    cfg = smoke(f"model.decoder_sparse_step={sparse_step}", "model.init_std=0.2").model
+    params = init_params(cfg, jax.random.key(sparse_step))
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 12)).astype(np.int32)
+    step = jax.jit(lambda p, t, pos, c: apply(cfg, p, t, pos, jnp.ones_like(t), c))
+    P = 8
+    logits, cache = step(params, tokens[:, :P], np.broadcast_to(np.arange(P), (2, P)),
+                         init_cache(cfg, 2, 12))
+    cached = [np.asarray(logits)]
+    for i in range(P, 12):
+        logits, cache = step(params, tokens[:, i:i + 1], np.full((2, 1), i, np.int32), cache)
+        cached.append(np.asarray(logits))
+    full = np.asarray(forward(cfg, params, tokens))
+    np.testing.assert_allclose(np.stack(cached, 1), full[:, P - 1:], atol=1e-4, rtol=1e-4)
+    assert np.std(full) > 0.1  # logits far from uniform: the check has teeth
+
+
+def train(config, devices, steps=5):
+    """Losses and MoE metrics of `steps` train steps on `devices`; the compiled step's HLO; the
+    state's expert weights."""
+    mesh = sharding.make_mesh(config, devices)
+    stage = config.stages.pretrain
+    tokenizer = load_tokenizer(config.tokenizer.name, max_rank=config.tokenizer.max_rank)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+        state, state_sh = init_train_state(config, mesh)
+        step = jax.jit(make_train_step(stage_model_config(config, "pretrain"),
+                                       make_optimizer(config.optimizer),
+                                       make_schedule(stage.lr, stage.steps), 0, 1, 0.0),
+                       donate_argnums=0, out_shardings=(state_sh, None))
+        data = make_iterator(config, "pretrain", tokenizer)
+        batches = [to_global(next(data), sharding.batch_sharding(mesh)) for _ in range(steps)]
+        hlo = step.lower(state, batches[0]).compile().as_text()
+        records = []
+        for batch in batches:
+            state, metrics = step(state, batch)
+            records.append({k: float(v) for k, v in metrics.items()})
+    return records, hlo, state.params["layers"]["mlp"]["experts"]
+
+
+@pytest.fixture(scope="module")
+def one_device():
+    return train(smoke(), jax.devices()[:1])[0]
+
+
+@pytest.mark.parametrize("mesh", [{"data": 2, "expert": 4},
+                                  {"data": 1, "expert": 2, "fsdp": 2, "tensor": 2}],
+                         ids=lambda m: "x".join(f"{k}{v}" for k, v in m.items() if v > 1))
+def test_expert_parallel_training_equals_one_device(mesh, one_device):
+    records, hlo, experts = train(smoke(*(f"mesh.{k}={v}" for k, v in mesh.items())),
+                                  jax.devices())
+    for key in ("loss", "aux_loss", "router_z_loss", "grad_norm"):
+        np.testing.assert_allclose([r[key] for r in records], [r[key] for r in one_device],
+                                   rtol=1e-5, atol=1e-5, err_msg=key)
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert 1.0 <= records[0]["expert_load"] <= 4.0 and records[0]["dropped_frac"] == 0
+    # [L, E, D, F]: experts over `expert`, D over fsdp (FSDP), F over tensor.
+    spec = experts["gate_proj"].sharding.spec
+    assert spec == PartitionSpec(None, "expert", ("fsdp", "sequence"), "tensor"), spec
+    assert experts["gate_proj"].addressable_shards[0].data.shape == (
+        2, 4 // mesh["expert"], 64 // mesh.get("fsdp", 1), 32 // mesh.get("tensor", 1))
+    assert "all-to-all" in hlo
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+# 10 steps: pretrain 0..5, long_context 6..7, anneal 8..9; a checkpoint every 3 steps.
+ARGS = ["--config=configs/tiny_moe.py:smoke", "--config.log_every=1",
+        "--config.eval_every=1000", "--config.checkpoint.every_steps=3"]
+
+
+def command(workdir):
+    return [sys.executable, "-m", "jaxllm.main", f"--workdir={workdir}", *ARGS]
+
+
+def env():
+    return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+
+
+def by_step(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return {r["step"]: r for r in records if "loss" in r}
+
+
+def test_tiny_moe_trains_through_its_stages_and_resumes_exactly_after_a_kill(tmp_path):
+    """Two runs side by side: one uninterrupted, one killed once its first checkpoint is on
+    disk and run again; every logged step, loss and MoE metric, is bitwise the same."""
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    with open(tmp_path / "whole.log", "w") as log:
+        uninterrupted = subprocess.Popen(command(whole), cwd=ROOT, env=env(), stdout=log,
+                                         stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(command(killed), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 300
+        while not (killed / "checkpoints").is_dir() or not [
+                n for n in os.listdir(killed / "checkpoints") if n.isdigit()]:
+            assert proc.poll() is None, "the run ended before it was killed"
+            assert time.monotonic() < deadline, "no checkpoint was completed"
+            time.sleep(0.05)
+        proc.kill()
+        proc.wait()
+        resumed = subprocess.run(command(killed), cwd=ROOT, env=env(), capture_output=True,
+                                 text=True, timeout=600)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert "resumed from step" in resumed.stdout
+        assert uninterrupted.wait(timeout=600) == 0, open(tmp_path / "whole.log").read()[-3000:]
+    a, b = by_step(whole), by_step(killed)
+    assert sorted(a) == sorted(b) == list(range(1, 11))
+    assert [a[s]["stage"] for s in (6, 8, 10)] == ["pretrain", "long_context", "anneal"]
+    assert a[10]["loss"] < a[1]["loss"]
+    for step, record in a.items():
+        for key in ("loss", "grad_norm", "aux_loss", "router_z_loss", "expert_load"):
+            assert b[step][key] == record[key], (step, key)
+
+
+def test_tiny_upcycled_into_tiny_moe_trains(tmp_path):
+    """A dense tiny:smoke params checkpoint → `--config.init.upcycle_from` of tiny_moe:smoke:
+    the run starts from it and trains (2 steps on 8 devices, data 4 × expert 2). After them
+    the embeddings and attention are within two AdamW steps of the dense model's, where a
+    fresh init would differ by about 0.1."""
+    from jaxllm.checkpoint import save_params
+    from jaxllm.train.pipeline import run
+
+    dense_cfg = load_config(os.path.join(ROOT, "configs", "tiny.py:smoke")).model
+    dense = init_params(dense_cfg, jax.random.key(7))
+    save_params(str(tmp_path / "dense"), dense_cfg, dense)
+    config = load_config(SMOKE, [f"init.upcycle_from={tmp_path / 'dense'}", "mesh.data=4",
+                                 "mesh.expert=2", "stages.pretrain.steps=2",
+                                 "stages.pretrain.batch_size=8", "stages.long_context.steps=0",
+                                 "stages.anneal.steps=0"])
+    state = run(config, str(tmp_path / "moe"))
+    records = by_step(tmp_path / "moe")
+    assert sorted(records) == [1, 2] and np.isfinite(records[2]["loss"])
+    params = jax.device_get(state.params)
+    for path in (("embed", "embedding"), ("layers", "attn", "q_proj", "kernel")):
+        got, want = params, dense
+        for key in path:
+            got, want = got[key], want[key]
+        assert np.abs(np.asarray(got) - np.asarray(want)).max() < 0.01, path
