@@ -1,4 +1,4 @@
-"""tiny's MoE sibling: a Qwen2-MoE of ~7M parameters (~3M active) that trains on 2 CPU cores
+"""tiny's MoE sibling: a Qwen2-MoE of ~9M parameters (~5M active) that trains on 2 CPU cores
 in minutes, on the same data and three stages as configs/tiny.py.
 
 Every layer is sparse: 8 routed experts of size 192, 2 per token, plus a shared expert of
