@@ -10,7 +10,7 @@ Variants with a mesh that `python -m jaxllm.plan --config=configs/qwen1_5_moe_a2
   `qwen1_5_moe_a2_7b.py:h100_16`  2 nodes of 8 H100s: expert 4 within a node × fsdp 4
 """
 
-from jaxllm.config import base_config, qwen2_recipe
+from jaxllm.config import base_config, mesh_variant, qwen2_recipe
 
 # mesh, grad_accum
 MESHES = {
@@ -30,10 +30,5 @@ def get_config(arg=None):
     qwen2_recipe(c, batch_size=512, peak_lr=4e-4, pretrain_steps=1_000_000,
                  long_context_steps=20_000, anneal_steps=10_000)
     c.mesh.update(data=1, fsdp=-1)
-    if arg is not None:
-        if arg not in MESHES:
-            raise ValueError(f"configs/qwen1_5_moe_a2_7b.py: unknown variant {arg!r}; known: "
-                             f"{', '.join(MESHES)}")
-        mesh, c.optimizer.grad_accum = MESHES[arg]
-        c.mesh.update(mesh)
+    mesh_variant(c, arg, MESHES, "configs/qwen1_5_moe_a2_7b.py")
     return c

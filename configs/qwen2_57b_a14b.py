@@ -12,7 +12,7 @@ Variants with a mesh that `python -m jaxllm.plan --config=configs/qwen2_57b_a14b
                                 the rest of expert 8 × fsdp 8 across nodes
 """
 
-from jaxllm.config import base_config, qwen2_recipe
+from jaxllm.config import base_config, mesh_variant, qwen2_recipe
 
 # mesh, grad_accum
 MESHES = {
@@ -33,10 +33,5 @@ def get_config(arg=None):
                  long_context_steps=20_000, anneal_steps=10_000)
     c.mesh.update(data=1, fsdp=-1)
     c.checkpoint.every_steps = 500
-    if arg is not None:
-        if arg not in MESHES:
-            raise ValueError(f"configs/qwen2_57b_a14b.py: unknown variant {arg!r}; known: "
-                             f"{', '.join(MESHES)}")
-        mesh, c.optimizer.grad_accum = MESHES[arg]
-        c.mesh.update(mesh)
+    mesh_variant(c, arg, MESHES, "configs/qwen2_57b_a14b.py")
     return c

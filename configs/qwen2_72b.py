@@ -8,7 +8,7 @@ Variants with a mesh that `python -m jaxllm.plan` shows to fit:
   `qwen2_72b.py:h100_64`  8 nodes of 8 H100s: fsdp 8 across nodes × tensor 4 × sequence 2
 """
 
-from jaxllm.config import base_config, qwen2_recipe
+from jaxllm.config import base_config, mesh_variant, qwen2_recipe
 
 MESHES = {
     "v5p_256": (dict(data=1, fsdp=32, tensor=1, sequence=4), 4),
@@ -25,10 +25,5 @@ def get_config(arg=None):
                  long_context_steps=20_000, anneal_steps=10_000)
     c.mesh.update(data=1, fsdp=-1)
     c.checkpoint.every_steps = 500
-    if arg is not None:
-        if arg not in MESHES:
-            raise ValueError(f"configs/qwen2_72b.py: unknown variant {arg!r}; known: "
-                             f"{', '.join(MESHES)}")
-        mesh, c.optimizer.grad_accum = MESHES[arg]
-        c.mesh.update(mesh)
+    mesh_variant(c, arg, MESHES, "configs/qwen2_72b.py")
     return c

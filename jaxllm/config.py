@@ -151,6 +151,17 @@ def qwen2_recipe(config: mc.ConfigDict, *, batch_size: int, peak_lr: float,
     config.model.rope_theta = 1e6  # the final base: what an exported model runs with
 
 
+def mesh_variant(config: mc.ConfigDict, arg: str | None, meshes: dict, where: str) -> None:
+    """A config file's named mesh variant: `meshes[arg]` is (mesh sizes, grad_accum); None
+    keeps the defaults."""
+    if arg is None:
+        return
+    if arg not in meshes:
+        raise ValueError(f"{where}: unknown variant {arg!r}; known: {', '.join(meshes)}")
+    mesh, config.optimizer.grad_accum = meshes[arg]
+    config.mesh.update(mesh)
+
+
 def stage_names(config: mc.ConfigDict) -> list[str]:
     """Stage names in the order they were written (ConfigDict.keys() sorts them)."""
     return list(json.loads(config.stages.to_json_best_effort()))

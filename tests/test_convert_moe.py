@@ -11,7 +11,6 @@ Dimension letters: B batch, T length, V vocab, E experts.
 from __future__ import annotations
 
 import json
-import math
 import os
 
 import jax
@@ -21,7 +20,7 @@ import pytest
 import torch
 import transformers
 from flax import linen as nn
-from test_hf import _assert_bitwise_equal, _tensors
+from test_hf import _assert_bitwise_equal, _tensors, _trained_scale
 
 from jaxllm.convert import load_hf, save_hf
 from jaxllm.convert.__main__ import main as convert_main
@@ -45,27 +44,6 @@ def _hf_config(step: int, norm: bool, shared: int = 48) -> transformers.Qwen2Moe
         decoder_sparse_step=step, norm_topk_prob=norm, rope_parameters=dict(
             rope_type="default", rope_theta=1e4), rms_norm_eps=1e-6, max_position_embeddings=256,
         tie_word_embeddings=False)
-
-
-@torch.no_grad()
-def _trained_scale(model: torch.nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    normal = lambda shape, fan_in: torch.randn(shape, generator=g) / math.sqrt(fan_in)
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            scale = 2.5 if name.endswith(("q_proj", "k_proj")) else 1.0
-            module.weight.copy_(scale * normal(module.weight.shape, module.in_features))
-            if module.bias is not None:
-                module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=g))
-        elif isinstance(module, torch.nn.Embedding):
-            module.weight.copy_(torch.randn(module.weight.shape, generator=g))
-        elif hasattr(module, "variance_epsilon"):  # RMSNorm
-            module.weight.copy_(1 + 0.1 * torch.randn(module.weight.shape, generator=g))
-        elif hasattr(module, "gate_up_proj"):  # the experts, fused [E, 2F, D] and [E, D, F]
-            module.gate_up_proj.copy_(normal(module.gate_up_proj.shape, module.hidden_dim))
-            module.down_proj.copy_(normal(module.down_proj.shape, module.intermediate_dim))
-        elif hasattr(module, "top_k"):  # the router [E, D]: logits of std 3, sharp routing
-            module.weight.copy_(3 * normal(module.weight.shape, module.hidden_dim))
 
 
 def _make_hf(path, step: int, norm: bool, seed: int = 0, **kwargs):

@@ -56,6 +56,13 @@ def _trained_scale(model: torch.nn.Module, seed: int) -> None:
             module.weight.copy_(torch.randn(module.weight.shape, generator=g))
         elif hasattr(module, "variance_epsilon"):  # RMSNorm
             module.weight.copy_(1 + 0.1 * torch.randn(module.weight.shape, generator=g))
+        elif hasattr(module, "gate_up_proj"):  # MoE experts, fused [E, 2F, D] and [E, D, F]
+            for w, fan_in in ((module.gate_up_proj, module.hidden_dim),
+                              (module.down_proj, module.intermediate_dim)):
+                w.copy_(torch.randn(w.shape, generator=g) / math.sqrt(fan_in))
+        elif hasattr(module, "top_k"):  # MoE router [E, D]: logits of std 3, sharp routing
+            module.weight.copy_(3 * torch.randn(module.weight.shape, generator=g)
+                                / math.sqrt(module.hidden_dim))
 
 
 def _make_hf(path, case: str, seed: int = 0) -> transformers.PreTrainedModel:

@@ -17,17 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import linen as nn
 from jax.sharding import PartitionSpec
+from test_sharding import train
 
-from jaxllm import sharding
 from jaxllm.config import load_config
-from jaxllm.data import make_iterator
 from jaxllm.model import apply, forward, init_cache, init_params
-from jaxllm.optim import make_optimizer, make_schedule
-from jaxllm.tokenizer import load_tokenizer
-from jaxllm.train.pipeline import init_train_state, stage_model_config, to_global
-from jaxllm.train.step import make_train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "tiny_moe.py:smoke")
@@ -59,39 +53,18 @@ def test_cache_decoding_equals_full_forward(sparse_step):
     assert np.std(full) > 0.1  # logits far from uniform: the check has teeth
 
 
-def train(config, devices, steps=5):
-    """Losses and MoE metrics of `steps` train steps on `devices`; the compiled step's HLO; the
-    state's expert weights."""
-    mesh = sharding.make_mesh(config, devices)
-    stage = config.stages.pretrain
-    tokenizer = load_tokenizer(config.tokenizer.name, max_rank=config.tokenizer.max_rank)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
-        state, state_sh = init_train_state(config, mesh)
-        step = jax.jit(make_train_step(stage_model_config(config, "pretrain"),
-                                       make_optimizer(config.optimizer),
-                                       make_schedule(stage.lr, stage.steps), 0, 1, 0.0),
-                       donate_argnums=0, out_shardings=(state_sh, None))
-        data = make_iterator(config, "pretrain", tokenizer)
-        batches = [to_global(next(data), sharding.batch_sharding(mesh)) for _ in range(steps)]
-        hlo = step.lower(state, batches[0]).compile().as_text()
-        records = []
-        for batch in batches:
-            state, metrics = step(state, batch)
-            records.append({k: float(v) for k, v in metrics.items()})
-    return records, hlo, state.params["layers"]["mlp"]["experts"]
-
-
 @pytest.fixture(scope="module")
 def one_device():
-    return train(smoke(), jax.devices()[:1])[0]
+    return train(smoke(), jax.devices()[:1])[0]  # (test_sharding's train: metrics, HLO, params)
 
 
 @pytest.mark.parametrize("mesh", [{"data": 2, "expert": 4},
                                   {"data": 1, "expert": 2, "fsdp": 2, "tensor": 2}],
                          ids=lambda m: "x".join(f"{k}{v}" for k, v in m.items() if v > 1))
 def test_expert_parallel_training_equals_one_device(mesh, one_device):
-    records, hlo, experts = train(smoke(*(f"mesh.{k}={v}" for k, v in mesh.items())),
-                                  jax.devices())
+    records, hlo, params = train(smoke(*(f"mesh.{k}={v}" for k, v in mesh.items())),
+                                 jax.devices(), hlo=True)
+    experts = params["layers"]["mlp"]["experts"]
     for key in ("loss", "aux_loss", "router_z_loss", "grad_norm"):
         np.testing.assert_allclose([r[key] for r in records], [r[key] for r in one_device],
                                    rtol=1e-5, atol=1e-5, err_msg=key)

@@ -26,7 +26,9 @@ def tiny(*overrides):
                        + list(overrides))
 
 
-def train_losses(config, devices, steps=5):
+def train(config, devices, steps=5, hlo=False):
+    """The metrics of `steps` pretrain steps of `config` on `devices` (each a dict of floats),
+    the compiled step's HLO text when `hlo`, and the final params."""
     mesh = sharding.make_mesh(config, devices)
     stage = config.stages.pretrain
     tokenizer = load_tokenizer(config.tokenizer.name, max_rank=config.tokenizer.max_rank)
@@ -37,11 +39,17 @@ def train_losses(config, devices, steps=5):
                                        make_schedule(stage.lr, stage.steps), 0, 1, 0.0),
                        donate_argnums=0, out_shardings=(state_sh, None))
         data = make_iterator(config, "pretrain", tokenizer)
-        losses = []
-        for _ in range(steps):
-            state, metrics = step(state, to_global(next(data), sharding.batch_sharding(mesh)))
-            losses.append(float(metrics["loss"]))
-    return np.asarray(losses)
+        batches = [to_global(next(data), sharding.batch_sharding(mesh)) for _ in range(steps)]
+        text = step.lower(state, batches[0]).compile().as_text() if hlo else None
+        records = []
+        for batch in batches:
+            state, metrics = step(state, batch)
+            records.append({k: float(v) for k, v in metrics.items()})
+    return records, text, state.params
+
+
+def train_losses(config, devices, steps=5):
+    return np.asarray([r["loss"] for r in train(config, devices, steps)[0]])
 
 
 @pytest.fixture(scope="module")
