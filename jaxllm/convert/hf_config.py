@@ -24,17 +24,28 @@ MOE_KEYS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size",
 
 
 def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, dict[str, Any]]:
-    """(rope_theta, jaxllm rope_scaling) from the new `rope_parameters` or the older keys."""
+    """(rope_theta, jaxllm rope_scaling) from the new `rope_parameters` or the older keys.
+    transformers' "dynamic" takes max_position_embeddings as the original length."""
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
     kind = rope.get("rope_type", rope.get("type", "default"))
     scaling = dict(model_defaults().rope_scaling)
-    if kind in ("yarn", "dynamic"):
-        scaling.update(type="yarn" if kind == "yarn" else "dynamic_ntk",
-                       factor=float(rope["factor"]),
+    if kind == "yarn":
+        if rope.get("mscale") or rope.get("mscale_all_dim"):
+            raise ValueError("yarn with mscale / mscale_all_dim (DeepSeek's variant) is not "
+                             "supported")
+        scaling.update(type="yarn", factor=float(rope["factor"]),
                        original_max_position_embeddings=int(rope.get(
                            "original_max_position_embeddings",
-                           hf.get("max_position_embeddings", 32768))))
+                           hf.get("max_position_embeddings", 32768))),
+                       beta_fast=float(rope.get("beta_fast") or 32.0),
+                       beta_slow=float(rope.get("beta_slow") or 1.0),
+                       attention_factor=float(rope.get("attention_factor") or 0.0),
+                       truncate=bool(rope.get("truncate", True)))
+    elif kind == "dynamic":
+        scaling.update(type="dynamic_ntk", factor=float(rope["factor"]),
+                       original_max_position_embeddings=int(hf.get(
+                           "max_position_embeddings", 32768)))
     elif kind != "default":
         raise ValueError(f"rope scaling {kind!r} is not supported; jaxllm reads 'default', "
                          "'yarn' and 'dynamic'")
@@ -99,11 +110,21 @@ def config_to_hf(m: mc.ConfigDict, dtype: str, eos_id: int = QWEN_ENDOFTEXT) -> 
     if m.family not in ARCHITECTURES:
         raise ValueError(f"model.family {m.family!r} cannot be exported yet; jaxllm exports "
                          f"{', '.join(map(repr, ARCHITECTURES))}")
+    if m.rope_scaling.logn:
+        raise ValueError("model.rope_scaling.logn: transformers' Qwen2 and Llama have no LogN "
+                         "attention scaling, so the exported model would compute otherwise")
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": float(m.rope_theta)}
-    if m.rope_scaling.type != "none":
-        rope.update(rope_type="yarn" if m.rope_scaling.type == "yarn" else "dynamic",
-                    factor=float(m.rope_scaling.factor),
-                    original_max_position_embeddings=m.rope_scaling.original_max_position_embeddings)
+    scaling, max_positions = m.rope_scaling, m.max_position_embeddings
+    if scaling.type == "yarn":
+        rope.update(rope_type="yarn", factor=float(scaling.factor),
+                    original_max_position_embeddings=scaling.original_max_position_embeddings,
+                    beta_fast=float(scaling.beta_fast), beta_slow=float(scaling.beta_slow),
+                    truncate=bool(scaling.truncate))
+        if scaling.attention_factor:
+            rope["attention_factor"] = float(scaling.attention_factor)
+    elif scaling.type == "dynamic_ntk":  # transformers' original length is this key
+        rope.update(rope_type="dynamic", factor=float(scaling.factor))
+        max_positions = scaling.original_max_position_embeddings
     hf: dict[str, Any] = {
         "architectures": [ARCHITECTURES[m.family]],
         "model_type": m.family,
@@ -118,7 +139,7 @@ def config_to_hf(m: mc.ConfigDict, dtype: str, eos_id: int = QWEN_ENDOFTEXT) -> 
         "rms_norm_eps": m.rms_norm_eps,
         "rope_theta": float(m.rope_theta),
         "rope_parameters": rope,
-        "max_position_embeddings": m.max_position_embeddings,
+        "max_position_embeddings": max_positions,
         "tie_word_embeddings": bool(m.tie_embeddings),
         "attention_dropout": 0.0,
         "initializer_range": m.init_std,

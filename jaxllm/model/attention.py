@@ -20,7 +20,7 @@ import jax
 import ml_collections as mc
 from flax import linen as nn
 
-from jaxllm.model.layers import Linear, apply_rope
+from jaxllm.model.layers import Linear, rope
 from jaxllm.shard_kernels import attention
 
 
@@ -70,8 +70,9 @@ class Attention(nn.Module):
         q_BxTxNxH = project(cfg.num_heads, "heads", "q_proj")
         k_BxTxKxH = project(cfg.num_kv_heads, "kv_heads", "k_proj")
         v_BxTxKxH = project(cfg.num_kv_heads, "kv_heads", "v_proj")
-        q_BxTxNxH = apply_rope(q_BxTxNxH, positions_BxT, cfg.rope_theta)
-        k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, cfg.rope_theta)
+        rotate = rope(cfg)
+        q_BxTxNxH = rotate(q_BxTxNxH, positions_BxT, query=True)
+        k_BxTxKxH = rotate(k_BxTxKxH, positions_BxT)
         q_BxTxNxH = nn.with_logical_constraint(q_BxTxNxH, ("batch", "length", "heads", "head_dim"))
         if kv is None:
             out_BxTxNxH = dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH,

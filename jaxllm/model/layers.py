@@ -1,4 +1,4 @@
-"""Building blocks: RMSNorm, rotary embeddings, SwiGLU MLP.
+"""Building blocks: RMSNorm, rotary embeddings (plain, YaRN, dynamic NTK, LogN), SwiGLU MLP.
 
 Dimension letters: B batch, T length, D model dim, F ffn dim, N heads, H head dim.
 Parameters are created with logical axis names (`embed`, `mlp`, ...); sharding.py maps them
@@ -6,6 +6,8 @@ onto the mesh.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -68,22 +70,85 @@ class RMSNorm(nn.Module):
         return scale_D.astype(dtype) * normed.astype(dtype)
 
 
-def rope_inverse_frequencies(head_dim: int, theta: float) -> jax.Array:
+def rope_inverse_frequencies(head_dim: int, theta) -> jax.Array:
     """float32 inverse frequencies theta^(-2i/H), i < H/2 (as Hugging Face computes them)."""
     exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
-    return 1.0 / (jnp.float32(theta) ** exponents)
+    return 1.0 / (jnp.asarray(theta, jnp.float32) ** exponents)
 
 
-def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding in the rotate-half layout of Hugging Face (no weight permutation)."""
-    head_dim = x_BxTxNxH.shape[-1]
-    inv_freq = rope_inverse_frequencies(head_dim, theta)
-    angles_BxTxH2 = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
+def yarn_frequencies(head_dim: int, theta: float, scaling) -> tuple[jax.Array, float]:
+    """YaRN (Peng et al. 2023) as transformers computes it: (inverse frequencies, the factor
+    that multiplies cos and sin). Dimensions that turn fewer than beta_slow times over the
+    original length are interpolated (frequency / factor), those that turn more than beta_fast
+    times keep their frequency, with a linear ramp between; the attention factor defaults to
+    0.1·ln(factor) + 1."""
+    factor, original = scaling.factor, scaling.original_max_position_embeddings
+
+    def correction_dim(rotations: float) -> float:  # the dim that turns `rotations` times
+        return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(scaling.beta_fast), correction_dim(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    high = high + 0.001 if low == high else high  # no zero-width ramp
+    ramp = jnp.clip((jnp.arange(head_dim // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
+    extrapolated = rope_inverse_frequencies(head_dim, theta)
+    inv_freq = extrapolated / factor * ramp + extrapolated * (1 - ramp)
+    attention_factor = scaling.attention_factor or (
+        0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
+    return inv_freq, attention_factor
+
+
+def rope(cfg: mc.FrozenConfigDict, theta: float | None = None):
+    """The model's rotary embedding, `rope(x [B, T, heads, H], positions [B, T])`, by
+    `cfg.rope_scaling.type`:
+
+    none         theta^(-2i/H) (`theta` defaults to cfg.rope_theta)
+    yarn         `yarn_frequencies`; the rotated x is multiplied by the attention factor
+    dynamic_ntk  transformers' "dynamic": for a call whose last position p exceeds the
+                 original length L, the base grows to theta·(factor·(p+1)/L - factor + 1)^(H/(H-2))
+    and with `rope_scaling.logn` the queries (`query=True`) at positions p ≥ L are also scaled
+    by log(p+1) / log(L) (Qwen-7B's LogN attention scaling), keys never.
+    """
+    theta = cfg.rope_theta if theta is None else theta
+    scaling, H = cfg.rope_scaling, cfg.head_dim
+    original = scaling.original_max_position_embeddings
+
+    def apply(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, query: bool = False) -> jax.Array:
+        scale = 1.0
+        if scaling.type == "yarn":
+            inv_freq, scale = yarn_frequencies(H, theta, scaling)
+        elif scaling.type == "dynamic_ntk":
+            length = jnp.maximum(jnp.max(positions_BxT) + 1, original).astype(jnp.float32)
+            base = theta * (scaling.factor * length / original - (scaling.factor - 1)) ** (
+                H / (H - 2))
+            inv_freq = rope_inverse_frequencies(H, base)
+        else:
+            inv_freq = rope_inverse_frequencies(H, theta)
+        out = apply_rope(x_BxTxNxH, positions_BxT, inv_freq, scale)
+        if query and scaling.logn:
+            p = positions_BxT.astype(jnp.float32) + 1
+            logn_BxT = jnp.where(p > original, jnp.log(p) / math.log(original), 1.0)
+            out = (out.astype(jnp.float32) * logn_BxT[..., None, None]).astype(out.dtype)
+        return out
+
+    return apply
+
+
+def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, inv_freq_H2: jax.Array,
+               scale: float = 1.0) -> jax.Array:
+    """Rotary embedding in the rotate-half layout of Hugging Face (no weight permutation),
+    with inverse frequencies [H/2] and cos/sin multiplied by `scale`."""
+    angles_BxTxH2 = positions_BxT.astype(jnp.float32)[..., None] * inv_freq_H2
     angles_BxTx1xH = jnp.concatenate([angles_BxTxH2, angles_BxTxH2], axis=-1)[:, :, None, :]
     x32 = x_BxTxNxH.astype(jnp.float32)
     x1, x2 = jnp.split(x32, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
-    out = x32 * jnp.cos(angles_BxTx1xH) + rotated * jnp.sin(angles_BxTx1xH)
+    cos, sin = jnp.cos(angles_BxTx1xH), jnp.sin(angles_BxTx1xH)
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
+    out = x32 * cos + rotated * sin
     return out.astype(x_BxTxNxH.dtype)
 
 
