@@ -16,7 +16,7 @@ from test_data_sources import write_jsonl
 from jaxllm import config as config_lib
 from jaxllm import data
 from jaxllm.model import forward, frozen, init_params
-from jaxllm.train.step import token_losses
+from jaxllm.train.loss import token_losses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

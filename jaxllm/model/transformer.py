@@ -94,7 +94,8 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_BxT: jax.Array, positions_BxT: jax.Array,
-                 segment_ids_BxT: jax.Array, cache: dict | None = None, with_aux: bool = False):
+                 segment_ids_BxT: jax.Array, cache: dict | None = None, with_aux: bool = False,
+                 head_out: bool = True):
         cfg = self.cfg
         dtype = dtype_of(cfg.dtype)
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
@@ -136,20 +137,31 @@ class Transformer(nn.Module):
         x_BxTxD = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="final_norm")(x_BxTxD)
 
         if cfg.tie_embeddings:
-            head_VxD = embed.embedding.astype(dtype)
-            logits_BxTxV = jnp.einsum("btd,vd->btv", x_BxTxD, head_VxD,
-                                      preferred_element_type=jnp.float32)
+            head = embed.embedding
         else:
-            head_DxV = self.param("lm_head", lambda *a: {"kernel": init_normal(
+            head = self.param("lm_head", lambda *a: {"kernel": init_normal(
                 cfg.init_std, ("embed", "vocab"))(*a)}, (cfg.hidden_size, cfg.vocab_size),
                 dtype_of(cfg.param_dtype))["kernel"]
-            logits_BxTxV = jnp.einsum("btd,dv->btv", x_BxTxD, head_DxV.astype(dtype),
-                                      preferred_element_type=jnp.float32)
+        aux = router_losses(stats_G, cfg) if cache is None and cfg.num_experts else {}
+        if not head_out:  # the loss applies the head itself, a chunk of tokens at a time
+            return x_BxTxD, aux
+        logits_BxTxV = vocab_logits(cfg, head, x_BxTxD)
         if cache is not None:
             return logits_BxTxV[:, 0], cache
-        if not with_aux:
-            return logits_BxTxV
-        return logits_BxTxV, (router_losses(stats_G, cfg) if cfg.num_experts else {})
+        return (logits_BxTxV, aux) if with_aux else logits_BxTxV
+
+
+def vocab_logits(cfg, head: jax.Array, x_BxTxD: jax.Array) -> jax.Array:
+    """float32 logits [B, T, V] of final hidden states: `head` is the embedding [V, D] when
+    tied, else lm_head's kernel [D, V] (see `head_weight`)."""
+    spec = "btd,vd->btv" if cfg.tie_embeddings else "btd,dv->btv"
+    return jnp.einsum(spec, x_BxTxD, head.astype(dtype_of(cfg.dtype)),
+                      preferred_element_type=jnp.float32)
+
+
+def head_weight(cfg, params: dict) -> jax.Array:
+    """The output head's weight in `params`, as `vocab_logits` takes it."""
+    return params["embed"]["embedding"] if cfg.tie_embeddings else params["lm_head"]["kernel"]
 
 
 def init_cache(model_config, batch: int, max_len: int, dtype=None) -> dict:
@@ -204,13 +216,16 @@ def param_count(model_config) -> int:
 
 
 def apply(model_config, params: dict, tokens_BxT: jax.Array, positions_BxT: jax.Array,
-          segment_ids_BxT: jax.Array, cache: dict | None = None, with_aux: bool = False):
+          segment_ids_BxT: jax.Array, cache: dict | None = None, with_aux: bool = False,
+          head_out: bool = True):
     """Traceable forward (use inside jit): logits float32 [B, T, V]; with a KV cache,
     (last position's logits [B, V], updated cache) as `Transformer` says; `with_aux` (no
     cache): (logits, aux), aux the MoE losses and metrics of jaxllm/model/moe.py
-    `router_losses` ({} for a dense model)."""
+    `router_losses` ({} for a dense model). `head_out=False` (no cache): (the final normed
+    hidden states [B, T, D], aux) instead, for a loss that applies `vocab_logits` itself."""
     return Transformer(frozen(model_config)).apply(
-        {"params": params}, tokens_BxT, positions_BxT, segment_ids_BxT, cache, with_aux)
+        {"params": params}, tokens_BxT, positions_BxT, segment_ids_BxT, cache, with_aux,
+        head_out)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -23,7 +23,9 @@ import ml_collections as mc
 import optax
 
 from jaxllm.model import apply
+from jaxllm.model.transformer import head_weight
 from jaxllm.optim import Schedule
+from jaxllm.train.loss import summed_losses
 
 Batch = dict[str, jax.Array]
 
@@ -46,25 +48,16 @@ MOE_METRICS = ("aux_loss", "router_z_loss", "expert_load", "dropped_frac")
 EMA_DECAY = 0.99  # the loss average spans ~100 steps: slow enough that a spike stands out
 
 
-def token_losses(logits_BxTxV: jax.Array, targets_BxT: jax.Array
-                 ) -> tuple[jax.Array, jax.Array]:
-    """Per-token negative log-likelihood and log-partition, both float32."""
-    logits_BxTxV = logits_BxTxV.astype(jnp.float32)
-    logz_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
-    target_logit_BxT = jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
-    return logz_BxT - target_logit_BxT, logz_BxT
-
-
-def summed_loss(params: dict, model_cfg: mc.FrozenConfigDict, batch: Batch, z_loss: float
-                ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, dict]]:
+def summed_loss(params: dict, model_cfg: mc.FrozenConfigDict, batch: Batch, z_loss: float,
+                chunk_size: int = 0) -> tuple[jax.Array, tuple[jax.Array, jax.Array, dict]]:
     """(Σ nll + z_loss·Σ logz² + count·(MoE router losses), (Σ nll, token count, the MoE
     metrics × count)) over the masked tokens."""
-    logits_BxTxV, aux = apply(model_cfg, params, batch["inputs"], batch["positions"],
-                              batch["segment_ids"], with_aux=True)
-    nll_BxT, logz_BxT = token_losses(logits_BxTxV, batch["targets"])
-    mask_BxT = batch["loss_mask"].astype(jnp.float32)
-    nll, count = jnp.sum(nll_BxT * mask_BxT), jnp.sum(mask_BxT)
-    objective = nll + z_loss * jnp.sum(jnp.square(logz_BxT) * mask_BxT) if z_loss else nll
+    x_BxTxD, aux = apply(model_cfg, params, batch["inputs"], batch["positions"],
+                         batch["segment_ids"], head_out=False)
+    nll, logz2 = summed_losses(model_cfg, head_weight(model_cfg, params), x_BxTxD,
+                               batch["targets"], batch["loss_mask"], chunk_size)
+    count = jnp.sum(batch["loss_mask"].astype(jnp.float32))
+    objective = nll + z_loss * logz2 if z_loss else nll
     if aux:
         objective += count * (model_cfg.router_aux_loss_coef * aux["aux_loss"]
                               + model_cfg.router_z_loss_coef * aux["router_z_loss"])
@@ -73,7 +66,7 @@ def summed_loss(params: dict, model_cfg: mc.FrozenConfigDict, batch: Batch, z_lo
 
 def make_train_step(model_cfg: mc.FrozenConfigDict, tx: optax.GradientTransformation,
                     schedule: Schedule, stage_start: int, grad_accum: int, z_loss: float,
-                    spike_factor: float = 0.0
+                    spike_factor: float = 0.0, loss_chunk: int = 0
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """The step of one stage; `schedule` runs on the step within the stage.
 
@@ -89,7 +82,8 @@ def make_train_step(model_cfg: mc.FrozenConfigDict, tx: optax.GradientTransforma
 
         def accumulate(carry, micro_batch):
             grads, nll, count, aux = carry
-            g, (nll_i, count_i, aux_i) = grad_fn(state.params, model_cfg, micro_batch, z_loss)
+            g, (nll_i, count_i, aux_i) = grad_fn(state.params, model_cfg, micro_batch, z_loss,
+                                                 loss_chunk)
             grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
             aux = jax.tree.map(jnp.add, aux, aux_i)
             return (grads, nll + nll_i, count + count_i, aux), None
@@ -124,11 +118,12 @@ def make_train_step(model_cfg: mc.FrozenConfigDict, tx: optax.GradientTransforma
     return train_step
 
 
-def make_eval_step(model_cfg: mc.FrozenConfigDict) -> Callable[[dict, Batch], tuple]:
+def make_eval_step(model_cfg: mc.FrozenConfigDict, loss_chunk: int = 0
+                   ) -> Callable[[dict, Batch], tuple]:
     """params, batch → (Σ nll, token count); the caller divides after summing batches."""
 
     def eval_step(params: dict, batch: Batch) -> tuple[jax.Array, jax.Array]:
-        _, (nll, count, _) = summed_loss(params, model_cfg, batch, 0.0)
+        _, (nll, count, _) = summed_loss(params, model_cfg, batch, 0.0, loss_chunk)
         return nll, count
 
     return eval_step
