@@ -43,7 +43,11 @@ def model_defaults() -> mc.ConfigDict:
             tie_embeddings=False,
             rms_norm_eps=1e-6,
             rope_theta=1e6,
-            rope_scaling=dict(type="none", factor=1.0, original_max_position_embeddings=32768),
+            # yarn / dynamic_ntk (transformers' "dynamic"); logn: Qwen-7B's LogN query scaling
+            # past original_max_position_embeddings; attention_factor 0: YaRN's default.
+            rope_scaling=dict(type="none", factor=1.0, original_max_position_embeddings=32768,
+                              beta_fast=32.0, beta_slow=1.0, attention_factor=0.0,
+                              truncate=True, logn=False),
             dca=dict(enabled=False, chunk_size=32768, local_size=1024),
             max_position_embeddings=32768,
             # Mixture of experts (family qwen2_moe); zeros mean dense.
@@ -85,17 +89,39 @@ def stage(steps: int, seq_len: int, batch_size: int, rope_theta: float, peak: fl
 
 
 def data_source(format: str, path: str = "", *, heldout_fraction: float = 0.02,
-                heldout_path: str = "", text_field: str = "text", prompt_field: str = ""
+                heldout_path: str = "", text_field: str = "text", prompt_field: str = "",
+                min_tokens: int = 0, keep_short: float = 0.0, align_long: bool = False
                 ) -> mc.ConfigDict:
     """One entry of config.data.sources (jaxllm/data/formats.py describes the formats).
 
     `path`: a file, directory or glob. Held out: `heldout_path` when set, else every
     1/heldout_fraction-th record. jsonl and parquet: the document is `text_field`; with
     `prompt_field`, the prompt comes first and is not trained on (supervised fine-tuning).
+    Long documents (jaxllm/data/mixture.py): with `min_tokens` > 0 only documents of at least
+    that many tokens are read, and a `keep_short` share of the others; with `align_long`, a
+    long document that does not fit in the rest of a row starts the next row.
     """
     return mc.ConfigDict(dict(format=format, path=path, heldout_fraction=heldout_fraction,
                               heldout_path=heldout_path, text_field=text_field,
-                              prompt_field=prompt_field))
+                              prompt_field=prompt_field, min_tokens=min_tokens,
+                              keep_short=float(keep_short), align_long=align_long))
+
+
+def long_documents(config: mc.ConfigDict, stage_name: str = "long_context",
+                   min_tokens: int = 4096, keep_short: float = 0.1) -> None:
+    """Points a stage's mixture at long-document views of its sources: each source `s` gets a
+    copy `s_long` that reads documents of at least `min_tokens` tokens (by default longer than
+    the Qwen2 recipe's 4K pretraining context) and a `keep_short` share of the others (so long
+    ones are upweighted 1/keep_short times), packed with long documents aligned to rows."""
+    mixture = config.stages[stage_name].mixture
+    weights = {}
+    for name, weight in mixture.items():
+        long_name = f"{name}_long"
+        src = config.data.sources[name].to_dict()
+        src.update(min_tokens=min_tokens, keep_short=float(keep_short), align_long=True)
+        config.data.sources[long_name] = data_source(**src)
+        weights[long_name] = weight
+    config.stages[stage_name].mixture = weights
 
 
 def base_config() -> mc.ConfigDict:
@@ -117,7 +143,8 @@ def base_config() -> mc.ConfigDict:
     c.optimizer = mc.ConfigDict(
         dict(b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0, grad_accum=1)
     )
-    c.loss = mc.ConfigDict(dict(z_loss=0.0))
+    # chunk_size: tokens of a row whose logits exist at once (jaxllm/train/loss.py); 0: all
+    c.loss = mc.ConfigDict(dict(z_loss=0.0, chunk_size=1024))
     # A step whose loss or gradient is not finite, or whose loss exceeds spike_factor × its
     # running average (0: no spike check), is skipped; after max_in_row skipped steps in a row
     # the run restores the last checkpoint and skips the batches that caused them.
@@ -127,6 +154,15 @@ def base_config() -> mc.ConfigDict:
     # upcycle_reinit: the share of each expert's units re-drawn from the init (Qwen2: 0.5).
     c.init = mc.ConfigDict(dict(checkpoint="", hf="", upcycle_from="", upcycle_reinit=0.5))
     c.export_hf_every = 0  # >0: also write <workdir>/hf/<step>/ every this many steps
+    # >0: in the long_context stage, every this many steps, perplexity by position bucket
+    # (jaxllm/eval/long_ppl.py) over eval_long.num_docs held-out documents of seq_len tokens,
+    # in buckets of eval_long.bucket_size positions (0: a quarter of seq_len).
+    c.eval_long_every = 0
+    c.eval_long = mc.ConfigDict(dict(num_docs=2, bucket_size=0))
+    # Trace global steps [start, stop) into <workdir>/profile (stop 0: off); XLA's compiled
+    # programs kept between runs ("auto": ~/.cache/jaxllm/xla; "": off). jaxllm/profiling.py.
+    c.profile = mc.ConfigDict(dict(start=0, stop=0))
+    c.compilation_cache_dir = "auto"
     c.log_every = 10
     c.eval_every = 500
     c.seed = 0
@@ -149,6 +185,7 @@ def qwen2_recipe(config: mc.ConfigDict, *, batch_size: int, peak_lr: float,
     config.stages.anneal = stage(anneal_steps, 32768, long_batch, 1e6, peak_lr / 10,
                                  peak_lr / 100, 0, "linear")
     config.model.rope_theta = 1e6  # the final base: what an exported model runs with
+    long_documents(config)  # long_context: documents >= 4K tokens (10x upweighted), row-aligned
 
 
 def mesh_variant(config: mc.ConfigDict, arg: str | None, meshes: dict, where: str) -> None:
@@ -277,11 +314,15 @@ def _check_model(m: mc.ConfigDict, prefix: str) -> None:
     if m.dca.local_size >= m.dca.chunk_size:
         _fail(f"{prefix}.dca.local_size", f"{m.dca.local_size} must be below "
               f"dca.chunk_size={m.dca.chunk_size}")
-    if m.rope_scaling.type != "none":
-        _fail(f"{prefix}.rope_scaling.type",
-              f"{m.rope_scaling.type!r} is not built yet; use 'none'")
-    if m.dca.enabled:
-        _fail(f"{prefix}.dca.enabled", "dual chunk attention is not built yet")
+    if m.rope_scaling.type == "yarn" and m.rope_scaling.beta_fast <= m.rope_scaling.beta_slow:
+        _fail(f"{prefix}.rope_scaling.beta_fast", f"{m.rope_scaling.beta_fast} must exceed "
+              f"rope_scaling.beta_slow={m.rope_scaling.beta_slow}")
+    if m.dca.enabled and m.rope_scaling.type == "dynamic_ntk":
+        _fail(f"{prefix}.rope_scaling.type", "dynamic_ntk reads the positions rope is called "
+              "with, which under dual chunk attention are DCA's indices; use yarn or none")
+    if m.dca.enabled and m.rope_scaling.logn:
+        _fail(f"{prefix}.rope_scaling.logn", "LogN scaling with dual chunk attention is not "
+              "supported (rope sees DCA's indices, not the real positions)")
     if (m.family == "qwen2_moe") != (m.num_experts > 0):
         _fail(f"{prefix}.num_experts", f"{m.num_experts} experts with family={m.family!r}: a "
               "qwen2_moe model needs num_experts >= 1, and only qwen2_moe has experts")
@@ -310,6 +351,9 @@ def _check_sources(config: mc.ConfigDict) -> None:
             _fail(f"{key}.text_field", f"a {fmt} source needs the name of its text field")
         if src.get("prompt_field") and fmt not in ("jsonl", "parquet"):
             _fail(f"{key}.prompt_field", f"only jsonl and parquet records have fields, not {fmt}")
+        if src.get("keep_short", 0.0) and not src.get("min_tokens", 0):
+            _fail(f"{key}.keep_short", "keeps a share of the documents below min_tokens; set "
+                  "min_tokens >= 1 too")
     used = set()
     for stage_name in stage_names(config):
         for name, weight in config.stages[stage_name].mixture.items():
@@ -361,6 +405,9 @@ def validate(config: mc.ConfigDict) -> None:
     if tok.max_rank and tok.max_rank + 3 > m.vocab_size:
         _fail("model.vocab_size", f"{m.vocab_size} rows cannot hold tokenizer.max_rank="
               f"{tok.max_rank} ranks plus 3 special tokens")
+    if config.profile.stop and config.profile.stop <= config.profile.start:
+        _fail("profile.stop", f"{config.profile.stop} must be above profile.start="
+              f"{config.profile.start} (the steps traced are [start, stop))")
     if sum(config.mesh[a] == -1 for a in config.mesh.keys()) > 1:
         _fail("mesh", "only one axis may be -1")
     if config.init.checkpoint and config.init.hf:

@@ -137,6 +137,11 @@ RULES: dict[str, Rule] = {
     "model.rope_scaling.type": choice(*ROPE_SCALINGS),
     "model.rope_scaling.factor": number("[1, inf)"),
     "model.rope_scaling.original_max_position_embeddings": SIZE,
+    "model.rope_scaling.beta_fast": POSITIVE,
+    "model.rope_scaling.beta_slow": POSITIVE,
+    "model.rope_scaling.attention_factor": RATE,  # 0: 0.1·ln(factor) + 1
+    "model.rope_scaling.truncate": BOOL,
+    "model.rope_scaling.logn": BOOL,
     "model.dca.enabled": BOOL,
     "model.dca.chunk_size": SIZE,
     "model.dca.local_size": COUNT,
@@ -177,6 +182,9 @@ RULES: dict[str, Rule] = {
     "data.sources.*.heldout_path": TEXT,
     "data.sources.*.text_field": TEXT,
     "data.sources.*.prompt_field": TEXT,
+    "data.sources.*.min_tokens": COUNT,  # 0: every document
+    "data.sources.*.keep_short": number("[0, 1]"),  # share of documents below min_tokens read
+    "data.sources.*.align_long": BOOL,
     "data.eval_batches": COUNT,
     "data.workers": COUNT,
     "data.prefetch": COUNT,
@@ -187,6 +195,7 @@ RULES: dict[str, Rule] = {
     "optimizer.clip_norm": number("(0, inf)", special=(0, "off")),
     "optimizer.grad_accum": SIZE,
     "loss.z_loss": RATE,
+    "loss.chunk_size": COUNT,  # 0: a row's whole logits at once
     "bad_steps.spike_factor": number("(1, inf)", special=(0, "off")),
     "bad_steps.max_in_row": SIZE,
     "checkpoint.every_steps": SIZE,
@@ -197,6 +206,12 @@ RULES: dict[str, Rule] = {
     "init.upcycle_from": TEXT,
     "init.upcycle_reinit": number("[0, 1]"),  # share of each expert's units re-drawn
     "export_hf_every": COUNT,  # 0: off
+    "eval_long_every": COUNT,  # 0: off
+    "eval_long.num_docs": SIZE,
+    "eval_long.bucket_size": COUNT,  # 0: a quarter of the stage's seq_len
+    "profile.start": COUNT,
+    "profile.stop": COUNT,  # 0: no profile
+    "compilation_cache_dir": TEXT,  # "auto": ~/.cache/jaxllm/xla; "": off
     "log_every": SIZE,
     "eval_every": SIZE,
     "seed": integer("[0, 2**63)"),  # jax.random.key takes an int64

@@ -217,6 +217,9 @@ def attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array,
         raise ValueError(f"rows of {T} tokens declared in the zigzag layout cannot run as ring "
                          f"attention over {split.sequence} (needs one axis, T divisible by "
                          "twice its size, no local window)")
+    if zigzag and kv_segment_ids_BxS is not None and kv_segment_ids_BxS is not segment_ids_BxT:
+        raise ValueError("ring attention takes self-attention segment ids only; dual chunk "
+                         "attention (model.dca.enabled) cannot run on rows in the zigzag layout")
 
     def local(*blocks):
         it = iter(blocks)

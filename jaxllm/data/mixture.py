@@ -15,7 +15,9 @@ source's epochs and seeded orders run on across stages instead of restarting wit
 `Position.after` moves a position past what a stage's streams started (packing.py).
 
 Document k, read and tokenized, is a `Document`: int32 ids and a uint8 loss mask or None
-(every token trained on). EOS is not part of it; the packer adds it.
+(every token trained on). EOS is not part of it; the packer adds it. A source's `long_docs`
+(sources.py) marks it `dropped` (too short: the packer skips it, and it still counts as read)
+or `align` (long: the packer starts it at a row's first token).
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ class Document:
     ids: np.ndarray  # int32 [n]
     mask: np.ndarray | None  # uint8 [n]; None: all ones
     source: int  # index into the sequence's sources
+    dropped: bool = False  # shorter than the source's min_tokens: no tokens, not even EOS
+    align: bool = False  # a long document that starts a row rather than be cut (packing.py)
 
 
 def quotas(weights: Sequence[float], block: int = BLOCK) -> np.ndarray:
@@ -171,8 +175,15 @@ class DocumentSequence:
                 raise DataError(f"data.sources.{self.names[s]}: "
                                 f"{self.sources[s].chunks[chunk].path} record {record} has "
                                 f"token ids outside [0, {vocab}) of the tokenizer")
-            return Document(raw.ids, raw.mask, s)
-        return self.tokenize(raw, s)
+            doc = Document(raw.ids, raw.mask, s)
+        else:
+            doc = self.tokenize(raw, s)
+        long_docs = self.sources[s].long_docs
+        if not long_docs.keeps(len(doc.ids), self.sources[s].seed, i):
+            return Document(np.zeros(0, np.int32), None, s, dropped=True)
+        if long_docs.aligns(len(doc.ids)):
+            return Document(doc.ids, doc.mask, s, align=True)
+        return doc
 
     def tokenize(self, text: Text, s: int) -> Document:
         ids = np.asarray(self.tokenizer.encode(text.text), np.int32)

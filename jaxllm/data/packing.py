@@ -19,6 +19,14 @@ longer than a row carries on in the next. Per input token:
                closing EOS included) and the document's own mask allows that target (a
                prompt's tokens are not); 0.0 where the input is an EOS.
 
+Long documents (a source's `min_tokens`, `align_long`; sources.py). A dropped document (shorter
+than min_tokens) holds no tokens, not even its EOS: the stream goes on to its next one. An
+aligned document that would start part-way into a row and not fit in the rest of it starts the
+next row instead, the rest of this row being padding (segment 0, loss 0; a row that would
+hold only the previous row's closing EOS, which has no target, starts with it). Its rows are then
+windows [j·T, j·T + T] of the document itself: consecutive rows of the stream continue it from
+its first token, with no other document's tokens in between, until its last row.
+
 State: {"batch_size": B, "rows": [lo, hi], "streams": [[k, offset], ...]}, one pair per row
 read: the sequence index k of the document holding the stream's next row's first token, and
 that token's offset in the document (tokens + EOS). Restoring re-reads one document per stream.
@@ -35,14 +43,20 @@ import grain
 import numpy as np
 
 _MAX_AHEAD = 64  # documents in flight per stream, however short they are
+_MAX_DROPPED = 1 << 14  # dropped documents in a row after which a stream gives up
 
 
 class _Doc:
-    """A loaded document with its EOS: int32 tokens and uint8 mask (None: all ones)."""
+    """A loaded document with its EOS: int32 tokens and uint8 mask (None: all ones); a
+    dropped one is empty."""
 
-    __slots__ = ("tokens", "mask")
+    __slots__ = ("tokens", "mask", "align")
 
     def __init__(self, doc: Any, eos_id: int):
+        self.align = getattr(doc, "align", False)
+        if getattr(doc, "dropped", False):
+            self.tokens, self.mask = np.empty(0, np.int32), None
+            return
         self.tokens = np.empty(len(doc.ids) + 1, np.int32)
         self.tokens[:-1] = doc.ids
         self.tokens[-1] = eos_id
@@ -74,6 +88,7 @@ class StripedBatchIterator(grain.DatasetIterator):
         self._describe = describe
         self._mean_len = float(seq_len)  # of loaded documents: how many to load ahead
         self._seen = 0
+        self._dropped_in_row = 0
         self._wait = 0.0
         self._ahead: list[list[concurrent.futures.Future]] = []
         self.set_state({"batch_size": batch_size, "rows": [self._lo, self._hi],
@@ -112,6 +127,20 @@ class StripedBatchIterator(grain.DatasetIterator):
                 doc = _Doc(self._ahead[i].pop(0).result(), self._eos_id)
                 self._seen += 1
                 self._mean_len += (len(doc) - self._mean_len) / min(self._seen, 1000)
+                self._dropped_in_row = 0 if len(doc) else self._dropped_in_row + 1
+                if self._dropped_in_row > _MAX_DROPPED:
+                    from jaxllm.data.formats import DataError
+
+                    raise DataError(f"{_MAX_DROPPED} documents in a row were shorter than "
+                                    "their source's min_tokens and dropped; lower "
+                                    "data.sources.<name>.min_tokens or set keep_short")
+                if not len(doc) and not self._docs[i]:  # a dropped first document: skip it
+                    if self._offset[i]:
+                        raise ValueError(f"data state: stream {self._lo + i} is at offset "
+                                         f"{self._offset[i]} of document {self._k[i]}, which "
+                                         "holds no tokens; the state belongs to other data")
+                    self._k[i] += self._B
+                    continue
                 self._docs[i].append(doc)
 
     def _look_ahead(self) -> None:
@@ -140,7 +169,20 @@ class StripedBatchIterator(grain.DatasetIterator):
                 raise ValueError(f"data state: stream {self._lo + i} offset {offset} is past the "
                                  f"end of its document {self._k[i]} ({len(docs[0])} tokens with "
                                  "EOS); the state belongs to other data or another tokenizer")
-            for segment, doc in enumerate(docs, start=1):
+            segment, eos_only = 0, offset == len(docs[0]) - 1
+            for j, doc in enumerate(docs):
+                if not len(doc):  # dropped
+                    continue
+                if doc.align and filled == 1 and eos_only:
+                    filled = segment = 0  # the row held only the closing EOS (no target): drop it
+                if doc.align and filled and len(doc) > T1 - filled:
+                    # Pad the rest of the row: the document starts the next one.
+                    pad = slice(filled, T1)
+                    tokens_RT1[i, pad], segments_RT1[i, pad] = self._eos_id, 0
+                    positions_RT1[i, pad], mask_RT1[i, pad] = 0, 0.0
+                    offset, take, last = 0, 1, j
+                    break
+                segment += 1
                 take = min(len(doc) - offset, T1 - filled)
                 span = slice(filled, filled + take)
                 tokens_RT1[i, span] = doc.tokens[offset:offset + take]
@@ -150,11 +192,13 @@ class StripedBatchIterator(grain.DatasetIterator):
                     mask_RT1[i, span] = doc.mask[offset:offset + take]
                 filled += take
                 if filled == T1:
+                    last = j
                     break
                 offset = 0
-            # The next row starts at this row's last token: the one-token overlap.
-            del docs[:segment - 1]
-            self._k[i] += self._B * (segment - 1)
+            # The next row starts at this row's last token (the one-token overlap), or at the
+            # aligned document that padding left for it.
+            del docs[:last]
+            self._k[i] += self._B * last
             self._offset[i] = offset + take - 1
         self._look_ahead()  # loaded while the caller trains on this batch
         same_doc_RT = segments_RT1[:, :-1] == segments_RT1[:, 1:]

@@ -12,6 +12,11 @@ Order. Document i of a split (i = 0, 1, ... without end; epoch e = i // N of N d
   chunked formats (jsonl, parquet): the chunks in a seeded order, new each epoch, and the
       records of each chunk in a seeded order, so reading keeps to a few loaded chunks.
 Both are pure functions of (seed, i): a position in the source is one integer.
+
+Long documents. A source with `min_tokens` (a long-context stage's) keeps its order and its
+positions; a document shorter than that is dropped when it is read (`LongDocs.keeps`), unless
+a seeded draw keeps it (`keep_short`). Nothing needs an index of lengths up front, at the cost
+of reading the dropped documents.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import json
 import os
 import threading
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -30,6 +36,28 @@ from jaxllm.data.formats import Chunk, DataError, Text, Tokens
 
 SPLITS = ("train", "heldout")
 DEFAULT_HELDOUT_FRACTION = 0.02
+
+
+@dataclass(frozen=True)
+class LongDocs:
+    """Which documents a source gives and how they are packed (config.data_source): with
+    `min_tokens` > 0, documents of fewer tokens are dropped, except a `keep_short` share of
+    them; with `align_long`, a document of at least `min_tokens` tokens that does not fit in
+    the rest of a row starts the next one (packing.py)."""
+
+    min_tokens: int = 0
+    keep_short: float = 0.0
+    align_long: bool = False
+
+    def keeps(self, num_tokens: int, seed: int, i: int) -> bool:
+        """Whether the source's document i (in its endless order) of `num_tokens` is read:
+        the draw is a pure function of (seed, i), so every process and worker agrees."""
+        if num_tokens >= self.min_tokens:
+            return True
+        return mix(seed, i, 0x10C) < self.keep_short * 2.0**64
+
+    def aligns(self, num_tokens: int) -> bool:
+        return self.align_long and num_tokens >= self.min_tokens
 
 
 class EmptySplitError(DataError):
@@ -75,7 +103,11 @@ def _get(cfg: Mapping[str, Any] | Any, key: str, default: Any) -> Any:
 
 
 class Source:
-    """The documents of one split of one source: `len()` per epoch, `source[i]` for any i."""
+    """The documents of one split of one source: `len()` per epoch, `source[i]` for any i.
+    `long_docs` selects and aligns long ones; the mixture applies it once documents are
+    tokenized (their length is known only then)."""
+
+    long_docs = LongDocs()
 
     def __init__(self, name: str, fmt: str, chunks: list[Chunk], split: str, period: int,
                  fields: tuple[str, str], seed: int):
@@ -178,6 +210,11 @@ def open_source(source_cfg: Mapping[str, Any], split: str, name: str, seed: int 
     if fmt == "arrayrecord" and tokenizer is not None:
         check_manifest(sorted({os.path.dirname(c.path) for c in chunks}), tokenizer, where)
     source = Source(name, fmt, chunks, split, period, fields, seed)
+    long_docs = LongDocs(int(_get(source_cfg, "min_tokens", 0)),
+                         float(_get(source_cfg, "keep_short", 0.0)),
+                         bool(_get(source_cfg, "align_long", False)))
+    if long_docs != LongDocs():
+        source.long_docs = long_docs
     if not len(source):
         raise EmptySplitError(f"{where}: the {split!r} split of {path or formats.stdlib_root()!r}"
                               f" is empty ({sum(c.records for c in chunks)} records in "

@@ -12,14 +12,23 @@ padding and unwritten slots) and the slot `index` the tokens go to. Several toke
 prefill of the empty cache: they attend to each other, by `attention_impl`. One token is a
 decode step: it attends to every written slot of the same segment, so no causal mask is needed
 (later slots are not written yet), and its [1, S] scores are small enough for plain jnp.
+
+With `model.dca.enabled` (dual chunk attention, jaxllm/dca.py) rope is applied inside the
+attention at DCA's position indices: q and k go in before rope, and the cache holds keys
+before rope. A cache slot's position is the number of written slots before it (prompts are
+left-padded, one document per row, as jaxllm/generate.py lays them out).
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
+import jax.numpy as jnp
 import ml_collections as mc
 from flax import linen as nn
 
+from jaxllm.dca import dca_attention
 from jaxllm.model.layers import Linear, rope
 from jaxllm.shard_kernels import attention
 
@@ -52,6 +61,28 @@ def cached_attention(q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.
     return out_BxTxNxH, (k_BxSxKxH, v_BxSxKxH)
 
 
+def cached_dca_attention(q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array,
+                         positions_BxT: jax.Array, segment_ids_BxT: jax.Array,
+                         kv: tuple[jax.Array, jax.Array], kv_meta: tuple[jax.Array, jax.Array],
+                         dca) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """`cached_attention` with dual chunk attention `dca`: q, k and the cache before rope."""
+    (k_BxSxKxH, v_BxSxKxH), (kv_segment_ids_BxS, index) = kv, kv_meta
+    k_BxSxKxH = jax.lax.dynamic_update_slice(k_BxSxKxH, k_BxTxKxH.astype(k_BxSxKxH.dtype),
+                                             (0, index, 0, 0))
+    v_BxSxKxH = jax.lax.dynamic_update_slice(v_BxSxKxH, v_BxTxKxH.astype(v_BxSxKxH.dtype),
+                                             (0, index, 0, 0))
+    if q_BxTxNxH.shape[1] > 1:  # prefill of the empty cache: the prompt attends to itself
+        out_BxTxNxH = dca(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, positions_BxT, positions_BxT,
+                          segment_ids_BxT, segment_ids_BxT)
+    else:
+        dtype = q_BxTxNxH.dtype
+        k_positions_BxS = jnp.cumsum(kv_segment_ids_BxS > 0, axis=1, dtype=jnp.int32) - 1
+        out_BxTxNxH = dca(q_BxTxNxH, k_BxSxKxH.astype(dtype), v_BxSxKxH.astype(dtype),
+                          positions_BxT, k_positions_BxS, segment_ids_BxT, kv_segment_ids_BxS,
+                          impl="xla", causal=False)
+    return out_BxTxNxH, (k_BxSxKxH, v_BxSxKxH)
+
+
 class Attention(nn.Module):
     cfg: mc.FrozenConfigDict
 
@@ -71,15 +102,27 @@ class Attention(nn.Module):
         k_BxTxKxH = project(cfg.num_kv_heads, "kv_heads", "k_proj")
         v_BxTxKxH = project(cfg.num_kv_heads, "kv_heads", "v_proj")
         rotate = rope(cfg)
-        q_BxTxNxH = rotate(q_BxTxNxH, positions_BxT, query=True)
-        k_BxTxKxH = rotate(k_BxTxKxH, positions_BxT)
         q_BxTxNxH = nn.with_logical_constraint(q_BxTxNxH, ("batch", "length", "heads", "head_dim"))
-        if kv is None:
-            out_BxTxNxH = dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH,
-                                                segment_ids_BxT, cfg.attention_impl)
+        if cfg.dca.enabled:  # rope inside, at DCA's indices (config refuses logn, dynamic_ntk)
+            dca = functools.partial(
+                dca_attention, chunk_size=cfg.dca.chunk_size, local_size=cfg.dca.local_size,
+                rope=rotate, impl=cfg.attention_impl,
+                attention_fn=attention)
+            if kv is None:
+                out_BxTxNxH = dca(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, positions_BxT, positions_BxT,
+                                  segment_ids_BxT, segment_ids_BxT)
+            else:
+                out_BxTxNxH, kv = cached_dca_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH,
+                                                       positions_BxT, segment_ids_BxT, kv,
+                                                       kv_meta, dca)
+        elif kv is None:
+            out_BxTxNxH = dot_product_attention(
+                rotate(q_BxTxNxH, positions_BxT, query=True), rotate(k_BxTxKxH, positions_BxT),
+                v_BxTxKxH, segment_ids_BxT, cfg.attention_impl)
         else:
-            out_BxTxNxH, kv = cached_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT,
-                                               kv, kv_meta, cfg.attention_impl)
+            out_BxTxNxH, kv = cached_attention(
+                rotate(q_BxTxNxH, positions_BxT, query=True), rotate(k_BxTxKxH, positions_BxT),
+                v_BxTxKxH, segment_ids_BxT, kv, kv_meta, cfg.attention_impl)
         out_BxTxD = Linear((cfg.hidden_size,), ("heads", "head_dim", "embed"), cfg, n_in=2,
                            name="o_proj")(out_BxTxNxH)
         return out_BxTxD, kv

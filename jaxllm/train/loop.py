@@ -27,6 +27,7 @@ from jaxllm.data import eval_batches, make_iterator
 from jaxllm.data.mixture import Position
 from jaxllm.metrics import MetricsWriter, flops_per_token
 from jaxllm.optim import make_optimizer, make_schedule
+from jaxllm.profiling import Profiler
 from jaxllm.shard_kernels import row_order, traced_in_row_order
 from jaxllm.train.step import MOE_METRICS, TrainState, make_eval_step, make_train_step
 
@@ -98,19 +99,25 @@ def run_stage(run: Run, span, state: TrainState, resume_data: dict | None,
     step_fn = make_train_step(model_cfg, make_optimizer(config.optimizer),
                               make_schedule(stage.lr, span.steps), span.start,
                               config.optimizer.grad_accum, config.loss.z_loss,
-                              config.bad_steps.spike_factor)
+                              config.bad_steps.spike_factor, config.loss.chunk_size)
     batch_sh = sharding.batch_sharding(run.mesh)
     # Split over `sequence`, rows are laid out for ring attention (to_global permutes them).
     order = row_order(run.mesh, stage.seq_len)
     train_step = jax.jit(traced_in_row_order(step_fn, order), donate_argnums=0,
                          out_shardings=(run.state_sh, None))
-    eval_step = jax.jit(traced_in_row_order(make_eval_step(model_cfg), order))
+    eval_step = jax.jit(traced_in_row_order(make_eval_step(model_cfg, config.loss.chunk_size),
+                                            order))
     data = make_iterator(config, span.name, run.tokenizer, split="train", sharding=batch_sh,
                          positions=positions)
     if resume_data is not None:
         data.set_state(resume_data)
     held_out = [to_global(b, batch_sh, order)
                 for b in eval_batches(config, span.name, run.tokenizer, sharding=batch_sh)]
+    long_eval = None
+    if config.eval_long_every and span.name == "long_context":
+        from jaxllm.eval.long_ppl import LoopEval  # perplexity by position bucket
+
+        long_eval = LoopEval(config, span.name, run.tokenizer, model_cfg, run.mesh, order)
     tokens_per_step = stage.batch_size * stage.seq_len
     flops = flops_per_token(config.model, stage.seq_len)
     writer.message(f"stage {span.name}: steps {span.start}..{span.end - 1}, seq_len "
@@ -128,6 +135,7 @@ def run_stage(run: Run, span, state: TrainState, resume_data: dict | None,
 
     first = int(state.step)
     clock, clock_step = time.perf_counter(), first
+    profiler = Profiler(config, run.workdir)  # config.profile's steps, if any are in this stage
     saved = {first: 0}  # (a checkpoint at `first`, if any, is where `data` started)
     bad_run: list[tuple[int, int]] = []  # (step, batch) of consecutive skipped steps
     dropped: set[int] = set()  # batches that a restore said to drop
@@ -140,8 +148,10 @@ def run_stage(run: Run, span, state: TrainState, resume_data: dict | None,
         if drawn - 1 in dropped:
             writer.message(f"step {step}: dropping a batch that caused bad steps")
             continue
-        state, metrics = train_step(state, to_global(batch, batch_sh, order))
+        with profiler.step(step):
+            state, metrics = train_step(state, to_global(batch, batch_sh, order))
         done, step = step + 1, step + 1
+        profiler.after(done, state)
         writer.advance()
         # Read the previous step's flag: by now it is computed, so this never stalls the device.
         if previous is not None:
@@ -179,6 +189,9 @@ def run_stage(run: Run, span, state: TrainState, resume_data: dict | None,
             eval_loss = sum(float(s[0]) for s in sums) / max(sum(float(s[1]) for s in sums), 1)
             writer.write({"step": done, "stage": span.name, "eval_loss": eval_loss})
             paused = True
+        if long_eval is not None and done % config.eval_long_every == 0:
+            writer.write({"step": done, "stage": span.name, **long_eval(state.params)})
+            paused = True
         if done % config.checkpoint.every_steps == 0 or done == span.end:
             end_data = save(done)
             paused = True
@@ -198,6 +211,7 @@ def run_stage(run: Run, span, state: TrainState, resume_data: dict | None,
         if paused:  # tokens/s counts training only
             jax.block_until_ready(state.step)
             clock, clock_step = time.perf_counter(), done
+    profiler.close()
     data.close()  # with data.workers > 0 it owns worker processes
     return state, end_data
 

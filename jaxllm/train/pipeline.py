@@ -34,6 +34,7 @@ from jaxllm.data.pipeline import positions_after
 from jaxllm.metrics import MetricsWriter, measure_peak_flops
 from jaxllm.model import Transformer, abstract_params, frozen
 from jaxllm.optim import make_optimizer
+from jaxllm.profiling import use_compilation_cache
 from jaxllm.tokenizer import load_tokenizer
 from jaxllm.train.loop import PreemptionFlag, Run, run_stage, to_global
 from jaxllm.train.step import TrainState
@@ -157,6 +158,7 @@ def run(config: mc.ConfigDict, workdir: str) -> TrainState:
             raise ConfigError(f"config.init.{key} is the --workdir ({workdir}): the run would "
                               "write into the weights it starts from; use a new --workdir")
     os.makedirs(workdir, exist_ok=True)
+    use_compilation_cache(config)
     check_resumable(workdir, config)
     tokenizer = load_tokenizer(config.tokenizer.name, max_rank=config.tokenizer.max_rank)
     if tokenizer.vocab_size > config.model.vocab_size:
