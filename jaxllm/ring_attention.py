@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm.kernels.attention import attention
+from jaxllm.kernels.attention import attention, merge_partial_attentions
 
 
 def zigzag_order(length: int, devices: int) -> np.ndarray:
@@ -58,21 +58,6 @@ def visible_chunk_pairs(devices: int) -> list[int]:
     compute under the zigzag layout."""
     held = [(r, 2 * devices - 1 - r) for r in range(devices)]
     return [sum(k <= q for q in mine for k in range(2 * devices)) for mine in held]
-
-
-def _merge(acc, part):
-    """Two partial attentions of the same queries (out float32 [B, T, N, H], lse [B, T, N])."""
-    (out_a, lse_a), (out_b, lse_b) = acc, part
-    # Rows that saw nothing in either part (lse -inf in both) stay 0 with lse -inf, and every
-    # derivative stays finite: the shift m cancels, and the log is of a sum made 1 there.
-    m = jax.lax.stop_gradient(jnp.maximum(lse_a, lse_b))
-    m = jnp.where(jnp.isneginf(m), 0.0, m)
-    total = jnp.exp(lse_a - m) + jnp.exp(lse_b - m)
-    seen = total > 0
-    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, total, 1.0)), -jnp.inf)
-    safe = jnp.where(seen, lse, 0.0)
-    weight = lambda x: jnp.exp(x - safe)[..., None]
-    return out_a * weight(lse_a) + out_b.astype(jnp.float32) * weight(lse_b), lse
 
 
 def ring_attention(q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array,
@@ -120,7 +105,7 @@ def _step(cfg: _Ring, j: int | jax.Array, q_BxTxNxH, segment_ids_BxT, k, v, kv_s
     # later (src > r): second chunk of queries over src's first chunk and its second.
     a = kernel(pick(q1, q2), k1, v1, pick(s1, s2), t1, False)
     b = kernel(q2, pick(k1, k2), pick(v1, v2), s2, pick(t1, t2), False)
-    later_out, later_lse = _merge((a[0].astype(jnp.float32), a[1]), b)
+    later_out, later_lse = merge_partial_attentions([a, b])
     first = (pick(a[0].astype(jnp.float32), 0.0), pick(a[1], -jnp.inf))
     second = (pick(b[0].astype(jnp.float32), later_out), pick(b[1], later_lse))
     return (jnp.concatenate([first[0], second[0]], axis=1),
@@ -158,8 +143,8 @@ def _ring(q, k, v, seg, cfg: _Ring):
 def _ring_fwd(q, k, v, seg, cfg: _Ring):
     B, T, N, _ = q.shape
     acc = (jnp.zeros(q.shape, jnp.float32), jnp.full((B, T, N), -jnp.inf, jnp.float32))
-    out, lse = _ring_steps(cfg, (k, v, seg), acc,
-                           lambda j, kv, acc: _merge(acc, _step(cfg, j, q, seg, *kv)))
+    step = lambda j, kv, acc: merge_partial_attentions([acc, _step(cfg, j, q, seg, *kv)])  # noqa: E731
+    out, lse = _ring_steps(cfg, (k, v, seg), acc, step)
     return (out, lse), (q, k, v, seg, out, lse)
 
 

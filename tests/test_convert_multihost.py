@@ -14,6 +14,7 @@ import sys
 
 import jax
 import numpy as np
+from conftest import xla_flags
 from test_hf import _assert_bitwise_equal, _tensors
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -51,7 +52,7 @@ def test_two_processes_export_what_one_process_exports(tmp_path):
 
     config_path = str(ROOT / "configs" / "tiny.py") + ":smoke"
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=1")
+               XLA_FLAGS=xla_flags(1))
     port = str(20000 + (os.getpid() * 7) % 20000)
     procs = [subprocess.Popen([sys.executable, "-c", _CHILD, port, str(i), str(tmp_path / "two"),
                                config_path], cwd=ROOT, env=env, stdout=subprocess.PIPE,

@@ -15,6 +15,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import xla_flags
 from test_data import KEYS, ByteTokenizer, make_config, take, two_text_sources
 
 from jaxllm import data, sharding
@@ -143,7 +144,7 @@ def test_two_real_processes_gather_one_global_state(tmp_path):
     either saves is the whole batch's, and the global batch is the one-process batch."""
     tests = os.path.dirname(os.path.abspath(__file__))
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": tests,
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+           "XLA_FLAGS": xla_flags(1)}
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
@@ -152,7 +153,7 @@ def test_two_real_processes_gather_one_global_state(tmp_path):
              for p in range(2)]
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:] + outs[1][1][-2000:]
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    env["XLA_FLAGS"] = xla_flags(2)
     one = subprocess.run([sys.executable, "-c", CHILD, "0", "1", "0"], env=env, text=True,
                          capture_output=True, timeout=120)
     assert one.returncode == 0, one.stderr[-2000:]

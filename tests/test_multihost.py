@@ -6,6 +6,8 @@ import subprocess
 import sys
 import time
 
+from conftest import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--config=configs/tiny.py:smoke", "--config.mesh.data=2",
         "--config.stages.long_context.steps=0", "--config.stages.anneal.steps=0"]
@@ -19,7 +21,7 @@ def losses(workdir):
 def test_two_processes_equal_one_process_with_two_devices(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]
-    one_env = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    one_env = dict(env, XLA_FLAGS=xla_flags(2))
     # The two runs are independent: side by side, each compiles while the other computes.
     with open(tmp_path / "two.err", "w+") as two_err:
         two = subprocess.Popen(["bash", "launch/local.sh", "2", f"--workdir={tmp_path / 'two'}",
@@ -43,7 +45,7 @@ def test_two_processes_equal_one_process_with_two_devices(tmp_path):
 def test_a_killed_peer_makes_the_other_exit_with_an_error(tmp_path):
     """Process 1 is SIGKILLed mid-training: process 0 must exit non-zero within 2 minutes."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    env["XLA_FLAGS"] = xla_flags(1)
     port = 20000 + os.getpid() % 20000
     procs = [subprocess.Popen(
         [sys.executable, "-m", "jaxllm.main", f"--workdir={tmp_path}",

@@ -10,6 +10,7 @@ import sys
 
 import jax
 import pytest
+from conftest import xla_flags
 
 from jaxllm.config import ConfigError, load_config
 from jaxllm.profiling import compilation_cache_dir
@@ -42,7 +43,7 @@ def test_bad_profile_range_names_the_key():
 def test_a_run_fills_its_compilation_cache(tmp_path):
     cache = tmp_path / "cache"
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    env["XLA_FLAGS"] = xla_flags(1)
     subprocess.run([sys.executable, "-m", "jaxllm.main", "--config=configs/tiny.py:smoke",
                     f"--workdir={tmp_path / 'run'}", *(f"--config.{o}" for o in SHORT),
                     "--config.mesh.data=1",

@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+from conftest import xla_flags
 
 from jaxllm.train.loop import PREEMPTED_EXIT_CODE
 
@@ -25,7 +26,7 @@ def command(workdir, *extra):
 
 def env():
     e = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    e["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    e["XLA_FLAGS"] = xla_flags(1)
     return e
 
 

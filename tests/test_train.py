@@ -7,13 +7,14 @@ import subprocess
 import sys
 
 import pytest
+from conftest import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_main(workdir, *overrides, devices=1):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = xla_flags(devices)
     cmd = [sys.executable, "-m", "jaxllm.main", "--config=configs/tiny.py:smoke",
            f"--workdir={workdir}", *overrides]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -18,7 +18,10 @@ that wrapper every device would run the kernel on the gathered global batch.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
+import jax.numpy as jnp
 
 from jaxllm.kernels.chunked_attention import chunked_attention
 from jaxllm.kernels.flash_attention_ref import attention_ref
@@ -71,3 +74,23 @@ def attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array,
 
     return flash_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT,
                            kv_segment_ids_BxS, **kwargs, block_sizes=block_sizes)
+
+
+def merge_partial_attentions(parts: Sequence[tuple[jax.Array, jax.Array]]
+                             ) -> tuple[jax.Array, jax.Array]:
+    """Partial attentions of the same queries over disjoint keys, (out [B, T, N, H], lse
+    [B, T, N]) each, → the attention over all their keys: out float32 and lse.
+
+    A part whose row saw no key (lse -inf) has weight 0; a row no part saw stays out 0, lse
+    -inf; every derivative stays finite (the shift m cancels and carries no gradient)."""
+    lse_PxBxTxN = jnp.stack([lse for _, lse in parts])
+    m_BxTxN = jax.lax.stop_gradient(jnp.max(lse_PxBxTxN, axis=0))
+    m_BxTxN = jnp.where(jnp.isneginf(m_BxTxN), 0.0, m_BxTxN)
+    total_BxTxN = jnp.sum(jnp.exp(lse_PxBxTxN - m_BxTxN), axis=0)
+    seen_BxTxN = total_BxTxN > 0
+    lse_BxTxN = jnp.where(seen_BxTxN, m_BxTxN + jnp.log(jnp.where(seen_BxTxN, total_BxTxN, 1.0)),
+                          -jnp.inf)
+    safe_lse_BxTxN = jnp.where(seen_BxTxN, lse_BxTxN, 0.0)
+    out_BxTxNxH = sum(out.astype(jnp.float32) * jnp.exp(lse - safe_lse_BxTxN)[..., None]
+                      for out, lse in parts)
+    return out_BxTxNxH, lse_BxTxN

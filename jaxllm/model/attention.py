@@ -40,17 +40,23 @@ def dot_product_attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH:
     return attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT, impl=impl, causal=True)
 
 
+def write_cache(kv: tuple[jax.Array, jax.Array], kv_meta: tuple[jax.Array, jax.Array],
+                k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The cache (k, v) [B, S, K, H] with this call's keys and values written at slot
+    `index` (kv_meta's second entry)."""
+    index = kv_meta[1]
+    return tuple(jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), (0, index, 0, 0))
+                 for cache, new in zip(kv, (k_BxTxKxH, v_BxTxKxH), strict=True))
+
+
 def cached_attention(q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array,
                      segment_ids_BxT: jax.Array, kv: tuple[jax.Array, jax.Array],
                      kv_meta: tuple[jax.Array, jax.Array], impl: str
                      ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """Writes k, v into the cache at slot `index`, then attends (see the module docstring).
     Returns out [B, T, N, H] and the cache (k, v) [B, S, K, H]."""
-    (k_BxSxKxH, v_BxSxKxH), (kv_segment_ids_BxS, index) = kv, kv_meta
-    k_BxSxKxH = jax.lax.dynamic_update_slice(k_BxSxKxH, k_BxTxKxH.astype(k_BxSxKxH.dtype),
-                                             (0, index, 0, 0))
-    v_BxSxKxH = jax.lax.dynamic_update_slice(v_BxSxKxH, v_BxTxKxH.astype(v_BxSxKxH.dtype),
-                                             (0, index, 0, 0))
+    k_BxSxKxH, v_BxSxKxH = write_cache(kv, kv_meta, k_BxTxKxH, v_BxTxKxH)
+    kv_segment_ids_BxS = kv_meta[0]
     if q_BxTxNxH.shape[1] > 1:  # prefill of the empty cache: the prompt attends to itself
         out_BxTxNxH = dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT,
                                             impl)
@@ -66,11 +72,8 @@ def cached_dca_attention(q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: 
                          kv: tuple[jax.Array, jax.Array], kv_meta: tuple[jax.Array, jax.Array],
                          dca) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """`cached_attention` with dual chunk attention `dca`: q, k and the cache before rope."""
-    (k_BxSxKxH, v_BxSxKxH), (kv_segment_ids_BxS, index) = kv, kv_meta
-    k_BxSxKxH = jax.lax.dynamic_update_slice(k_BxSxKxH, k_BxTxKxH.astype(k_BxSxKxH.dtype),
-                                             (0, index, 0, 0))
-    v_BxSxKxH = jax.lax.dynamic_update_slice(v_BxSxKxH, v_BxTxKxH.astype(v_BxSxKxH.dtype),
-                                             (0, index, 0, 0))
+    k_BxSxKxH, v_BxSxKxH = write_cache(kv, kv_meta, k_BxTxKxH, v_BxTxKxH)
+    kv_segment_ids_BxS = kv_meta[0]
     if q_BxTxNxH.shape[1] > 1:  # prefill of the empty cache: the prompt attends to itself
         out_BxTxNxH = dca(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, positions_BxT, positions_BxT,
                           segment_ids_BxT, segment_ids_BxT)
