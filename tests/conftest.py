@@ -18,11 +18,15 @@ import tempfile
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
+# Tests compile far more than they compute, so LLVM's optimisation is off: compiles about 30 %
+# faster, slower only in code that no test times. Results can differ from optimised code in the
+# last bit, so every process a test compares bitwise with another runs with these flags.
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+
+
 def xla_flags(devices: int) -> str:
-    """XLA_FLAGS for a test process with `devices` fake CPU devices. Tests compile far more
-    than they compute, so LLVM's optimisation is off: compiles about 30 % faster, the same
-    float results (XLA:CPU does not use fast math), slower only in code that no test times."""
-    return f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
+    """XLA_FLAGS for a test process with `devices` fake CPU devices."""
+    return f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"
 
 
 os.environ.setdefault("XLA_FLAGS", xla_flags(8))
