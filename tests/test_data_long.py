@@ -159,3 +159,25 @@ def test_every_qwen2_long_context_stage_reads_long_documents(name):
     tiny = load_config("configs/tiny.py")
     assert tiny.stages.long_context.mixture.to_dict() == {"stdlib": 1.0}
     assert tiny.data.sources.stdlib.min_tokens == 0
+
+
+def test_a_dropped_closing_eos_never_leaves_a_row_short():
+    """Row 1 is document 0 exactly, so row 2 would start with its closing EOS alone; the
+    aligned document after it drops that EOS and, only 4 tokens long, leaves row 2 one token
+    short unless one more document was loaded: row 2 is document 1 then document 2's first
+    token."""
+    from jaxllm.data import loader, mixture
+
+    docs = [([1, 2, 3, 4], False), ([5, 6, 7], True), ([12, 13], False)]
+
+    def load(k):
+        ids, align = docs[k]
+        return mixture.Document(np.asarray(ids, np.int32), None, 0, align=align)
+
+    it = packing.StripedBatchIterator(loader.ThreadLoader(load), 1, seq_len=4, eos_id=0,
+                                      num_documents=len(docs))
+    first, second = next(it), next(it)
+    np.testing.assert_array_equal(first["inputs"], [[1, 2, 3, 4]])
+    np.testing.assert_array_equal(second["inputs"], [[5, 6, 7, 0]])
+    np.testing.assert_array_equal(second["targets"], [[6, 7, 0, 12]])
+    np.testing.assert_array_equal(second["positions"], [[0, 1, 2, 3]])

@@ -115,7 +115,11 @@ class StripedBatchIterator(grain.DatasetIterator):
                 self._ahead[i].append(future)
 
     def _loaded_tokens(self, i: int) -> int:
-        return sum(len(d) for d in self._docs[i]) - self._offset[i]
+        """Tokens loaded for stream i's rows; a row's lone closing EOS does not count when an
+        aligned document follows (it may drop that EOS, and the row must still fill)."""
+        docs, offset = self._docs[i], self._offset[i]
+        lone_eos = bool(docs) and offset == len(docs[0]) - 1 and any(d.align for d in docs[1:])
+        return sum(len(d) for d in docs) - offset - lone_eos
 
     def _fill(self) -> None:
         """Until every stream's loaded documents hold its next row (T + 1 tokens)."""
