@@ -187,8 +187,10 @@ def test_model_decoding_with_a_cache_equals_full_forward_dca():
     """A tiny model with DCA (chunk 16, local 4) and YaRN on top, the Qwen2 setting: prefill
     12 tokens, then one token at a time to 44, three chunks in; every step's logits equal the
     full forward pass's at that position. Within the first chunk DCA is plain attention."""
+    from test_moe import assert_cached_decoding_equals_forward
+
     from jaxllm.config import ConfigError, base_config, validate_model
-    from jaxllm.model import apply, forward, init_cache, init_params
+    from jaxllm.model import forward, init_params
 
     cfg = base_config().model
     cfg.update(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -203,15 +205,7 @@ def test_model_decoding_with_a_cache_equals_full_forward_dca():
     plain.dca.enabled = False
     np.testing.assert_allclose(full[:, :12], np.asarray(forward(plain, params, tokens))[:, :12],
                                atol=1e-5, rtol=1e-5)
-    step = jax.jit(lambda p, t, pos, c: apply(cfg, p, t, pos, jnp.ones_like(t), c))
-    P = 12
-    logits, cache = step(params, tokens[:, :P], np.broadcast_to(np.arange(P), (2, P)),
-                         init_cache(cfg, 2, 44))
-    cached = [np.asarray(logits)]
-    for i in range(P, 43):
-        logits, cache = step(params, tokens[:, i:i + 1], np.full((2, 1), i, np.int32), cache)
-        cached.append(np.asarray(logits))
-    np.testing.assert_allclose(np.stack(cached, 1), full[:, P - 1:43], atol=1e-4, rtol=1e-4)
+    assert_cached_decoding_equals_forward(cfg, params, tokens, prefill=12)
     cfg.rope_scaling.type = "dynamic_ntk"
     with pytest.raises(ConfigError, match=r"rope_scaling\.type"):
         validate_model(cfg)  # dynamic NTK would read DCA's indices as positions

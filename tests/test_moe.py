@@ -41,17 +41,25 @@ def test_cache_decoding_equals_full_forward(sparse_step):
     cfg = smoke(f"model.decoder_sparse_step={sparse_step}", "model.init_std=0.2").model
     params = init_params(cfg, jax.random.key(sparse_step))
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 12)).astype(np.int32)
-    step = jax.jit(lambda p, t, pos, c: apply(cfg, p, t, pos, jnp.ones_like(t), c))
-    P = 8
-    logits, cache = step(params, tokens[:, :P], np.broadcast_to(np.arange(P), (2, P)),
-                         init_cache(cfg, 2, 12))
-    cached = [np.asarray(logits)]
-    for i in range(P, 12):
-        logits, cache = step(params, tokens[:, i:i + 1], np.full((2, 1), i, np.int32), cache)
-        cached.append(np.asarray(logits))
-    full = np.asarray(forward(cfg, params, tokens))
-    np.testing.assert_allclose(np.stack(cached, 1), full[:, P - 1:], atol=1e-4, rtol=1e-4)
+    full = assert_cached_decoding_equals_forward(cfg, params, tokens, prefill=8)
     assert np.std(full) > 0.1  # logits far from uniform: the check has teeth
+
+
+def assert_cached_decoding_equals_forward(cfg, params, tokens_BxT, prefill: int) -> np.ndarray:
+    """Prefill `prefill` tokens into a KV cache, then feed the rest one at a time: every
+    step's last-position logits equal the full forward pass's there (1e-4). Returns those."""
+    B, T = tokens_BxT.shape
+    step = jax.jit(lambda p, t, pos, c: apply(cfg, p, t, pos, jnp.ones_like(t), c))
+    logits, cache = step(params, tokens_BxT[:, :prefill],
+                         np.broadcast_to(np.arange(prefill), (B, prefill)), init_cache(cfg, B, T))
+    cached = [np.asarray(logits)]
+    for i in range(prefill, T - 1):
+        logits, cache = step(params, tokens_BxT[:, i:i + 1], np.full((B, 1), i, np.int32), cache)
+        cached.append(np.asarray(logits))
+    full = np.asarray(forward(cfg, params, tokens_BxT))
+    np.testing.assert_allclose(np.stack(cached, 1), full[:, prefill - 1:T - 1], atol=1e-4,
+                               rtol=1e-4)
+    return full
 
 
 @pytest.fixture(scope="module")
