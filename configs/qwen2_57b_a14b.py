@@ -12,7 +12,8 @@ Variants with a mesh that `python -m jaxllm.plan --config=configs/qwen2_57b_a14b
                                 the rest of expert 8 × fsdp 8 across nodes
 """
 
-from jaxllm.config import base_config, mesh_variant, qwen2_recipe
+from jaxllm.config import base_config
+from jaxllm.recipes import mesh_variant, qwen2_recipe
 
 # mesh, grad_accum
 MESHES = {
