@@ -35,6 +35,7 @@ import numpy as np
 
 from jaxllm import eval as common
 from jaxllm.model.transformer import apply, frozen
+from jaxllm.train.loss import token_losses
 
 CAP_BUCKETS = 32  # positions from 32 buckets on share the last one ("32K+" for 1K buckets)
 
@@ -67,9 +68,7 @@ def _token_nll(model_config: mc.FrozenConfigDict, params: dict, inputs_BxT: jax.
     """Each target's negative log-likelihood, float32 [B, T]; only [B, T] leaves the device."""
     logits_BxTxV = apply(model_config, params, inputs_BxT, positions_BxT,
                          jnp.ones_like(inputs_BxT))
-    logz_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
-    target_BxT = jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
-    return logz_BxT - target_BxT
+    return token_losses(logits_BxTxV, targets_BxT)[0]
 
 
 def perplexity(model_config: Any, params: dict, docs_BxT: np.ndarray, bucket_size: int,
