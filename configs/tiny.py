@@ -4,7 +4,9 @@ Vocabulary: the real Qwen2 BPE truncated to its first 8,192 ranks (+3 specials);
 Python standard library's own sources (no download). All three recipe stages run, short:
 pretrain at 128 tokens with rope base 1e4, long_context at 512 with base 1e6, then anneal.
 
-Variants: `configs/tiny.py:smoke` is a still smaller model and a few steps, for tests.
+Variants: `configs/tiny.py:smoke` is a still smaller model and a few steps, for tests;
+`configs/tiny.py:bench` is the 18.9M-parameter model of the README's CPU speed comparison
+(benchmarks/train_step.py), pretraining 40 steps of 8 × 512 tokens, the other stages off.
 """
 
 from jaxllm.config import base_config, stage
@@ -36,6 +38,13 @@ def get_config(arg=None):
         c.log_every = 2
         c.eval_every = 4
         c.data.eval_batches = 1
+    elif arg == "bench":
+        c.model.update(vocab_size=16384, hidden_size=384, num_layers=8, num_heads=6,
+                       num_kv_heads=2, head_dim=64, intermediate_size=1024,
+                       scan_layers=False)  # a faster step on CPU; compiles 8 layers
+        c.tokenizer.max_rank = 16381  # + 3 special tokens = 16,384
+        c.stages.pretrain.update(steps=40, seq_len=512, batch_size=8)
+        c.stages.long_context.steps = c.stages.anneal.steps = 0
     elif arg is not None:
-        raise ValueError(f"configs/tiny.py: unknown variant {arg!r}; known: smoke")
+        raise ValueError(f"configs/tiny.py: unknown variant {arg!r}; known: smoke, bench")
     return c

@@ -63,6 +63,7 @@ def model_defaults() -> mc.ConfigDict:
             dtype="bfloat16",
             param_dtype="float32",
             remat="full",
+            scan_layers=True,  # False: a Python loop over the same stacked layer parameters
             attention_impl="auto",
             moe_impl="auto",  # grouped matmul: auto (pallas), xla (lax.ragged_dot), pallas
             init_std=0.02,
@@ -196,6 +197,8 @@ def apply_override(config: mc.ConfigDict, override: str) -> None:
         raise ConfigError(f"unknown config key {key!r}")
     value = _parse_value(text)
     old = node[leaf]
+    if isinstance(old, bool) and text.strip().lower() in ("true", "false"):
+        value = text.strip().lower() == "true"  # as absl's --config.KEY=true
     if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     try:

@@ -157,6 +157,9 @@ RULES: dict[str, Rule] = {
     "model.dtype": choice(*DTYPES),
     "model.param_dtype": choice(*DTYPES),
     "model.remat": choice(*REMAT),
+    # True: one scanned layer compiles for all; False: each layer in turn (compiles L layers,
+    # a faster step on CPU for small models: no stacked residuals to copy; model/transformer.py)
+    "model.scan_layers": BOOL,
     # auto: Pallas on GPU/TPU, chunked jnp on CPU; xla needs T² memory (jaxllm/kernels).
     "model.attention_impl": choice(*ATTENTION_IMPLS),
     "model.moe_impl": choice(*MOE_IMPLS),  # grouped matmul: xla is lax.ragged_dot

@@ -59,6 +59,9 @@ def test_variant_and_overrides():
                     ["model.num_layers=3", "stages.long_context.seq_len=128", "model.family=llama"])
     assert c.model.num_layers == 3 and c.stages.long_context.seq_len == 128
     assert c.model.family == "llama"
+    c = load_config(os.path.join(ROOT, "configs", "tiny.py:smoke"),
+                    ["model.dca.enabled=true", "model.qkv_bias=False"])
+    assert c.model.dca.enabled is True and c.model.qkv_bias is False  # absl's spelling too
 
 
 @pytest.mark.parametrize("override, key", [

@@ -59,6 +59,29 @@ def test_scoring_is_exact_match_of_the_value():
     assert all(n.value in n.sentence and n.color in n.question for n in needles)
 
 
+def test_training_exercises_answer_every_needle_they_hide():
+    """niah.training_document (benchmarks/long_context.py trains on them): the text's lines
+    all kept in order, 1-4 needles of different colours between them, then each needle's
+    question answered with its value, as the evaluation's prompt expects it."""
+    import re
+
+    text = "".join(f"line {i}\n" for i in range(40))
+    rng = np.random.default_rng(0)
+    counts = set()
+    for _ in range(20):
+        doc = niah.training_document(text, rng)
+        hidden = re.findall(r"\nThe secret number of the (\w+) door is (\d{4})\.\n", doc)
+        asked = re.findall(r"What is the secret number of the (\w+) door\? The secret number "
+                           r"of the \1 door is (\d{4})\.", doc)
+        counts.add(len(hidden))
+        assert sorted(asked) == sorted(hidden) and len({c for c, _ in hidden}) == len(hidden)
+        body = doc[:doc.index("\n\nWhat is")]
+        for color, value in hidden:
+            body = body.replace(f"\nThe secret number of the {color} door is {value}.\n", "")
+        assert body == text
+    assert counts == {1, 2, 3, 4}
+
+
 def test_niah_cli_writes_the_grid(tiny, tmp_path, capsys):
     _, _, _, hf, _ = tiny
     niah.main([f"--hf={hf}", "--lengths=64,128", "--depths=0,0.5,1", "--samples=2",

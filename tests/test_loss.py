@@ -27,9 +27,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("tied", [True, False])
-def test_chunked_loss_and_gradients_equal_the_plain_loss(tied):
-    """Σ nll and Σ logz² over masked tokens, and their gradients with respect to the hidden
-    states and the head, for 1, 4 and 5 (uneven → 6) chunks per row."""
+@pytest.mark.parametrize("z_loss", [0.0, 1e-2])
+def test_chunked_loss_and_gradients_equal_the_plain_loss(tied, z_loss):
+    """The objective Σ nll + z_loss·Σ logz², Σ nll and Σ logz² over masked tokens, and the
+    objective's gradients with respect to the hidden states and the head: the fused loss in 1,
+    4 and 5 (uneven → 6) chunks per row against the plain one (chunk_size 0), which is
+    checked against its definition."""
     cfg = base_config().model
     cfg.update(vocab_size=96, hidden_size=32, tie_embeddings=tied, dtype="float32")
     cfg = frozen(cfg)
@@ -41,8 +44,9 @@ def test_chunked_loss_and_gradients_equal_the_plain_loss(tied):
     mask_BxT = (jax.random.uniform(k[3], (B, T)) > 0.3).astype(jnp.float32)
 
     def objective(x, head, chunk):
-        nll, logz2 = summed_losses(cfg, head, x, targets_BxT, mask_BxT, chunk)
-        return nll + 1e-2 * logz2, (nll, logz2)
+        objective, nll, logz2 = summed_losses(cfg, head, x, targets_BxT, mask_BxT, chunk,
+                                              z_loss)
+        return objective, (nll, logz2)
 
     grad = jax.jit(jax.grad(objective, argnums=(0, 1), has_aux=True), static_argnums=2)
     (gx, gh), (nll, logz2) = grad(x_BxTxD, head, 0)
@@ -52,11 +56,13 @@ def test_chunked_loss_and_gradients_equal_the_plain_loss(tied):
                    * mask_BxT)
     np.testing.assert_allclose(nll, want, rtol=1e-6)
     np.testing.assert_allclose(logz2, jnp.sum(logz ** 2 * mask_BxT), rtol=1e-6)
-    for chunk, n in ((15, 4), (12, 5), (11, 6)):
+    for chunk, n in ((60, 1), (15, 4), (12, 5), (11, 6)):
         assert num_chunks(T, chunk) == n
         (cx, ch), (c_nll, c_logz2) = grad(x_BxTxD, head, chunk)
         np.testing.assert_allclose(c_nll, nll, rtol=1e-6)
         np.testing.assert_allclose(c_logz2, logz2, rtol=1e-6)
+        value = jax.jit(objective, static_argnums=2)(x_BxTxD, head, chunk)[0]
+        np.testing.assert_allclose(value, nll + z_loss * logz2, rtol=1e-6)
         # Gradients: float32 sums in another order, so 1e-6 of the largest entry.
         np.testing.assert_allclose(cx, gx, rtol=0, atol=1e-6 * np.abs(gx).max())
         np.testing.assert_allclose(ch, gh, rtol=0, atol=1e-6 * np.abs(gh).max())

@@ -122,3 +122,35 @@ def test_scan_compiles_one_layer(layers):
     params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
     jaxpr = jax.make_jaxpr(lambda p: forward(cfg, p, jnp.zeros((1, 4), jnp.int32)))(params)
     assert len(str(jaxpr)) < 60_000
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(), dict(remat="full"),
+    dict(family="qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+         shared_expert_intermediate_size=48, decoder_sparse_step=2, num_layers=4),
+])
+def test_layer_loop_equals_the_scan(overrides):
+    """model.scan_layers=False (a Python loop over the stacked layer parameters) gives the
+    scan's logits, MoE losses and gradients, from the same parameters."""
+    from jaxllm.model import apply
+
+    tokens = jax.random.randint(jax.random.key(5), (2, 10), 0, 128)
+    pos = jnp.broadcast_to(jnp.arange(10), (2, 10))
+    seg = jnp.ones((2, 10), jnp.int32)
+    params = init_params(small_config(**overrides), jax.random.key(6))
+
+    def loss_and_grad(scan_layers):
+        cfg = small_config(**overrides, scan_layers=scan_layers)
+
+        def loss(p):
+            logits, aux = apply(cfg, p, tokens, pos, seg, with_aux=True)
+            return jnp.mean(logits ** 2) + sum(aux.values(), 0.0), aux
+
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+    (loss, aux), grad = loss_and_grad(False)
+    (want_loss, want_aux), want_grad = loss_and_grad(True)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+    assert aux.keys() == want_aux.keys() and (not overrides.get("num_experts") or aux)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+                 (aux, grad), (want_aux, want_grad))

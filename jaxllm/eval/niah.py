@@ -75,6 +75,22 @@ def score(generated: str, value: str) -> float:
     return float(bool(words) and re.sub(r"[.,;:!?'\"]+$", "", words[0]) == value)
 
 
+def training_document(text: str, rng: np.random.Generator, max_needles: int = 4) -> str:
+    """A retrieval exercise to train on: `text` with 1..max_needles needles of different
+    colours put between its lines at random, then their questions in a random order, each
+    followed by its value (what a model that retrieves would write)."""
+    lines = text.splitlines(keepends=True)
+    count = int(rng.integers(1, max_needles + 1))
+    needles = [Needle(COLORS[c], str(int(rng.integers(1000, 10000))))
+               for c in rng.choice(len(COLORS), size=count, replace=False)]
+    for needle, at in zip(needles, sorted(rng.integers(0, len(lines) + 1, size=count),
+                                           reverse=True), strict=True):
+        lines.insert(int(at), needle.sentence)
+    answers = "".join(f"{needles[i].question} {needles[i].value}."
+                      for i in rng.permutation(count))
+    return "".join(lines) + answers
+
+
 def haystack_pool(tokenizer: Any, data: str, tokens: int, seed: int) -> list[int]:
     """At least `tokens` ids of held-out documents joined by blank lines (repeated when the
     split is shorter)."""

@@ -54,10 +54,9 @@ def summed_loss(params: dict, model_cfg: mc.FrozenConfigDict, batch: Batch, z_lo
     metrics × count)) over the masked tokens."""
     x_BxTxD, aux = apply(model_cfg, params, batch["inputs"], batch["positions"],
                          batch["segment_ids"], head_out=False)
-    nll, logz2 = summed_losses(model_cfg, head_weight(model_cfg, params), x_BxTxD,
-                               batch["targets"], batch["loss_mask"], chunk_size)
+    objective, nll, _ = summed_losses(model_cfg, head_weight(model_cfg, params), x_BxTxD,
+                                      batch["targets"], batch["loss_mask"], chunk_size, z_loss)
     count = jnp.sum(batch["loss_mask"].astype(jnp.float32))
-    objective = nll + z_loss * logz2 if z_loss else nll
     if aux:
         objective += count * (model_cfg.router_aux_loss_coef * aux["aux_loss"]
                               + model_cfg.router_z_loss_coef * aux["router_z_loss"])
