@@ -34,7 +34,7 @@ from jaxllm.eval import long_ppl, niah
 
 _TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                      "tiny.py")
-SHORT = (64, 192)  # window tokens of the pretrain stage's exercises
+SHORT = (16, 192)  # window tokens of the pretrain stage's exercises
 
 
 def write_exercises(path: str, tokenizer, windows: tuple[int, int], count: int, seed: int,
@@ -46,10 +46,14 @@ def write_exercises(path: str, tokenizer, windows: tuple[int, int], count: int, 
 
     source = open_source(data_source("python_stdlib"), "train", "needles", seed)
     rng = np.random.default_rng([seed, windows[1]])
+    encoded: dict[int, list[int]] = {}  # each file is read many times
     written = tokens = 0
     with open(path, "w") as f:
         for i in range(10 * count):
-            ids = tokenizer.encode(source[i % len(source)].text)
+            j = i % len(source)
+            if j not in encoded:
+                encoded[j] = tokenizer.encode(source[j].text)
+            ids = encoded[j]
             size = int(rng.integers(windows[0], windows[1] + 1))
             if len(ids) < size:
                 continue
@@ -69,22 +73,22 @@ def demo_config(train_len: int, data_dir: str, scale: float):
     """configs/tiny.py with the exercises in each stage's mixture, trained at `train_len`."""
     config = load_config(_TINY)
     config.model.max_position_embeddings = train_len
-    # Weights count documents: a source file is ~30x an exercise, so these give exercises
-    # about half of the tokens.
+    # Weights count documents: a source file holds ~4,700 tokens on average, an exercise
+    # ~170 (pretrain) or ~600, so these give exercises 90 % and 70 % of the tokens.
     config.data.sources.needles_short = data_source("jsonl", os.path.join(data_dir, "short.jsonl"),
                                                     min_tokens=1, align_long=True)
     config.data.sources.needles_long = data_source("jsonl", os.path.join(data_dir, "long.jsonl"),
                                                    min_tokens=1, align_long=True)
     steps = lambda n: max(1, round(n * scale))  # noqa: E731
     s = config.stages
-    s.pretrain.update(steps=steps(1200), seq_len=256, batch_size=8,
-                      mixture={"stdlib": 0.04, "needles_short": 0.96})
+    s.pretrain.update(steps=steps(2400), seq_len=256, batch_size=8,
+                      mixture={"stdlib": 0.004, "needles_short": 0.996})
     s.pretrain.lr.update(peak=3e-3, end=3e-4, warmup_steps=min(50, s.pretrain.steps // 2))
-    s.long_context.update(steps=steps(350), seq_len=train_len, batch_size=4,
-                          mixture={"stdlib": 0.1, "needles_long": 0.9})
+    s.long_context.update(steps=steps(300), seq_len=train_len, batch_size=4,
+                          mixture={"stdlib": 0.05, "needles_long": 0.95})
     s.long_context.lr.update(peak=1e-3, end=1e-3)
     s.anneal.update(steps=steps(50), seq_len=train_len, batch_size=4,
-                    mixture={"stdlib": 0.1, "needles_long": 0.9})
+                    mixture={"stdlib": 0.05, "needles_long": 0.95})
     s.anneal.lr.update(peak=1e-3, end=1e-4)
     config.log_every = 50
     config.eval_every = 250
@@ -120,7 +124,7 @@ def main() -> None:
     tokenizer = load_tokenizer(config.tokenizer.name, max_rank=config.tokenizer.max_rank)
     start = time.time()
     for name, windows, count, max_tokens in (
-            ("short", SHORT, 30_000, 255),
+            ("short", SHORT, 60_000, 255),
             ("long", (SHORT[1], args.train_len - 100), 8_000, args.train_len - 1)):
         path = os.path.join(data_dir, f"{name}.jsonl")
         if not os.path.exists(path):

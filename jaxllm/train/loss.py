@@ -83,14 +83,14 @@ def _chunk(spec: _HeadSpec, head, x_NxD, targets_N, mask_N, with_grad: bool):
     contract_d = (((1,), (1,)), ((), ())) if spec.tied else (((1,), (0,)), ((), ()))
     logits_NxV = jax.lax.dot_general(x, w, contract_d, preferred_element_type=jnp.float32)
     logz_N = jax.nn.logsumexp(logits_NxV, axis=-1)
-    is_target_NxV = jnp.arange(logits_NxV.shape[1])[None, :] == targets_N[:, None]
-    target_logit_N = jnp.sum(jnp.where(is_target_NxV, logits_NxV, 0.0), axis=-1)
+    target_logit_N = jnp.take_along_axis(logits_NxV, targets_N[:, None], axis=-1)[:, 0]
     nll, logz2 = jnp.sum((logz_N - target_logit_N) * mask_N), jnp.sum(logz_N ** 2 * mask_N)
     sums = jnp.stack([nll + spec.z_loss * logz2, nll, logz2])
     if not with_grad:
         return sums, None
     p_NxV = jnp.exp(logits_NxV - logz_N[:, None])
     scale_N = (1.0 + 2.0 * spec.z_loss * logz_N) * mask_N
+    is_target_NxV = jnp.arange(logits_NxV.shape[1])[None, :] == targets_N[:, None]
     dlogits_NxV = (p_NxV * scale_N[:, None]
                    - jnp.where(is_target_NxV, mask_N[:, None], 0.0)).astype(spec.dtype)
     # dx = dlogits · W (contracting V); dW contracts the N tokens of dlogits and x.
