@@ -3,11 +3,12 @@ README's needle-in-a-haystack heatmaps and perplexity-by-position plot.
 
     python benchmarks/long_context.py --workdir=DIR [--train_len=1024] [--steps_scale=1.0]
 
-1. Data. Retrieval exercises (`jaxllm.eval.niah.training_document`: 1-4 key/value needles
-   between the lines of a text, then their questions and answers) over windows of the Python
-   standard library's *training* split, written to DIR/needles/{short,long}.jsonl: windows of
-   64-192 tokens for the first stage, of 192 up to about train_len for the others. The
-   evaluation's haystacks come from the held-out split, so no haystack is seen in training.
+1. Data. Retrieval exercises (`jaxllm.eval.niah.training_document`: up to `--max_needles`
+   key/value needles between the lines of a text, then their questions and answers) over
+   windows of the Python standard library's *training* split, written to
+   DIR/needles/{short,long}.jsonl: windows of 16-192 tokens for the first stage, of 192 up to
+   about train_len for the others. The evaluation's haystacks come from the held-out split,
+   so no haystack is seen in training.
 2. Training. configs/tiny.py (about 5M parameters) with those exercises in every stage's
    mixture: pretrain at 256 tokens (rope base 1e4), long_context and anneal at train_len
    (rope base 1e6), model.max_position_embeddings = train_len. Resumes if DIR/run exists.
@@ -38,7 +39,7 @@ SHORT = (16, 192)  # window tokens of the pretrain stage's exercises
 
 
 def write_exercises(path: str, tokenizer, windows: tuple[int, int], count: int, seed: int,
-                    max_tokens: int) -> int:
+                    max_tokens: int, max_needles: int) -> int:
     """Writes `count` exercises over training-split windows of windows[0]..windows[1] tokens,
     keeping those of at most `max_tokens` tokens (so that a row holds one whole); returns the
     tokens written."""
@@ -58,7 +59,8 @@ def write_exercises(path: str, tokenizer, windows: tuple[int, int], count: int, 
             if len(ids) < size:
                 continue
             start = int(rng.integers(0, len(ids) - size + 1))
-            text = niah.training_document(tokenizer.decode(ids[start:start + size]), rng)
+            text = niah.training_document(tokenizer.decode(ids[start:start + size]), rng,
+                                          max_needles)
             n = len(tokenizer.encode(text))
             if n > max_tokens:
                 continue
@@ -113,6 +115,8 @@ def main() -> None:
     parser.add_argument("--steps_scale", type=float, default=1.0,
                         help="multiplies every stage's steps (and the exercises written)")
     parser.add_argument("--samples", type=int, default=8, help="needles per NIAH cell")
+    parser.add_argument("--max_needles", type=int, default=1,
+                        help="needles per exercise (1: plain copying; more: match the key)")
     args = parser.parse_args()
     from jaxllm.tokenizer import load_tokenizer
     from jaxllm.train.pipeline import run
@@ -129,7 +133,8 @@ def main() -> None:
         path = os.path.join(data_dir, f"{name}.jsonl")
         if not os.path.exists(path):
             n = round(count * max(args.steps_scale, 0.05))
-            tokens = write_exercises(path, tokenizer, windows, n, 0, max_tokens)
+            tokens = write_exercises(path, tokenizer, windows, n, 0, max_tokens,
+                                     args.max_needles)
             print(f"wrote {path}: {n} exercises, {tokens:,} tokens", flush=True)
     run(config, run_dir)
     trained = time.time() - start

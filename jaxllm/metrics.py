@@ -6,6 +6,7 @@ plain log line per logged step, which is what a cluster log wants.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -14,8 +15,6 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections as mc
-
-PEAK_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "jaxllm", "peak_flops.json")
 
 
 def ffn_widths(model_cfg: mc.ConfigDict) -> tuple[float, float]:
@@ -43,35 +42,23 @@ def flops_per_token(model_cfg: mc.ConfigDict, seq_len: int) -> float:
     return 6.0 * matmul_params + 12.0 * L * N * H * seq_len
 
 
+@functools.cache
 def measure_peak_flops(dtype: str, size: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of a large matmul on each device times the device count; cached per machine."""
+    """FLOP/s of a size² matmul on each device times the device count: the fastest of
+    `repeats` runs, measured once per process (a value kept on disk would outlive the load
+    the machine was under when it was measured, and MFU would read above 1)."""
     device = jax.devices()[0]
-    key = f"{device.platform}:{device.device_kind}:{dtype}:{jax.device_count()}:{os.cpu_count()}"
-    try:
-        with open(PEAK_CACHE) as f:
-            cache = json.load(f)
-    except (OSError, ValueError):
-        cache = {}
-    if key in cache:
-        return cache[key]
     a = jnp.ones((size, size), dtype)
     matmul = jax.jit(lambda x: x @ x)
     matmul(a).block_until_ready()
-    start = time.perf_counter()
+    fastest = float("inf")
     for _ in range(repeats):
+        start = time.perf_counter()
         matmul(a).block_until_ready()
-    elapsed = (time.perf_counter() - start) / repeats
+        fastest = min(fastest, time.perf_counter() - start)
     # Fake CPU devices share the same cores: count the host once, not per device.
     devices = 1 if device.platform == "cpu" else jax.device_count()
-    peak = 2.0 * size**3 / elapsed * devices
-    cache[key] = peak
-    try:
-        os.makedirs(os.path.dirname(PEAK_CACHE), exist_ok=True)
-        with open(PEAK_CACHE, "w") as f:
-            json.dump(cache, f, indent=1)
-    except OSError:
-        pass  # a read-only home only costs a re-measurement next time
-    return peak
+    return 2.0 * size**3 / fastest * devices
 
 
 def _summary_writer_class():

@@ -94,7 +94,7 @@ _TRAIN_STEP_32K = textwrap.dedent("""
 @pytest.mark.parametrize("config,remat", [
     ("configs/tiny.py:smoke", "none"),  # ~30-60 s on 2 cores
     # tiny as shipped (remat "none"): ~2 min on 2 cores (4 layers × 32K² scores, forward and
-    # backward), marked slow; 5.67 GB measured. It peaked at 6.5 GB while the loss built the
+    # backward), marked slow; 5.49 GB measured. It peaked at 6.5 GB while the loss built the
     # whole float32 logits; jaxllm/train/loss.py now builds 1,024 tokens' at a time.
     pytest.param("configs/tiny.py", "none", marks=pytest.mark.slow),
 ])
