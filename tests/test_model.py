@@ -154,3 +154,27 @@ def test_layer_loop_equals_the_scan(overrides):
     assert aux.keys() == want_aux.keys() and (not overrides.get("num_experts") or aux)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
                  (aux, grad), (want_aux, want_grad))
+
+
+@pytest.mark.parametrize("x_shape, kernel_shape, n_in", [
+    ((2, 5, 8), (8, 3, 4), 1),  # q_proj: [B, T, D] x [D, N, H]
+    ((2, 5, 3, 4), (3, 4, 8), 2),  # o_proj: [B, T, N, H] x [N, H, D]
+])
+def test_matmul_and_its_gradients_equal_tensordot(x_shape, kernel_shape, n_in):
+    """layers.matmul's custom VJP (the kernel gradient as one 2-D matmul) against autodiff of
+    the plain jnp.tensordot."""
+    from jaxllm.model.layers import matmul
+
+    kx, kk, kg = jax.random.split(jax.random.key(0), 3)
+    x, kernel = jax.random.normal(kx, x_shape), jax.random.normal(kk, kernel_shape)
+    g = jax.random.normal(kg, jnp.tensordot(x, kernel, n_in).shape)
+
+    def grads(f):
+        y, vjp = jax.vjp(f, x, kernel)
+        return y, vjp(g)
+
+    y, (dx, dk) = grads(lambda x, k: matmul(x, k, n_in))
+    want_y, (want_dx, want_dk) = grads(lambda x, k: jnp.tensordot(x, k, n_in))
+    for got, want in ((y, want_y), (dx, want_dx), (dk, want_dk)):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -25,7 +25,7 @@ def init_normal(std: float, axes: tuple[str, ...]):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def matmul(x: jax.Array, kernel: jax.Array, n_in: int = 1) -> jax.Array:
+def matmul(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
     """jnp.tensordot(x, kernel, n_in), whose kernel gradient is one 2-D matmul
     [in, tokens] @ [tokens, out]: autodiff of the tensordot of a 3-D x gives it a transpose of
     the output gradient, which XLA:CPU materialises in a slow strided copy (the MLP's backward
