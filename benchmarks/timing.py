@@ -44,7 +44,8 @@ def is_number(cell: str) -> bool:
     return True
 
 
-def is_out_of_memory(e: BaseException) -> bool:
+def is_out_of_memory(e: BaseException | str) -> bool:
+    """Whether an exception (or the text a failed process wrote) says memory ran out."""
     text = str(e)
     return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
 

@@ -24,8 +24,10 @@ compiles), tokens per second, MFU (the model's training FLOPs per token, jaxllm.
 count, times tokens per second, over the FLOP/s of a large matmul measured in this run: the
 faster of jax's and torch's), peak memory, and tokens per second over the best peer's.
 
-A side that fails gets a row saying why, the reasons follow the table, and the exit status
-is 1. If jaxllm fails with an attention_impl other than `xla`, it runs again with `xla`.
+Each side's figures print as it finishes (a run stopped by a time limit keeps them), then
+the table. A side that fails gets a row saying why (`OOM` or the exception's type), the
+reasons follow the table, and the exit status is 1. If jaxllm fails with an attention_impl
+other than `xla`, it runs again with `xla`.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 import numpy as np  # noqa: E402
-from timing import median_seconds  # noqa: E402
+from timing import is_out_of_memory, median_seconds  # noqa: E402
 
 GiB = 2**30
 SIDES = {"jaxllm": "jaxllm (jax.jit)", "eager": "transformers (torch eager)",
@@ -206,7 +208,8 @@ def side_in_subprocess(side: str, argv: list[str]) -> dict:
     lines = (proc.stderr.strip() or proc.stdout.strip() or f"exit {proc.returncode}").splitlines()
     error = next((ln for ln in reversed(lines) if ln.strip() and not ln.startswith(" ")),
                  lines[-1])
-    return {"error": error[:300], "trace": proc.stderr[-4000:]}
+    cell = "OOM" if is_out_of_memory(proc.stderr) else error.split(":", 1)[0][:40]
+    return {"error": error[:300], "cell": cell, "trace": proc.stderr[-4000:]}
 
 
 def load(args, overrides: list[str]):
@@ -263,6 +266,11 @@ def main() -> None:
         if side == "jaxllm" and "error" in results[side] and m.attention_impl != "xla":
             print(f"jaxllm failed ({results[side]['error']}); again with attention_impl=xla")
             results[side] = side_in_subprocess(side, [*argv, "--attention_impl=xla"])
+        r = results[side]  # a line now, so that a run stopped by a time limit keeps it
+        print(f"{SIDES[side]}: " + (f"failed ({r['cell']})" if "error" in r else
+                                    f"{r['seconds'] * 1e3:.1f} ms/step, "
+                                    f"{tokens_per_step / r['seconds']:.0f} tokens/s, peak "
+                                    f"{r['peak_bytes'] / GiB:.2f} GiB"), flush=True)
     done = [r for r in results.values() if "error" not in r]
     peak = max((r["matmul_flops"] for r in done), default=0.0)
     best_peer = max((tokens_per_step / results[p]["seconds"] for p in peers
@@ -279,7 +287,7 @@ def main() -> None:
     for side, r in results.items():
         if "error" in r:
             failed.append((side, r))
-            print(f"| {SIDES[side]} | failed | - | - | - | - | - |")
+            print(f"| {SIDES[side]} | {r['cell']} | - | - | - | - | - |")
             continue
         tps = tokens_per_step / r["seconds"]
         ratio = f"{tps / best_peer:.2f}" if best_peer and side == "jaxllm" else "-"
