@@ -61,15 +61,18 @@ def test_scoring_is_exact_match_of_the_value():
 
 def test_training_exercises_answer_every_needle_they_hide():
     """niah.training_document (benchmarks/long_context.py trains on them): the text's lines
-    all kept in order, 1-4 needles of different colours between them, then each needle's
-    question answered with its value, as the evaluation's prompt expects it."""
+    all kept in order with 1-4 needles of different colours between them, then (the second
+    part) each needle's question answered with its value, as the evaluation's prompt expects
+    it."""
     import re
 
     text = "".join(f"line {i}\n" for i in range(40))
     rng = np.random.default_rng(0)
     counts = set()
     for _ in range(20):
-        doc = niah.training_document(text, rng)
+        context, answers = niah.training_document(text, rng)
+        assert answers.startswith("\n\nWhat is") and "What is" not in context
+        doc = context + answers
         hidden = re.findall(r"\nThe secret number of the (\w+) door is (\d{4})\.\n", doc)
         asked = re.findall(r"What is the secret number of the (\w+) door\? The secret number "
                            r"of the \1 door is (\d{4})\.", doc)

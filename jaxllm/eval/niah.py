@@ -75,10 +75,12 @@ def score(generated: str, value: str) -> float:
     return float(bool(words) and re.sub(r"[.,;:!?'\"]+$", "", words[0]) == value)
 
 
-def training_document(text: str, rng: np.random.Generator, max_needles: int = 4) -> str:
-    """A retrieval exercise to train on: `text` with 1..max_needles needles of different
-    colours put between its lines at random, then their questions in a random order, each
-    followed by its value (what a model that retrieves would write)."""
+def training_document(text: str, rng: np.random.Generator, max_needles: int = 4
+                      ) -> tuple[str, str]:
+    """A retrieval exercise to train on, as (context, answers): `text` with 1..max_needles
+    needles of different colours put between its lines at random, then their questions in a
+    random order, each followed by its value (what a model that retrieves would write). A
+    trainer may take the context as a prompt (no loss) so that only the answers are learnt."""
     lines = text.splitlines(keepends=True)
     count = int(rng.integers(1, max_needles + 1))
     needles = [Needle(COLORS[c], str(int(rng.integers(1000, 10000))))
@@ -88,7 +90,7 @@ def training_document(text: str, rng: np.random.Generator, max_needles: int = 4)
         lines.insert(int(at), needle.sentence)
     answers = "".join(f"{needles[i].question} {needles[i].value}."
                       for i in rng.permutation(count))
-    return "".join(lines) + answers
+    return "".join(lines), answers
 
 
 def haystack_pool(tokenizer: Any, data: str, tokens: int, seed: int) -> list[int]:
