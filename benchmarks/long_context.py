@@ -10,14 +10,15 @@ README's needle-in-a-haystack heatmaps and perplexity-by-position plot.
    16-192 tokens for the first stage (short.jsonl), of 192 up to about train_len for the
    others (long.jsonl). The text with its needles is the record's prompt (no loss), so only
    the questions and answers are trained on. The evaluation's haystacks come from the
-   held-out split, so no haystack is seen in training. And repeats.jsonl: random words
+   held-out split, so no haystack is seen in training. And repeats.jsonl: random tokens
    repeated (`write_repeats`), for the warm-up.
 2. Warm-up (DIR/warmup): a 2.6M-parameter Qwen2 (tiny's vocabulary, MODEL) trains on the
-   repeats alone. Retrieval needs induction (attend to the token after an earlier occurrence
-   of the current one), and on CPU it did not form from exercises and text alone in 2,700
-   steps; on the repeats it forms abruptly after ~1,000 steps of 32 × 256 tokens (the loss
-   falls from ~7 to ~1.8 in 100 steps). Its params go to DIR/warmup/params; if they exist,
-   the warm-up is skipped.
+   repeats alone. Retrieval needs induction (attend to what followed an earlier occurrence
+   of the current token), and on CPU it did not form from exercises and text alone in 2,700
+   steps; on repeated random words it formed abruptly after ~1,000 steps of 32 × 256 tokens
+   (the loss fell from ~7 to ~1.8 in 100 steps), but only for words: the repeats now draw
+   from the whole vocabulary, digits included. Its params go to DIR/warmup/params; if they
+   exist, the warm-up is skipped.
 3. Training (DIR/run) from those params: pretrain at 256 tokens (rope base 1e4), long_context
    and anneal at train_len (rope base 1e6, model.max_position_embeddings = train_len), each
    mixing exercises, repeats and plain text. Resumes if DIR/run exists.
@@ -34,7 +35,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import sys
 import time
 
@@ -87,16 +87,17 @@ def write_exercises(path: str, tokenizer, windows: tuple[int, int], count: int, 
 
 
 def write_repeats(path: str, tokenizer, max_rank: int, count: int, seed: int) -> int:
-    """Writes `count` warm-up sequences: 10-60 random words (each one token of the
-    vocabulary), repeated to REPEAT tokens. After the first copy every token is predictable by
-    induction (find the previous occurrence of the current token, copy what followed it), the
-    circuit that retrieval is built on."""
-    words = [w for w in (tokenizer.decode([i]) for i in range(max_rank))
-             if re.fullmatch(r" [a-z]{3,}", w)]
+    """Writes `count` warm-up sequences: 10-60 random pieces (each one token of the whole
+    vocabulary: digits, punctuation, code, words), repeated to REPEAT tokens. After the first
+    copy every token is predictable by induction (find the previous occurrence of the current
+    token, copy what followed it), the circuit that retrieval is built on. Words alone were
+    not enough: induction learnt on them did not carry to the needles' digits."""
+    pieces = [p for p in (tokenizer.decode([i]) for i in range(max_rank))
+              if p and "\ufffd" not in p]
     rng = np.random.default_rng(seed)
     with open(path, "w") as f:
         for _ in range(count):
-            a = list(rng.choice(words, int(rng.integers(10, 61))))
+            a = list(rng.choice(pieces, int(rng.integers(10, 61))))
             f.write(json.dumps({"text": "".join((a * (REPEAT // len(a) + 1))[:REPEAT])}) + "\n")
     return count * REPEAT
 
