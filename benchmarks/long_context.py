@@ -12,7 +12,7 @@ README's needle-in-a-haystack heatmaps and perplexity-by-position plot.
    the questions and answers are trained on. The evaluation's haystacks come from the
    held-out split, so no haystack is seen in training. And repeats.jsonl: random tokens
    repeated (`write_repeats`), for the warm-up.
-2. Warm-up (DIR/warmup): a 2.6M-parameter Qwen2 (tiny's vocabulary, MODEL) trains on the
+2. Warm-up (DIR/warmup): a 1.8M-parameter Qwen2 (tiny's vocabulary, MODEL) trains on the
    repeats alone. Retrieval needs induction (attend to what followed an earlier occurrence
    of the current token), and on CPU it did not form from exercises and text alone in 2,700
    steps; on repeated random words it formed abruptly after ~1,000 steps of 32 × 256 tokens
@@ -47,7 +47,7 @@ _TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
                      "tiny.py")
 SHORT = (16, 192)  # window tokens of the pretrain stage's exercises
 REPEAT = 240  # tokens of a warm-up sequence
-# A 2.6M-parameter Qwen2 (tiny's vocabulary): ~2x tiny's tokens per second, so the warm-up's
+# A 1.8M-parameter Qwen2 (tiny's vocabulary): ~2x tiny's tokens per second, so the warm-up's
 # ~10M tokens take ~20 minutes on 2 CPU cores.
 MODEL = dict(hidden_size=128, num_heads=4, num_kv_heads=2, head_dim=32, intermediate_size=384)
 
