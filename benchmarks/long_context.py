@@ -48,7 +48,7 @@ _TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHORT = (16, 192)  # window tokens of the pretrain stage's exercises
 REPEAT = 240  # tokens of a warm-up sequence
 # A 1.8M-parameter Qwen2 (tiny's vocabulary): ~2x tiny's tokens per second, so the warm-up's
-# ~10M tokens take ~20 minutes on 2 CPU cores.
+# ~12M tokens take ~25 minutes on 2 CPU cores.
 MODEL = dict(hidden_size=128, num_heads=4, num_kv_heads=2, head_dim=32, intermediate_size=384)
 
 
@@ -119,7 +119,7 @@ def model_and_sources(data_dir: str, train_len: int):
 
 
 def warmup_config(data_dir: str, train_len: int, steps: int):
-    """Induction warm-up: the repeated random words alone, at 32 × 256 tokens."""
+    """Induction warm-up: the repeated random tokens alone, at 32 × 256 tokens."""
     config = model_and_sources(data_dir, train_len)
     for name in [n for n in config.data.sources if n != "repeats"]:
         del config.data.sources[name]
@@ -172,7 +172,7 @@ def main() -> None:
     parser.add_argument("--max_needles", type=int, default=1,
                         help="needles per exercise (1: plain copying; more: match the key)")
     parser.add_argument("--warmup_steps", type=int, default=1500,
-                        help="steps of the induction warm-up on repeated words")
+                        help="steps of the induction warm-up on repeated random tokens")
     args = parser.parse_args()
     if args.train_len - 100 <= SHORT[1]:
         parser.error(f"--train_len={args.train_len}: the long exercises need at least "
