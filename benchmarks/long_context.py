@@ -46,7 +46,7 @@ from jaxllm.eval import long_ppl, niah
 _TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                      "tiny.py")
 SHORT = (16, 192)  # window tokens of the pretrain stage's exercises
-REPEAT = 240  # tokens of a warm-up sequence
+REPEAT = 240  # pieces (single tokens) of a warm-up sequence
 # A 1.8M-parameter Qwen2 (tiny's vocabulary): ~2x tiny's tokens per second, so the warm-up's
 # ~12M tokens take ~25 minutes on 2 CPU cores.
 MODEL = dict(hidden_size=128, num_heads=4, num_kv_heads=2, head_dim=32, intermediate_size=384)
@@ -88,7 +88,8 @@ def write_exercises(path: str, tokenizer, windows: tuple[int, int], count: int, 
 
 def write_repeats(path: str, tokenizer, max_rank: int, count: int, seed: int) -> int:
     """Writes `count` warm-up sequences: 10-60 random pieces (each one token of the whole
-    vocabulary: digits, punctuation, code, words), repeated to REPEAT tokens. After the first
+    vocabulary: digits, punctuation, code, words), repeated to REPEAT pieces; returns the
+    pieces written (a few neighbours may merge into one token when encoded). After the first
     copy every token is predictable by induction (find the previous occurrence of the current
     token, copy what followed it), the circuit that retrieval is built on. Words alone were
     not enough: induction learnt on them did not carry to the needles' digits."""
@@ -194,7 +195,7 @@ def main() -> None:
     if not os.path.exists(path):
         tokens = write_repeats(path, tokenizer, config.tokenizer.max_rank, round(60_000 * scale),
                                0)
-        print(f"wrote {path}: {tokens:,} tokens", flush=True)
+        print(f"wrote {path}: {tokens:,} pieces", flush=True)
     for name, windows, count, max_tokens in (
             ("short", SHORT, 60_000, 255),
             ("long", (SHORT[1], args.train_len - 100), 8_000, args.train_len - 1)):
