@@ -6,7 +6,7 @@
 A dense step's time is mostly these products: for each projection of the model (q, k and v,
 o, gate and up, down, the vocabulary head), the forward x @ W, the input gradient dy @ Wᵀ and
 the weight gradient xᵀ @ dy, over batch × seq_len tokens in float32. Each is timed alone
-under `jax.jit` and in torch (the median of `--iters` calls after one untimed), and the table
+under `jax.jit` and in torch (the median of `--iters` calls after three untimed), and the table
 gives GFLOP/s for each and the step's total over all layers. It tells how much of the CPU
 train-step gap to transformers (benchmarks/train_step.py) is the matmul library's: XLA:CPU's
 dot kernels against the BLAS that torch calls (oneDNN / MKL).
@@ -44,7 +44,7 @@ def jax_products(tokens: int, n_in: int, n_out: int, iters: int) -> list[float]:
     x, w, dy = map(jax.numpy.asarray, (x, w, dy))
     calls = ((jax.jit(lambda x, w: x @ w), x, w), (jax.jit(lambda dy, w: dy @ w.T), dy, w),
              (jax.jit(lambda x, dy: x.T @ dy), x, dy))
-    return [median_seconds(f, a, b, iters=iters) for f, a, b in calls]
+    return [median_seconds(f, a, b, warmup=3, iters=iters) for f, a, b in calls]
 
 
 def torch_products(tokens: int, n_in: int, n_out: int, iters: int) -> list[float]:
@@ -52,7 +52,7 @@ def torch_products(tokens: int, n_in: int, n_out: int, iters: int) -> list[float
 
     x, w, dy = (torch.randn(s) for s in ((tokens, n_in), (n_in, n_out), (tokens, n_out)))
     calls = (lambda: x @ w, lambda: dy @ w.T, lambda: x.T @ dy)
-    return [median_seconds(call, iters=iters) for call in calls]
+    return [median_seconds(call, warmup=3, iters=iters) for call in calls]
 
 
 def main() -> None:
