@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm.kernels.chunked_attention import chunked_attention
+from jaxllm.kernels.chunked_attention import chunked_attention, default_block
 from jaxllm.kernels.flash_attention import flash_attention
 from jaxllm.kernels.flash_attention_ref import attention_ref
 
@@ -109,6 +109,15 @@ def test_matches_reference_bfloat16(impl):
     assert got[0].dtype == jnp.bfloat16 and got[1].dtype == jnp.float32
     assert all(g.dtype == jnp.bfloat16 for g in got[2])
     _check(got, want, 3e-2)
+
+
+@pytest.mark.parametrize("T", [300, 600])
+def test_chunked_default_blocks(T):
+    """The model calls chunked attention with its default blocks (128 tokens up to 512, then
+    256): lengths that are not a multiple of them, packed documents, T < S."""
+    assert [default_block(n) for n in (64, 512, 513, 4096)] == [128, 128, 256, 256]
+    inputs = _inputs(1, T - 30, T, 1, 2, 8, "docs", jnp.float32, seed=2)
+    _check(_run(chunked_attention, *inputs), _run(attention_ref, *inputs), 2e-5)
 
 
 def test_scale_and_gqa_layout():
