@@ -9,6 +9,7 @@ the key before anything is compiled (STYLE.md rule 8).
 from __future__ import annotations
 
 import ast
+import difflib
 import importlib.util
 import json
 import logging
@@ -187,14 +188,16 @@ def apply_override(config: mc.ConfigDict, override: str) -> None:
     if "=" not in override:
         raise ConfigError(f"override {override!r} is not of the form key=value")
     key, text = override.split("=", 1)
-    *parents, leaf = key.strip().split(".")
+    *parents, leaf = parts = key.strip().split(".")
     node = config
-    for i, part in enumerate(parents):
+    for i, part in enumerate(parts):
         if not isinstance(node, mc.ConfigDict) or part not in node:
-            raise ConfigError(f"unknown config key {'.'.join(parents[: i + 1])!r}")
-        node = node[part]
-    if not isinstance(node, mc.ConfigDict) or leaf not in node:
-        raise ConfigError(f"unknown config key {key!r}")
+            known = list(node) if isinstance(node, mc.ConfigDict) else []
+            close = difflib.get_close_matches(part, known, n=1)
+            hint = f"; did you mean {'.'.join(parts[:i] + close)!r}?" if close else ""
+            raise ConfigError(f"unknown config key {'.'.join(parts[: i + 1])!r}{hint}")
+        if i < len(parents):
+            node = node[part]
     value = _parse_value(text)
     old = node[leaf]
     if isinstance(old, bool) and text.strip().lower() in ("true", "false"):
@@ -215,11 +218,35 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> mc.ConfigDict:
     if ":" in path and not os.path.exists(path):
         path, arg = path.split(":", 1)
     module = _import_config_file(path)
-    config = module.get_config(arg) if arg is not None else module.get_config()
+    try:
+        config = module.get_config(arg) if arg is not None else module.get_config()
+    except ValueError as e:  # the config file's own refusal, e.g. an unknown variant
+        raise ConfigError(f"--config={path}{'' if arg is None else ':' + arg}: {e}") from None
     for override in overrides:
         apply_override(config, override)
     validate(config)
     return config
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(["KEY=VALUE", ...] of every `--config.KEY=VALUE` or `--config.KEY VALUE` in a command
+    line, the other arguments). The commands apply them with `load_config`, so that a
+    misspelled key is one `error:` line, as from Python, not a traceback from flag parsing."""
+    overrides, rest = [], []
+    args = iter(argv)
+    for arg in args:
+        if arg == "--":
+            rest += [arg, *args]
+        elif arg.startswith("--config."):
+            key, eq, value = arg[len("--config."):].partition("=")
+            if not eq:
+                value = next(args, None)
+                if value is None or value.startswith("--"):
+                    raise ConfigError(f"{arg}: give a value, as --config.{key}=VALUE")
+            overrides.append(f"{key}={value}")
+        else:
+            rest.append(arg)
+    return overrides, rest
 
 
 # ----------------------------------------------------------------------------- validation

@@ -11,13 +11,12 @@ import sys
 import traceback
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 _TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                      "tiny.py")
 
-config_flags.DEFINE_config_file("config", _TINY, "Config file, optionally with :ARG.",
-                                lock_config=False)
+flags.DEFINE_string("config", _TINY, "Config file, optionally with :ARG; then any number of "
+                    "--config.KEY=VALUE overrides (jaxllm/config.py).")
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, TensorBoard.")
 flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, where the cluster "
                     "cannot be auto-detected (TPU pods, SLURM and GKE are).")
@@ -43,33 +42,63 @@ def initialize_distributed() -> None:
             raise
 
 
-def main(argv: list[str]) -> None:
+def _exit(code: int) -> None:
+    """Exits; with peers, at once: a peer may never reach the distributed shutdown barrier
+    (its collectives failed, or it stopped on an error of its own data)."""
+    import jax
+
+    if jax.process_count() == 1:
+        sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def main(argv: list[str], overrides: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from jaxllm.config import ConfigError
+    from jaxllm.config import ConfigError, load_config
+    from jaxllm.data.formats import DataError
     from jaxllm.train.loop import PREEMPTED_EXIT_CODE, Preempted
     from jaxllm.train.pipeline import run
 
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-    initialize_distributed()
     try:
-        run(FLAGS.config, FLAGS.workdir)
+        config = load_config(FLAGS.config, overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    initialize_distributed()
+    try:
+        run(config, FLAGS.workdir)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        _exit(2)
     except Preempted:
         sys.exit(PREEMPTED_EXIT_CODE)
+    except KeyboardInterrupt:  # Ctrl-C twice (once saves a checkpoint and stops: Preempted)
+        print("\ninterrupted: stopped without saving a checkpoint; the same command resumes "
+              "from the newest one, if any", file=sys.stderr)
+        _exit(130)
     except Exception:
         import jax
 
         if jax.process_count() == 1:
             raise
-        # A peer died (its collectives fail at once): exit now instead of waiting in the
-        # distributed shutdown barrier for a process that will never arrive.
         traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)
+        _exit(1)
+
+
+def cli() -> None:
+    from jaxllm.config import ConfigError, split_overrides
+
+    try:
+        overrides, argv = split_overrides(sys.argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    app.run(lambda argv: main(argv, overrides), argv=argv)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli()

@@ -20,7 +20,7 @@ from flax import linen as nn
 from jax.sharding import AbstractMesh, AxisType
 
 from jaxllm import sharding
-from jaxllm.config import ConfigError, stage_names, validate
+from jaxllm.config import ConfigError, load_config, split_overrides, stage_names, validate
 from jaxllm.metrics import ffn_widths, flops_per_token
 from jaxllm.model import abstract_params
 
@@ -127,8 +127,8 @@ def format_plan(plan: dict) -> str:
     lines = [
         f"parameters      {plan['params_total'] / 1e9:.3f}B total, "
         f"{plan['params_active'] / 1e9:.3f}B active",
-        f"mesh            {plan['devices']} devices: "
-        + " × ".join(f"{k}={v}" for k, v in plan["mesh"].items() if v > 1) or "1 device",
+        f"mesh            {plan['devices']} device{'s' * (plan['devices'] != 1)}: "
+        + (" × ".join(f"{k}={v}" for k, v in plan["mesh"].items() if v > 1) or "no axis split"),
         "per device      " + ", ".join(f"{k} {_gb(v).strip()}" for k, v in b.items()),
         "fits            " + ", ".join(
             f"{k} ({ACCELERATORS[k] / 1e9:.0f} GB): {'yes' if ok else 'no'}"
@@ -145,7 +145,7 @@ def format_plan(plan: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str], overrides: list[str]) -> None:
     from absl import flags, logging
 
     if len(argv) > 1:
@@ -153,7 +153,7 @@ def main(argv: list[str]) -> None:
     F = flags.FLAGS  # defined below, only when run as a program (tests import make_plan)
     logging.set_verbosity(logging.WARNING)
     try:
-        plan = make_plan(F.config, F.devices or jax.device_count())
+        plan = make_plan(load_config(F.config, overrides), F.devices or jax.device_count())
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -162,11 +162,15 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     from absl import app, flags
-    from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "Config file, optionally with :ARG.",
-                                    lock_config=False)
+    flags.DEFINE_string("config", None, "Config file, optionally with :ARG; then any number of "
+                        "--config.KEY=VALUE overrides.")
     flags.DEFINE_integer("devices", None, "Devices to plan for (default: those present).")
     flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
     flags.mark_flag_as_required("config")
-    app.run(main)
+    try:
+        overrides, argv = split_overrides(sys.argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    app.run(lambda argv: main(argv, overrides), argv=argv)

@@ -2,6 +2,7 @@
 every key of the schema has a rule, and values outside it are refused naming the key."""
 
 import glob
+import json
 import os
 import re
 import subprocess
@@ -10,11 +11,20 @@ import sys
 import jax
 import ml_collections as mc
 import pytest
+from conftest import xla_flags
 
 from jaxllm import sharding
-from jaxllm.config import ConfigError, base_config, load_config, stage_names, validate
+from jaxllm.config import (
+    ConfigError,
+    base_config,
+    load_config,
+    split_overrides,
+    stage_names,
+    validate,
+)
 from jaxllm.config_rules import RULES, walk
 from jaxllm.model import param_count
+from jaxllm.train.pipeline import check_resumable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
@@ -289,3 +299,60 @@ def test_cli_refuses_a_bad_value_before_compiling(tmp_path):
     assert done.returncode == 2, done.stderr
     assert "error: config.optimizer.b2: 1.5 is outside [0, 1)" in done.stderr
     assert not workdir.exists()  # refused before the run directory, let alone a compile
+
+
+def test_split_overrides_takes_both_forms_and_leaves_the_rest():
+    argv = ["main", "--workdir=w", "--config=c.py", "--config.seed=3", "--config.model.remat",
+            "full", "--config.mesh.data", "-1", "--", "--config.x=1"]
+    assert split_overrides(argv) == (["seed=3", "model.remat=full", "mesh.data=-1"],
+                                     ["main", "--workdir=w", "--config=c.py", "--",
+                                      "--config.x=1"])
+    with pytest.raises(ConfigError, match="give a value"):
+        split_overrides(["main", "--config.seed", "--workdir=w"])
+
+
+def test_a_misspelled_key_names_the_closest_one():
+    smoke = os.path.join(ROOT, "configs", "tiny.py:smoke")
+    with pytest.raises(ConfigError, match=r"^unknown config key 'stages\.pretrain\.step'; did "
+                       r"you mean 'stages\.pretrain\.steps'\?$"):
+        load_config(smoke, ["stages.pretrain.step=5"])
+    with pytest.raises(ConfigError, match=r"^unknown config key 'modle'; did you mean 'model'"):
+        load_config(smoke, ["modle.num_layers=2"])
+    with pytest.raises(ConfigError, match=r"unknown variant 'smok'"):
+        load_config(smoke[:-1], [])
+
+
+def test_cli_gives_one_line_for_a_misspelled_key_a_file_as_workdir_or_missing_data(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for args, message in [
+            ([f"--workdir={tmp_path / 'run'}", "--config.stages.pretrain.step=5"],
+             "error: unknown config key 'stages.pretrain.step'; did you mean "
+             "'stages.pretrain.steps'?\n"),
+            ([f"--workdir={afile}", "--config=configs/tiny.py:smoke"],
+             f"error: --workdir={afile} is a file; give a directory (new or a run's)\n"),
+            ([f"--workdir={tmp_path / 'data_run'}", "--config=configs/tiny.py:smoke",
+              "--config.data.sources.stdlib.format=arrayrecord",
+              f"--config.data.sources.stdlib.path={tmp_path / 'nothing'}"],
+             f"error: data.sources.stdlib.path: '{tmp_path / 'nothing'}' does not exist\n")]:
+        done = subprocess.run([sys.executable, "-m", "jaxllm.main", *args], cwd=ROOT,
+                              env={**os.environ, "XLA_FLAGS": xla_flags(1)},
+                              capture_output=True, text=True, timeout=120)
+        assert (done.returncode, done.stderr) == (2, message)
+    assert not (tmp_path / "run").exists()
+
+
+def test_only_a_run_with_a_checkpoint_keeps_its_model_shape(tmp_path):
+    smoke = os.path.join(ROOT, "configs", "tiny.py:smoke")
+    four, two = (load_config(smoke, [f"model.num_layers={n}"]) for n in (4, 2))
+    check_resumable(str(tmp_path), four)
+    check_resumable(str(tmp_path), two)  # stopped before its first checkpoint: a fresh start
+    with open(tmp_path / "config.json") as f:
+        assert json.load(f)["model"]["num_layers"] == 2
+    os.makedirs(tmp_path / "checkpoints" / "10")
+    with pytest.raises(ConfigError, match=r"config\.model\.num_layers: the run in .* was "
+                       r"started with 2, this command asks for 4"):
+        check_resumable(str(tmp_path), four)
+    (tmp_path / "config.json").write_text('{"architectures": ["Qwen2ForCausalLM"]}')
+    with pytest.raises(ConfigError, match="is not a jaxllm run config"):
+        check_resumable(str(tmp_path), two)  # a Hugging Face model's directory, say

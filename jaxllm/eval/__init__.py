@@ -177,6 +177,7 @@ def run_cli(main_body, argv_parser: argparse.ArgumentParser, argv: list[str] | N
     """Parses flags and runs `main_body(args)`; a user error exits 2 with one line."""
     args = argv_parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("jax").setLevel(logging.WARNING)  # not "Unable to initialize backend"
     try:
         main_body(args)
     except (ValueError, FileNotFoundError, ImportError) as e:  # ConfigError is a ValueError

@@ -94,14 +94,22 @@ def init_train_state(config: mc.ConfigDict, mesh) -> tuple[TrainState, TrainStat
 
 def check_resumable(workdir: str, config: mc.ConfigDict) -> None:
     """Writes config.json. A resumed run may not change the model's shape; other changes
-    (more steps, log frequency, remat, ...) are accepted with a warning that lists them."""
+    (more steps, log frequency, remat, ...) are accepted with a warning that lists them. A
+    run that stopped before its first checkpoint has nothing to resume: any shape goes."""
     path = os.path.join(workdir, "config.json")
     if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
+        try:
+            with open(path) as f:
+                old = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{path} is not a readable run config ({e}); is {workdir} "
+                              "another program's directory? Use a new --workdir") from None
+        if not isinstance(old, dict) or "model" not in old:
+            raise ConfigError(f"{path} is not a jaxllm run config (it has no 'model'); use a "
+                              "new --workdir")
         new = json.loads(config.to_json_best_effort())
-        for key in SHAPE_KEYS:
-            if key in old.get("model", {}) and old["model"][key] != new["model"][key]:
+        for key in SHAPE_KEYS if has_checkpoint(workdir) else ():
+            if key in old["model"] and old["model"][key] != new["model"][key]:
                 raise ConfigError(
                     f"config.model.{key}: the run in {workdir} was started with "
                     f"{old['model'][key]!r}, this command asks for {new['model'][key]!r}; a "
@@ -112,6 +120,12 @@ def check_resumable(workdir: str, config: mc.ConfigDict) -> None:
     if jax.process_index() == 0:
         with open(path, "w") as f:
             f.write(config.to_json_best_effort(indent=2))
+
+
+def has_checkpoint(workdir: str) -> bool:
+    """Whether workdir/checkpoints holds a finished step (a directory named by its number)."""
+    directory = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
 
 
 def _differences(old, new, prefix=""):
@@ -157,7 +171,12 @@ def run(config: mc.ConfigDict, workdir: str) -> TrainState:
         if source and os.path.abspath(source) == os.path.abspath(workdir):
             raise ConfigError(f"config.init.{key} is the --workdir ({workdir}): the run would "
                               "write into the weights it starts from; use a new --workdir")
-    os.makedirs(workdir, exist_ok=True)
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"--workdir={workdir} is a file; give a directory (new or a run's)")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--workdir={workdir}: cannot create it ({e.strerror})") from None
     use_compilation_cache(config)
     check_resumable(workdir, config)
     tokenizer = load_tokenizer(config.tokenizer.name, max_rank=config.tokenizer.max_rank)
