@@ -12,7 +12,8 @@ step for good. Restoring reads straight onto the shardings of an abstract state,
 never sits on one host and the mesh may differ from the one that saved.
 
 A params checkpoint (`python -m jaxllm.convert import`, `python -m jaxllm.checkpoint
-average`, `config.init.checkpoint`) is a directory with `params/` (Orbax) and `model.json`.
+average`, `config.init.checkpoint`) is a directory with `params/` (Orbax) and `model.json`;
+import and average add `hf_files/`, the tokenizer of the model or run it came from.
 
     python -m jaxllm.checkpoint average --workdir=DIR --last=N --out=DIR
 """
@@ -20,6 +21,8 @@ average`, `config.init.checkpoint`) is a directory with `params/` (Orbax) and `m
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -76,18 +79,13 @@ class Checkpointer:
         for step in reversed(self.steps()):
             if below is not None and step >= below:
                 continue
-            error = None
-            try:
-                restored = self.restore(step, abstract_state)
-            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is set aside
-                error = e
+            restored, why = self._try_restore(step, abstract_state)
             # Every process must go on from the same step, even if only some failed to read.
-            if not _on_any_process(error is not None):
+            if not _on_any_process(why is not None):
                 if failed:
                     self._set_aside(failed, "unreadable", f"using step {step}")
                 return restored
-            failed[step] = (f"cannot be restored ({type(error).__name__}: {error})" if error
-                            else "cannot be restored on another process")
+            failed[step] = why or "cannot be restored on another process"
         if failed:
             newest = max(failed)
             raise RuntimeError(
@@ -96,6 +94,15 @@ class Checkpointer:
                 "resume with the code that saved them; if they are damaged, move them out of "
                 "checkpoints/ to start from step 0")
         return None
+
+    def _try_restore(self, step: int, abstract_state) -> tuple[tuple[object, dict] | None,
+                                                                 str | None]:
+        """(restored, None), or (None, why it cannot be restored, in one short line)."""
+        try:
+            with _draining_event_loops():
+                return self.restore(step, abstract_state), None
+        except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is set aside
+            return None, f"cannot be restored ({_first_line(e)})"
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -148,6 +155,46 @@ def _free_name(path: str) -> str:
         n += 1
         candidate = f"{path}-{n}"
     return candidate
+
+
+class _DrainingLoop(asyncio.SelectorEventLoop):
+    """An event loop that lets its pending tasks finish (for a minute at most: a read that
+    hangs must not hang the run) before it closes."""
+
+    def close(self) -> None:
+        if not self.is_closed() and (pending := asyncio.all_tasks(self)):
+            finished = asyncio.gather(*pending, return_exceptions=True)
+            self.run_until_complete(asyncio.wait([finished], timeout=60))
+        super().close()
+
+
+class _DrainingPolicy(asyncio.DefaultEventLoopPolicy):
+    def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        return _DrainingLoop()
+
+
+@contextlib.contextmanager
+def _draining_event_loops():
+    """Orbax restores in a fresh event loop and closes it as soon as one array fails to read,
+    with the reads of the others still going: each then prints its error (from TensorStore's
+    threads, and at exit), hundreds of lines in all. Here they finish first."""
+    policy = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(_DrainingPolicy())
+    try:
+        yield
+    finally:
+        asyncio.set_event_loop_policy(policy)
+
+
+def _first_line(error: BaseException, limit: int = 300) -> str:
+    """`Type: first line` of the error's root cause, at most `limit` characters. TensorStore's
+    own error says only which index failed and then prints the array's whole spec (60 lines);
+    its cause names the array, the file and what is wrong with it."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = str(error).strip().splitlines()
+    text = type(error).__name__ + (f": {lines[0]}" if lines else "")
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _on_any_process(flag: bool) -> bool:
@@ -213,39 +260,54 @@ def check_same_shapes(model: mc.ConfigDict, other: mc.ConfigDict, where: str) ->
 
 def average_checkpoints(workdir: str, last: int, out_dir: str) -> list[int]:
     """Averages the params of the newest `last` checkpoints of a run (in float32) into a
-    params checkpoint, as Qwen2 and Llama 3 do before release. Returns the steps used."""
-    with open(os.path.join(workdir, "config.json")) as f:
-        model = model_defaults()
-        model.update(json.load(f)["model"])
+    params checkpoint, as Qwen2 and Llama 3 do before release, with the run's tokenizer and
+    the rope base of the newest one's stage. Returns the steps used."""
+    from jaxllm.convert.to_hf import (
+        check_out_dir,
+        keep_tokenizer_files,
+        read_run_config,
+        run_model_config,
+    )
+    from jaxllm.tokenizer import load_tokenizer
+
+    check_out_dir(out_dir, workdir, "--workdir")
+    config = read_run_config(workdir)
+    tok = config.get("tokenizer", {})
+    tokenizer = load_tokenizer(tok.get("name", "qwen2"), max_rank=int(tok.get("max_rank", 0)))
     manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"))
     steps = sorted(manager.all_steps())[-last:]
     if len(steps) < last:
         raise ConfigError(f"--last={last}: {workdir} has only {len(steps)} checkpoints")
     total = None
     for step in steps:
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
         params = jax.tree.map(lambda x: np.asarray(x, np.float32), restored["state"]["params"])
         total = params if total is None else jax.tree.map(np.add, total, params)
     manager.close()
+    model = run_model_config(config, restored["meta"].get("stage"))
     dtype = jnp.dtype(model.param_dtype)
     averaged = jax.tree.map(lambda x: jnp.asarray(x / len(steps), dtype), total)
     save_params(out_dir, model, averaged)
+    if jax.process_index() == 0:
+        keep_tokenizer_files(tokenizer, out_dir)
     return steps
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m jaxllm.checkpoint")
     sub = parser.add_subparsers(dest="command", required=True)
     avg = sub.add_parser("average", help="average the params of a run's newest checkpoints")
     avg.add_argument("--workdir", required=True)
     avg.add_argument("--last", type=int, required=True)
     avg.add_argument("--out", required=True)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     try:
         steps = average_checkpoints(args.workdir, args.last, args.out)
-    except ConfigError as e:
+    except (ValueError, FileNotFoundError) as e:  # ConfigError is a ValueError
         raise SystemExit(f"error: {e}") from None
-    print(f"averaged steps {steps} of {args.workdir} into {args.out}")
+    print(f"averaged steps {steps} of {args.workdir} into {args.out}; generate or export from "
+          f"it with --workdir={args.out}, train from it with --config.init.checkpoint={args.out}")
 
 
 if __name__ == "__main__":

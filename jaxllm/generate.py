@@ -218,7 +218,7 @@ def load_model(workdir: str | None = None, hf: str | None = None, step: int | No
     model_config, params, tokenizer = load_checkpoint(workdir, step)
     if tokenizer is None:
         raise ValueError(f"{workdir} has no tokenizer of its own (a params checkpoint made by "
-                         "averaging or save_params); export it with a tokenizer, or use --hf")
+                         "save_params); export it with a tokenizer, or use --hf")
     return model_config, jax.device_put(params, shardings(model_config)), tokenizer
 
 

@@ -2,17 +2,23 @@
 run resumes from the one before it and saves that step afresh, and every step's loss is the
 uninterrupted run's bit for bit. End to end through `python -m jaxllm.main`."""
 
+import asyncio
+import gc
 import glob
 import json
+import logging
 import os
 import shutil
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import pytest
+from conftest import xla_flags
 from test_checkpoint import one_device_state, tiny
 from test_resume import by_step, run
 
-from jaxllm.checkpoint import Checkpointer, abstract_like
+from jaxllm.checkpoint import Checkpointer, _draining_event_loops, abstract_like
 
 # test_resume's run without its anneal stage: pretrain steps 0..7, long_context 8..9;
 # checkpoints at 3, 6, 8 (pretrain's end), 9 and 10 (long_context's end), of which keep=2 and
@@ -26,6 +32,13 @@ def truncate(step_dir):
         for name in names:
             path = os.path.join(root, name)
             os.truncate(path, os.path.getsize(path) // 2)
+
+
+def lose_array_data(step_dir):
+    """The arrays' data files emptied, their metadata intact: TensorStore's error then prints
+    the whole spec of the array it failed to read."""
+    for path in glob.glob(str(step_dir / "state" / "ocdbt.process_0" / "d" / "*")):
+        os.truncate(path, 0)
 
 
 def stage_end(checkpoints):
@@ -143,3 +156,64 @@ def test_when_no_checkpoint_can_be_read_the_run_stops_and_moves_none(tmp_path):
         ckpt.restore_latest(abstract_like(state, state_sh))
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]
     ckpt.close()
+
+
+def test_the_warning_for_a_step_moved_aside_is_one_short_line(tmp_path, caplog):
+    config, state, state_sh = saved_steps_1_and_2(tmp_path)
+    lose_array_data(tmp_path / "checkpoints" / "2")
+    ckpt = Checkpointer(str(tmp_path), config)
+    with caplog.at_level(logging.WARNING):
+        restored, _ = ckpt.restore_latest(abstract_like(state, state_sh))
+    ckpt.close()
+    assert int(restored.step) == 1
+    [warning] = [r.getMessage() for r in caplog.records if "moved it to" in r.getMessage()]
+    assert "\n" not in warning and len(warning) < 600, warning
+    assert "TensorStore({" not in warning  # the spec of the array is not in it
+
+
+def test_when_no_checkpoint_can_be_read_the_error_is_short_and_alone(tmp_path):
+    """The error is the last line of stderr, not buried under the errors of Orbax's other
+    reads, which it used to leave running when the first one failed (hundreds of lines)."""
+    saved_steps_1_and_2(tmp_path)
+    for step in (1, 2):
+        lose_array_data(tmp_path / "checkpoints" / str(step))
+    tests = os.path.dirname(os.path.abspath(__file__))
+    script = (f"import sys; sys.path.insert(0, {tests!r})\n"
+              "from test_checkpoint import one_device_state, tiny\n"
+              "from jaxllm.checkpoint import Checkpointer, abstract_like\n"
+              "config = tiny('checkpoint.keep=3')\n"
+              "state, state_sh, _ = one_device_state(config)\n"
+              f"Checkpointer({str(tmp_path)!r}, config).restore_latest("
+              "abstract_like(state, state_sh))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "XLA_FLAGS": xla_flags(1)})
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) < 30, result.stderr[-3000:]
+    assert lines[-1].startswith("RuntimeError: none of the checkpoints [1, 2] in "), lines[-1]
+    assert "step 2 cannot be restored (ValueError: " in lines[-1] and len(lines[-1]) < 800
+    assert lines[-1].endswith("move them out of checkpoints/ to start from step 0")
+
+
+def test_reads_left_running_by_a_failed_restore_finish_before_its_loop_closes(caplog):
+    """Orbax's pattern: a fresh loop, a gather that fails on its first read, the loop closed.
+    The slower reads finish (quietly) instead of erring into a closed loop later."""
+    finished = []
+
+    async def read(delay, name):
+        await asyncio.sleep(delay)
+        finished.append(name)
+        raise OSError(f"{name} is unreadable")
+
+    async def restore():
+        await asyncio.gather(read(0, "first"), read(0.2, "second"))
+
+    with _draining_event_loops():
+        loop = asyncio.new_event_loop()
+        try:
+            with pytest.raises(OSError, match="first is unreadable"):
+                loop.run_until_complete(restore())
+        finally:
+            loop.close()
+    gc.collect()
+    assert finished == ["first", "second"]
+    assert "never retrieved" not in caplog.text

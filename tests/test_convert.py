@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +25,7 @@ from flax import linen as nn
 from test_hf import CASES, _assert_bitwise_equal, _make_hf, _tensors
 from test_tokenizer import CORPUS
 
+from jaxllm.checkpoint import main as checkpoint_main
 from jaxllm.convert import export_run_checkpoint, load_hf, save_hf
 from jaxllm.convert.__main__ import main as convert_main
 from jaxllm.generate import generate_ids, load_model
@@ -259,6 +261,63 @@ def test_cli_errors_name_the_problem(trained_run, tmp_path, capsys):
     with pytest.raises(SystemExit):
         convert_main(["import", f"--hf={tmp_path}", f"--out={tmp_path / 'ckpt'}"])
     assert "config.json does not exist" in capsys.readouterr().err
+
+
+def test_out_may_be_neither_the_source_nor_a_run_directory(trained_run, tmp_path, capsys):
+    workdir = trained_run[0]
+    run_config = pathlib.Path(workdir, "config.json").read_text()
+    src = str(tmp_path / "src")
+    _make_hf(src, "qwen2_tied")
+    for argv, message in [
+        (["export", f"--workdir={workdir}", f"--out={workdir}"],
+         f"--out={workdir} is the --workdir it reads"),
+        (["import", f"--hf={src}", f"--out={workdir}"],
+         f"--out={workdir} is a jaxllm run directory (config.json + checkpoints/)"),
+        (["import", f"--hf={src}", f"--out={src}/"], f"--out={src}/ is the --hf it reads"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            convert_main(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err, argv
+    assert pathlib.Path(workdir, "config.json").read_text() == run_config
+    assert not os.path.exists(os.path.join(workdir, "model.json"))
+
+
+def test_a_run_directory_whose_config_json_is_not_a_runs_says_so(trained_run, exported,
+                                                                  tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run[0], run)
+    for config_json, why in [(pathlib.Path(exported, "config.json").read_text(), "has no 'model'"),
+                             ("{not json", "is not JSON")]:
+        (run / "config.json").write_text(config_json)
+        for main in (lambda: convert_main(["export", f"--workdir={run}",
+                                           f"--out={tmp_path / 'out'}"]),
+                     lambda: generate_main([f"--workdir={run}", "--prompt=x"])):
+            with pytest.raises(SystemExit) as e:
+                main()
+            err = capsys.readouterr().err
+            assert e.value.code == 2 and f"--workdir={run} is not a jaxllm run directory" in err
+            assert why in err and len(err.splitlines()) == 1, err
+
+
+def test_an_average_generates_and_exports_with_the_runs_tokenizer(trained_run, exported,
+                                                                   tmp_path, capsys):
+    # The average of one checkpoint is that checkpoint: everything must come back as it was.
+    workdir = trained_run[0]
+    avg, out = tmp_path / "avg", str(tmp_path / "hf")
+    checkpoint_main(["average", f"--workdir={workdir}", "--last=1", f"--out={avg}"])
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 1 and printed[0].startswith(
+        f"averaged steps [{STEPS}] of {workdir} into {avg}")
+    outputs = []
+    for source in (workdir, avg):
+        generate_main([f"--workdir={source}", "--prompt=def main(argv):", "--max_new_tokens=16"])
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1]
+    convert_main(["export", f"--workdir={avg}", f"--out={out}", "--dtype=float32"])
+    _assert_bitwise_equal(_tensors(exported), _tensors(out))
+    for name in ("config.json", "vocab.json", "merges.txt", "tokenizer_config.json"):
+        got, want = (pathlib.Path(d, name).read_text() for d in (out, exported))
+        assert got == want, name  # the run's rope base, eos id and tokenizer
 
 
 def test_python_api_names():

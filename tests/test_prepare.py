@@ -98,6 +98,22 @@ def test_an_interrupted_run_continues_without_duplicates(tmp_path, tok):
         run(tmp_path / "in", out)
 
 
+def test_a_run_that_failed_before_its_first_shard_can_be_rerun_with_other_options(tmp_path,
+                                                                                  tok):
+    texts = make_inputs(tmp_path / "in")
+    os.remove(tmp_path / "in" / "d.parquet")
+    out = tmp_path / "out"
+    with pytest.raises(formats.DataError, match="field 'body' .* is absent"):
+        run(tmp_path / "in", out, text_field="body")  # a.jsonl's field is "text"
+    assert (out / "manifest.json").exists()
+    assert any(name.endswith(".tmp") for name in os.listdir(out))  # the shard it stopped in
+    manifest = run(tmp_path / "in", out)  # the corrected command, the same --out
+    assert manifest["complete"] and manifest["documents"] == 21
+    assert not any(name.endswith(".tmp") for name in os.listdir(out))
+    got = collections.Counter(read_all(out))
+    assert got == collections.Counter(tuple(tok.encode(t)) for t in texts[:21])
+
+
 def test_bad_input_names_file_and_line(tmp_path, capsys):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "x.jsonl").write_text('{"text": "a"}\n\n{"txt": "b"}\n')

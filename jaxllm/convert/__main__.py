@@ -6,7 +6,8 @@
     python -m jaxllm.convert import --hf=HF_DIR --out=CKPT_DIR [--dtype=float32|...]
 
 `export --workdir` takes a run directory (newest checkpoint, or --step) or a params checkpoint
-(what `import` writes). hf.py's docstring gives the rules for vocab rows, dtype and shards.
+(what `import` and `checkpoint average` write). `--out` may be neither the source nor a run
+directory. hf.py's docstring gives the rules for vocab rows, dtype and shards.
 """
 
 from __future__ import annotations

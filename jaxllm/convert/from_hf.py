@@ -20,7 +20,7 @@ from jax.sharding import AxisType, Mesh
 
 from jaxllm.convert import hf
 from jaxllm.convert.hf_config import read_hf_config
-from jaxllm.convert.to_hf import HF_FILES
+from jaxllm.convert.to_hf import HF_FILES, check_out_dir
 
 # Weights and checkpoints of other formats are not worth copying beside the params.
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
@@ -49,6 +49,7 @@ def import_hf(hf_dir: str, out_dir: str, dtype: str | None = None) -> mc.ConfigD
     """
     from jaxllm.checkpoint import save_params
 
+    check_out_dir(out_dir, hf_dir, "--hf")
     m, _ = read_hf_config(hf_dir)
     if dtype is not None:
         hf.np_dtype(dtype)

@@ -100,6 +100,51 @@ def checkpoint_steps(workdir: str) -> list[int]:
                   if re.fullmatch(r"\d+", d) and os.path.isdir(os.path.join(directory, d, "state")))
 
 
+def read_run_config(workdir: str) -> dict:
+    """A run directory's config.json, refused with one clear line if another program wrote it
+    (a Hugging Face config.json, say, from an export into the run directory)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--workdir={workdir} is not a jaxllm run directory (it has no "
+                                "config.json)")
+    with open(path) as f:
+        try:
+            config = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"--workdir={workdir} is not a jaxllm run directory: {path} is "
+                             f"not JSON ({e})") from None
+    if not isinstance(config, dict) or "model" not in config:
+        raise ValueError(f"--workdir={workdir} is not a jaxllm run directory: {path} has no "
+                         "'model' (is it a Hugging Face config.json?)")
+    return config
+
+
+def check_out_dir(out_dir: str, source: str, source_flag: str) -> None:
+    """Refuses to write into the source, or into a run directory (config.json + checkpoints/):
+    an export would overwrite its config.json, an import or average would put there a
+    model.json that hides its checkpoints."""
+    if os.path.realpath(out_dir) == os.path.realpath(source):
+        raise ValueError(f"--out={out_dir} is the {source_flag} it reads: it would write over "
+                         "its own source; use a new --out")
+    if (os.path.exists(os.path.join(out_dir, "config.json"))
+            and os.path.isdir(os.path.join(out_dir, "checkpoints"))):
+        raise ValueError(f"--out={out_dir} is a jaxllm run directory (config.json + "
+                         "checkpoints/): writing there would leave the run unreadable; use a "
+                         "new --out")
+
+
+def keep_tokenizer_files(tokenizer: Any, ckpt_dir: str) -> None:
+    """Gives a params checkpoint made from a run (`checkpoint average`) the run's tokenizer:
+    its files and special ids in `hf_files/`, where `convert import` keeps its source's, so
+    that generation and export find them."""
+    from jaxllm.tokenizer import save_hf_tokenizer_files
+
+    dest = os.path.join(ckpt_dir, HF_FILES)
+    save_hf_tokenizer_files(tokenizer, dest)
+    with open(os.path.join(dest, "config.json"), "w") as f:  # only the ids export reads
+        json.dump({"bos_token_id": tokenizer.eos_id, "eos_token_id": tokenizer.eos_id}, f)
+
+
 def run_model_config(config: mc.ConfigDict | dict, stage: str | None) -> mc.ConfigDict:
     """The model a run's stage trained: config.model with that stage's rope base."""
     config = config if isinstance(config, dict) else config.to_dict()
@@ -145,10 +190,10 @@ def open_checkpoint(workdir: str, step: int | None = None) -> SavedModel:
     """The newest (or `step`) checkpoint of a run directory, or a params checkpoint."""
     if os.path.exists(os.path.join(workdir, "model.json")):
         return _open_params_checkpoint(workdir)
-    config_path = os.path.join(workdir, "config.json")
-    if not os.path.exists(config_path):
+    if not os.path.exists(os.path.join(workdir, "config.json")):
         raise FileNotFoundError(f"--workdir={workdir} is neither a run directory (config.json + "
                                 "checkpoints/) nor a params checkpoint (model.json + params/)")
+    config = read_run_config(workdir)
     steps = checkpoint_steps(workdir)
     if not steps:
         raise FileNotFoundError(f"--workdir={workdir} has no checkpoints in "
@@ -157,8 +202,6 @@ def open_checkpoint(workdir: str, step: int | None = None) -> SavedModel:
         step = steps[-1]
     elif step not in steps:
         raise ValueError(f"--step={step}: {workdir} has checkpoints at steps {steps}")
-    with open(config_path) as f:
-        config = json.load(f)
     step_dir = os.path.join(workdir, "checkpoints", str(step))
     stage = _checkpoint_stage(step_dir)
     m = run_model_config(config, stage)
@@ -211,6 +254,7 @@ def export_checkpoint(workdir: str, out_dir: str, step: int | None = None, *,
     """`convert export`: the newest (or `step`) checkpoint of a run, or a params checkpoint,
     to a Hugging Face directory. `tokenizer` overrides the checkpoint's (a name, path or
     tokenizer; "none" writes none). Returns a line saying what was written."""
+    check_out_dir(out_dir, workdir, "--workdir")
     saved = open_checkpoint(workdir, step)
     if tokenizer is not None:
         own_files = False

@@ -13,8 +13,8 @@ by default) under a temporary name and renamed when complete.
 Restart. DIR/manifest.json records the plan (inputs, sizes, options, tokenizer) and every
 finished shard (documents, tokens, input bytes). Running the same command again after an
 interruption redoes only the units without a finished shard: nothing is duplicated or lost.
-A different input or option in the same DIR is refused. Train on DIR with
-`data_source("arrayrecord", "DIR")`.
+A different input or option in the same DIR is refused once a shard is finished; until then,
+the new command starts over. Train on DIR with `data_source("arrayrecord", "DIR")`.
 """
 
 from __future__ import annotations
@@ -187,11 +187,18 @@ def prepare(input_glob: str, out: str, *, fmt: str = "auto", text_field: str = "
     if os.path.exists(manifest_path):
         with open(manifest_path) as f:
             old = json.load(f)
-        if old.get("plan") != plan:
+        # A finished shard is a file, recorded or not (killed between its rename and the
+        # manifest's write). Without one (a run that failed at once, on a wrong --text_field,
+        # say) nothing can be mixed up: another plan starts over.
+        finished = any(name.endswith(".array_record") for name in os.listdir(out))
+        if finished and old.get("plan") != plan:
             raise DataError(f"--out={out} holds shards of other inputs or options (plan "
                             f"{old.get('plan')}, now {plan}); use a new --out directory")
         manifest["shards"] = {name: entry for name, entry in old["shards"].items()
                               if os.path.exists(os.path.join(out, name))}
+    for name in os.listdir(out):  # shards an earlier run stopped writing
+        if name.endswith(".array_record.tmp"):
+            os.remove(os.path.join(out, name))
     names = [f"shard-{u:05d}-of-{len(units):05d}.array_record" for u in range(len(units))]
     jobs = [(u, os.path.join(out, names[u]), units[u], fields) for u in range(len(units))
             if names[u] not in manifest["shards"]][:max_units]
