@@ -14,7 +14,8 @@ import importlib.util
 import json
 import logging
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 
 import ml_collections as mc
 
@@ -58,6 +59,10 @@ def model_defaults() -> mc.ConfigDict:
             shared_expert_intermediate_size=0,
             norm_topk_prob=False,
             router_aux_loss_coef=0.001,
+            # False: transformers' load-balancing loss over all sparse layers' tokens pooled;
+            # True: each layer's own, averaged (Switch, Megatron), which layers collapsed onto
+            # different experts cannot hide
+            router_aux_loss_per_layer=False,
             router_z_loss_coef=0.0,
             decoder_sparse_step=1,
             moe_capacity_factor=0.0,  # 0: dropless; else each expert takes ≤ cf·N·K/E copies
@@ -247,6 +252,19 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
         else:
             rest.append(arg)
     return overrides, rest
+
+
+def run_with_overrides(main: Callable[[list[str], list[str]], None]) -> None:
+    """absl's `app.run` of `main(argv, overrides)`, the `--config.KEY=VALUE` overrides taken
+    out of sys.argv first (one malformed: an `error:` line, exit 2)."""
+    from absl import app
+
+    try:
+        overrides, argv = split_overrides(sys.argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    app.run(lambda argv: main(argv, overrides), argv=argv)
 
 
 # ----------------------------------------------------------------------------- validation

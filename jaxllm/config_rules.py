@@ -151,6 +151,7 @@ RULES: dict[str, Rule] = {
     "model.shared_expert_intermediate_size": COUNT,  # 0: no shared expert
     "model.norm_topk_prob": BOOL,
     "model.router_aux_loss_coef": RATE,
+    "model.router_aux_loss_per_layer": BOOL,
     "model.router_z_loss_coef": RATE,
     "model.decoder_sparse_step": SIZE,
     "model.moe_capacity_factor": RATE,  # 0: dropless

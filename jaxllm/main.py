@@ -42,12 +42,13 @@ def initialize_distributed() -> None:
             raise
 
 
-def _exit(code: int) -> None:
-    """Exits; with peers, at once: a peer may never reach the distributed shutdown barrier
-    (its collectives failed, or it stopped on an error of its own data)."""
+def _exit(code: int, now: bool = False) -> None:
+    """Exits; with peers, or `now`, at once: a peer may never reach the distributed shutdown
+    barrier (its collectives failed, or it stopped on an error of its own data), and the
+    threads of a checkpoint cut short would print their failures for hundreds of lines."""
     import jax
 
-    if jax.process_count() == 1:
+    if jax.process_count() == 1 and not now:
         sys.exit(code)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -79,7 +80,7 @@ def main(argv: list[str], overrides: list[str]) -> None:
     except KeyboardInterrupt:  # Ctrl-C twice (once saves a checkpoint and stops: Preempted)
         print("\ninterrupted: stopped without saving a checkpoint; the same command resumes "
               "from the newest one, if any", file=sys.stderr)
-        _exit(130)
+        _exit(130, now=True)
     except Exception:
         import jax
 
@@ -89,16 +90,7 @@ def main(argv: list[str], overrides: list[str]) -> None:
         _exit(1)
 
 
-def cli() -> None:
-    from jaxllm.config import ConfigError, split_overrides
-
-    try:
-        overrides, argv = split_overrides(sys.argv)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    app.run(lambda argv: main(argv, overrides), argv=argv)
-
-
 if __name__ == "__main__":
-    cli()
+    from jaxllm.config import run_with_overrides
+
+    run_with_overrides(main)

@@ -20,7 +20,7 @@ from flax import linen as nn
 from jax.sharding import AbstractMesh, AxisType
 
 from jaxllm import sharding
-from jaxllm.config import ConfigError, load_config, split_overrides, stage_names, validate
+from jaxllm.config import ConfigError, load_config, run_with_overrides, stage_names, validate
 from jaxllm.metrics import ffn_widths, flops_per_token
 from jaxllm.model import abstract_params
 
@@ -161,16 +161,11 @@ def main(argv: list[str], overrides: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
 
     flags.DEFINE_string("config", None, "Config file, optionally with :ARG; then any number of "
                         "--config.KEY=VALUE overrides.")
     flags.DEFINE_integer("devices", None, "Devices to plan for (default: those present).")
     flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
     flags.mark_flag_as_required("config")
-    try:
-        overrides, argv = split_overrides(sys.argv)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    app.run(lambda argv: main(argv, overrides), argv=argv)
+    run_with_overrides(main)

@@ -23,6 +23,7 @@ from test_sharding import train
 
 from jaxllm.config import load_config
 from jaxllm.model import apply, forward, init_cache, init_params
+from jaxllm.model.moe import router_losses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "tiny_moe.py:smoke")
@@ -85,6 +86,24 @@ def test_expert_parallel_training_equals_one_device(mesh, one_device):
     assert experts["gate_proj"].addressable_shards[0].data.shape == (
         2, 4 // mesh["expert"], 64 // mesh.get("fsdp", 1), 32 // mesh.get("tensor", 1))
     assert "all-to-all" in hlo
+
+
+def test_a_per_layer_balance_loss_sees_layers_collapsed_onto_different_experts():
+    """Two layers of 4 tokens, 4 experts top-1, each layer sending every token to its own
+    expert: pooled over layers the loss looks half balanced, each layer's own says collapsed."""
+    cfg = smoke("model.num_experts_per_tok=1", "model.router_aux_loss_per_layer=False").model
+    probs_GxE = np.array([[0.7, 0.1, 0.1, 0.1], [0.1, 0.7, 0.1, 0.1]]) * 4
+    stats = {"counts": jnp.asarray([[4.0, 0, 0, 0], [0, 4.0, 0, 0]]),
+             "probs": jnp.asarray(probs_GxE), "z": jnp.zeros(2), "tokens": jnp.full(2, 4.0),
+             "dropped": jnp.zeros(2)}
+    pooled = router_losses(stats, cfg)
+    cfg.router_aux_loss_per_layer = True
+    per_layer = router_losses(stats, cfg)
+    # Pooled: shares (1/2, 1/2, 0, 0) · probs (0.4, 0.4, 0.1, 0.1) · E = 1.6.
+    np.testing.assert_allclose(float(pooled["aux_loss"]), 4 * (0.5 * 0.4 * 2), rtol=1e-6)
+    # Each layer: share 1 · prob 0.7 · E = 2.8, the same for both.
+    np.testing.assert_allclose(float(per_layer["aux_loss"]), 4 * 0.7, rtol=1e-6)
+    assert float(pooled["expert_load"]) == float(per_layer["expert_load"]) == 4.0
 
 
 # ----------------------------------------------------------------------------- the CLI

@@ -15,7 +15,7 @@ from flax import linen as nn
 from jaxllm import sharding
 from jaxllm.config import load_config
 from jaxllm.optim import make_optimizer, make_schedule
-from jaxllm.plan import make_plan
+from jaxllm.plan import format_plan, make_plan
 from jaxllm.train.pipeline import init_train_state, stage_model_config
 from jaxllm.train.step import make_train_step
 
@@ -36,6 +36,13 @@ def test_plan_runs_on_every_config(path):
     else:
         assert plan["params_active"] == plan["params_total"] > 0
     assert set(plan["fits"]) == {"v5p", "v6e", "h100"}
+
+
+def test_the_mesh_line_names_its_split_axes_or_none():
+    tiny = load_config(os.path.join(ROOT, "configs", "tiny.py"))
+    assert "mesh            1 device: no axis split\n" in format_plan(make_plan(tiny, 1))
+    tiny.mesh.data = 8
+    assert "mesh            8 devices: data=8\n" in format_plan(make_plan(tiny, 8))
 
 
 @pytest.mark.parametrize("variant, devices, chip", [("v5p_256", 128, "v5p"),

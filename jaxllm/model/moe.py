@@ -91,7 +91,8 @@ def router_losses(stats_G: dict, cfg: mc.FrozenConfigDict) -> dict:
     """The statistics of every scanned layer group (leading axis G) → losses and metrics:
 
     aux_loss       E · Σ_e (tokens routed to e / N) · (Σ probs of e / N), N the tokens of all
-                   sparse layers together (transformers' load_balancing_loss_func)
+                   sparse layers together (transformers' load_balancing_loss_func); with
+                   `router_aux_loss_per_layer`, the same of each sparse layer, averaged
     router_z_loss  mean over tokens and sparse layers of logsumexp(router logits)²
     expert_load    max over layers and experts of the tokens an expert got, over the mean (1
                    is perfect balance)
@@ -105,7 +106,13 @@ def router_losses(stats_G: dict, cfg: mc.FrozenConfigDict) -> dict:
     sparse = stats_G["tokens"] > 0
     load = jnp.max(jnp.where(sparse[:, None], counts_GxE / jnp.where(sparse, mean_G, 1.0)[:, None],
                              0.0))
-    return {"aux_loss": cfg.num_experts * jnp.sum(share_E * prob_E),
+    if cfg.router_aux_loss_per_layer:
+        tokens_G = jnp.maximum(stats_G["tokens"], 1.0)[:, None]
+        aux_G = cfg.num_experts * jnp.sum(counts_GxE / tokens_G * stats_G["probs"] / tokens_G, 1)
+        aux = jnp.sum(jnp.where(sparse, aux_G, 0.0)) / jnp.maximum(jnp.sum(sparse), 1)
+    else:
+        aux = cfg.num_experts * jnp.sum(share_E * prob_E)
+    return {"aux_loss": aux,
             "router_z_loss": jnp.sum(stats_G["z"]) / tokens,
             "expert_load": load,
             "dropped_frac": jnp.sum(stats_G["dropped"]) / (tokens * cfg.num_experts_per_tok)}
