@@ -197,6 +197,35 @@ def _first_line(error: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+def checkpoint_steps(workdir: str) -> list[int]:
+    """The finished steps in workdir/checkpoints, oldest first."""
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        return []
+    # Orbax renames a step's temporary directory to `<step>` once complete.
+    return sorted(int(d) for d in os.listdir(directory)
+                  if re.fullmatch(r"\d+", d) and os.path.isdir(os.path.join(directory, d, "state")))
+
+
+def read_run_config(workdir: str) -> dict:
+    """A run directory's config.json, refused with one clear line if another program wrote it
+    (a Hugging Face config.json, say, from an export into the run directory)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--workdir={workdir} is not a jaxllm run directory (it has no "
+                                "config.json)")
+    with open(path) as f:
+        try:
+            config = json.load(f)
+        except ValueError as e:
+            raise ConfigError(f"--workdir={workdir} is not a jaxllm run directory: {path} is "
+                              f"not JSON ({e})") from None
+    if not isinstance(config, dict) or "model" not in config:
+        raise ConfigError(f"--workdir={workdir} is not a jaxllm run directory: {path} has no "
+                          "'model' (is it a Hugging Face config.json?)")
+    return config
+
+
 def _on_any_process(flag: bool) -> bool:
     if jax.process_count() == 1:
         return flag
@@ -262,12 +291,7 @@ def average_checkpoints(workdir: str, last: int, out_dir: str) -> list[int]:
     """Averages the params of the newest `last` checkpoints of a run (in float32) into a
     params checkpoint, as Qwen2 and Llama 3 do before release, with the run's tokenizer and
     the rope base of the newest one's stage. Returns the steps used."""
-    from jaxllm.convert.to_hf import (
-        check_out_dir,
-        keep_tokenizer_files,
-        read_run_config,
-        run_model_config,
-    )
+    from jaxllm.convert.to_hf import check_out_dir, keep_tokenizer_files, run_model_config
     from jaxllm.tokenizer import load_tokenizer
 
     check_out_dir(out_dir, workdir, "--workdir")

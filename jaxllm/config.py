@@ -14,8 +14,7 @@ import importlib.util
 import json
 import logging
 import os
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import ml_collections as mc
 
@@ -231,40 +230,6 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> mc.ConfigDict:
         apply_override(config, override)
     validate(config)
     return config
-
-
-def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(["KEY=VALUE", ...] of every `--config.KEY=VALUE` or `--config.KEY VALUE` in a command
-    line, the other arguments). The commands apply them with `load_config`, so that a
-    misspelled key is one `error:` line, as from Python, not a traceback from flag parsing."""
-    overrides, rest = [], []
-    args = iter(argv)
-    for arg in args:
-        if arg == "--":
-            rest += [arg, *args]
-        elif arg.startswith("--config."):
-            key, eq, value = arg[len("--config."):].partition("=")
-            if not eq:
-                value = next(args, None)
-                if value is None or value.startswith("--"):
-                    raise ConfigError(f"{arg}: give a value, as --config.{key}=VALUE")
-            overrides.append(f"{key}={value}")
-        else:
-            rest.append(arg)
-    return overrides, rest
-
-
-def run_with_overrides(main: Callable[[list[str], list[str]], None]) -> None:
-    """absl's `app.run` of `main(argv, overrides)`, the `--config.KEY=VALUE` overrides taken
-    out of sys.argv first (one malformed: an `error:` line, exit 2)."""
-    from absl import app
-
-    try:
-        overrides, argv = split_overrides(sys.argv)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    app.run(lambda argv: main(argv, overrides), argv=argv)
 
 
 # ----------------------------------------------------------------------------- validation

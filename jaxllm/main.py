@@ -16,7 +16,7 @@ _TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
                      "tiny.py")
 
 flags.DEFINE_string("config", _TINY, "Config file, optionally with :ARG; then any number of "
-                    "--config.KEY=VALUE overrides (jaxllm/config.py).")
+                    "--config.KEY=VALUE overrides (jaxllm/cli.py).")
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, TensorBoard.")
 flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, where the cluster "
                     "cannot be auto-detected (TPU pods, SLURM and GKE are).")
@@ -91,6 +91,6 @@ def main(argv: list[str], overrides: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from jaxllm.config import run_with_overrides
+    from jaxllm.cli import run_with_overrides
 
     run_with_overrides(main)

@@ -20,7 +20,7 @@ from flax import linen as nn
 from jax.sharding import AbstractMesh, AxisType
 
 from jaxllm import sharding
-from jaxllm.config import ConfigError, load_config, run_with_overrides, stage_names, validate
+from jaxllm.config import ConfigError, load_config, stage_names, validate
 from jaxllm.metrics import ffn_widths, flops_per_token
 from jaxllm.model import abstract_params
 
@@ -162,6 +162,8 @@ def main(argv: list[str], overrides: list[str]) -> None:
 
 if __name__ == "__main__":
     from absl import flags
+
+    from jaxllm.cli import run_with_overrides
 
     flags.DEFINE_string("config", None, "Config file, optionally with :ARG; then any number of "
                         "--config.KEY=VALUE overrides.")

@@ -14,14 +14,8 @@ import pytest
 from conftest import xla_flags
 
 from jaxllm import sharding
-from jaxllm.config import (
-    ConfigError,
-    base_config,
-    load_config,
-    split_overrides,
-    stage_names,
-    validate,
-)
+from jaxllm.cli import split_overrides
+from jaxllm.config import ConfigError, base_config, load_config, stage_names, validate
 from jaxllm.config_rules import RULES, walk
 from jaxllm.model import param_count
 from jaxllm.train.pipeline import check_resumable
@@ -349,10 +343,10 @@ def test_only_a_run_with_a_checkpoint_keeps_its_model_shape(tmp_path):
     check_resumable(str(tmp_path), two)  # stopped before its first checkpoint: a fresh start
     with open(tmp_path / "config.json") as f:
         assert json.load(f)["model"]["num_layers"] == 2
-    os.makedirs(tmp_path / "checkpoints" / "10")
+    os.makedirs(tmp_path / "checkpoints" / "10" / "state")
     with pytest.raises(ConfigError, match=r"config\.model\.num_layers: the run in .* was "
                        r"started with 2, this command asks for 4"):
         check_resumable(str(tmp_path), four)
     (tmp_path / "config.json").write_text('{"architectures": ["Qwen2ForCausalLM"]}')
-    with pytest.raises(ConfigError, match="is not a jaxllm run config"):
+    with pytest.raises(ConfigError, match="is not a jaxllm run directory: .* has no 'model'"):
         check_resumable(str(tmp_path), two)  # a Hugging Face model's directory, say

@@ -19,7 +19,6 @@ import dataclasses
 import itertools
 import json
 import os
-import re
 import shutil
 from typing import Any
 
@@ -30,6 +29,7 @@ from etils import epath
 from flax import traverse_util
 from orbax.checkpoint import type_handlers
 
+from jaxllm.checkpoint import checkpoint_steps, read_run_config
 from jaxllm.config import ConfigError, model_defaults
 from jaxllm.convert import hf, rules
 from jaxllm.convert.rules import Path
@@ -89,34 +89,6 @@ def orbax_reader(item_dir: str, prefix: tuple[str, ...] = ()) -> tuple[hf.Reader
         return out
 
     return read, np.dtype(array(("embed", "embedding")).dtype.numpy_dtype)
-
-
-def checkpoint_steps(workdir: str) -> list[int]:
-    directory = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(directory):
-        return []
-    # Orbax renames a step's temporary directory to `<step>` once complete.
-    return sorted(int(d) for d in os.listdir(directory)
-                  if re.fullmatch(r"\d+", d) and os.path.isdir(os.path.join(directory, d, "state")))
-
-
-def read_run_config(workdir: str) -> dict:
-    """A run directory's config.json, refused with one clear line if another program wrote it
-    (a Hugging Face config.json, say, from an export into the run directory)."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"--workdir={workdir} is not a jaxllm run directory (it has no "
-                                "config.json)")
-    with open(path) as f:
-        try:
-            config = json.load(f)
-        except ValueError as e:
-            raise ValueError(f"--workdir={workdir} is not a jaxllm run directory: {path} is "
-                             f"not JSON ({e})") from None
-    if not isinstance(config, dict) or "model" not in config:
-        raise ValueError(f"--workdir={workdir} is not a jaxllm run directory: {path} has no "
-                         "'model' (is it a Hugging Face config.json?)")
-    return config
 
 
 def check_out_dir(out_dir: str, source: str, source_flag: str) -> None:

@@ -25,8 +25,10 @@ from jaxllm.checkpoint import (
     Checkpointer,
     abstract_like,
     check_same_shapes,
+    checkpoint_steps,
     load_model_config,
     load_params,
+    read_run_config,
 )
 from jaxllm.config import ConfigError, stage_names, validate
 from jaxllm.data.mixture import Position
@@ -98,17 +100,9 @@ def check_resumable(workdir: str, config: mc.ConfigDict) -> None:
     run that stopped before its first checkpoint has nothing to resume: any shape goes."""
     path = os.path.join(workdir, "config.json")
     if os.path.exists(path):
-        try:
-            with open(path) as f:
-                old = json.load(f)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"{path} is not a readable run config ({e}); is {workdir} "
-                              "another program's directory? Use a new --workdir") from None
-        if not isinstance(old, dict) or "model" not in old:
-            raise ConfigError(f"{path} is not a jaxllm run config (it has no 'model'); use a "
-                              "new --workdir")
+        old = read_run_config(workdir)
         new = json.loads(config.to_json_best_effort())
-        for key in SHAPE_KEYS if has_checkpoint(workdir) else ():
+        for key in SHAPE_KEYS if checkpoint_steps(workdir) else ():
             if key in old["model"] and old["model"][key] != new["model"][key]:
                 raise ConfigError(
                     f"config.model.{key}: the run in {workdir} was started with "
@@ -120,12 +114,6 @@ def check_resumable(workdir: str, config: mc.ConfigDict) -> None:
     if jax.process_index() == 0:
         with open(path, "w") as f:
             f.write(config.to_json_best_effort(indent=2))
-
-
-def has_checkpoint(workdir: str) -> bool:
-    """Whether workdir/checkpoints holds a finished step (a directory named by its number)."""
-    directory = os.path.join(workdir, "checkpoints")
-    return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
 
 
 def _differences(old, new, prefix=""):
