@@ -69,6 +69,7 @@ from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 from jaxllm.kernels.gmm import gmm, resolve_moe_impl
+from jaxllm.kernels.platform import traced_platform
 from jaxllm.shard_kernels import CHECK_VMA, axes_of_type, mesh_axes_for
 
 EXCHANGE = "auto"  # dropless exchange on a mesh: auto (ragged on gpu/tpu), ragged, padded
@@ -157,8 +158,7 @@ def _plan(group_sizes_E: jax.Array, axes: tuple[str, ...], ep: int) -> _Route:
 
 
 def _use_ragged() -> bool:
-    return EXCHANGE == "ragged" or (EXCHANGE == "auto" and jax.default_backend() in ("gpu",
-                                                                                      "tpu"))
+    return EXCHANGE == "ragged" or (EXCHANGE == "auto" and traced_platform() in ("gpu", "tpu"))
 
 
 def _send(x_MxD: jax.Array, r: _Route, ep: int) -> jax.Array:

@@ -32,6 +32,8 @@ def status_kb(key):
         return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
 
 tokenizer = load_tokenizer("qwen2", max_rank=4000)  # loaded before measuring: not weights
+import jax
+jax.devices()  # so are jax's backends, and the plugins of the aot extra where installed
 before = status_kb("VmRSS")
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # resets the peak (VmHWM) to the current RSS

@@ -9,7 +9,8 @@ G = N / K, H head dim.
 | chunked | chunked_attention: jnp blocks, online softmax          | O(N·T)      |
 | pallas  | flash_attention: Pallas kernel for the backend (Triton | O(N·T)      |
 |         | on NVIDIA GPU, Mosaic on TPU; interpreted on CPU)      |             |
-| auto    | pallas on GPU and TPU, chunked on CPU                  |             |
+| auto    | pallas on GPU and TPU, chunked on CPU (the platform of |             |
+|         | the mesh being compiled for: kernels/platform.py)      |             |
 
 These functions see whatever arrays they are given. On a mesh, call them through
 jaxllm/shard_kernels.py (the model does): XLA cannot partition a Pallas call, so without
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 
 from jaxllm.kernels.chunked_attention import chunked_attention
 from jaxllm.kernels.flash_attention_ref import attention_ref
+from jaxllm.kernels.platform import traced_platform
 
 ATTENTION_IMPLS = ("auto", "xla", "chunked", "pallas")
 # `xla` materialises B·N·T·S float32 scores; past this it is refused rather than left to
@@ -33,12 +35,13 @@ XLA_SCORE_BYTES_LIMIT = 8 * 2**30
 
 
 def resolve_attention_impl(impl: str, backend: str | None = None) -> str:
-    """'auto' → the fastest implementation for the backend; other names pass through."""
+    """'auto' → the fastest implementation for `backend` (default: the platform traced for);
+    other names pass through."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl {impl!r} is not one of {', '.join(ATTENTION_IMPLS)}")
     if impl != "auto":
         return impl
-    backend = backend or jax.default_backend()
+    backend = backend or traced_platform()
     return "pallas" if backend in ("gpu", "cuda", "tpu") else "chunked"
 
 

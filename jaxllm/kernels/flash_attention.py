@@ -4,8 +4,9 @@ Dimension letters: B batch, T query length, S key length, N query heads, K kv he
 G = N / K, H head dim.
 
 `flash_attention` pads lengths to whole blocks (padded keys are masked, padded queries
-dropped), picks the kernel for the backend (flash_attention_gpu: Triton on NVIDIA GPUs;
-flash_attention_tpu: Mosaic on TPU; on CPU the GPU kernel runs in interpret mode) and wraps
+dropped), picks the kernel for the platform traced for (kernels/platform.py:
+flash_attention_gpu, Triton, on NVIDIA GPUs; flash_attention_tpu, Mosaic, on TPU; on CPU the
+GPU kernel runs in interpret mode) and wraps
 it in a custom VJP: the forward saves only the output and the log-sum-exp, the backward
 kernels recompute scores block by block. The reference is flash_attention_ref.attention_ref.
 """
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from jaxllm.kernels.mask import MaskSpec, pad_to
+from jaxllm.kernels.platform import traced_platform
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,13 +80,13 @@ def flash_attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.A
                     local_window: int | None = None, scale: float | None = None,
                     return_lse: bool = False, block_sizes: BlockSizes | dict | None = None,
                     backend: str | None = None, interpret: bool | None = None):
-    """Same contract as `attention_ref`. `backend` ('gpu' or 'tpu') defaults to the default
-    device's; `interpret` defaults to True on CPU (tests) and False elsewhere."""
+    """Same contract as `attention_ref`. `backend` ('gpu' or 'tpu') defaults to the traced
+    platform's; `interpret` defaults to True on CPU (tests) and False elsewhere."""
     B, T, N, H = q_BxTxNxH.shape
     S, K = k_BxSxKxH.shape[1], k_BxSxKxH.shape[2]
     if N % K:
         raise ValueError(f"{N} query heads are not a multiple of {K} kv heads")
-    platform = jax.default_backend()
+    platform = traced_platform()
     backend = backend or ("tpu" if platform == "tpu" else "gpu")
     interpret = platform == "cpu" if interpret is None else interpret
     if segment_ids_BxT is not None and kv_segment_ids_BxS is None:

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from jaxllm.kernels.cost import attention_cost
 from jaxllm.kernels.mask import MASK_VALUE
 
 LOG2E = math.log2(math.e)
@@ -113,6 +114,7 @@ def forward(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_seg_BxT, kv_seg_BxS, cfg, blocks,
                    jax.ShapeDtypeStruct((B, N, T), jnp.float32)],
         compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps,
                                              num_stages=blocks.num_stages),
+        cost_estimate=attention_cost(q_BxTxNxH, k_BxSxKxH, 2, *args),
         interpret=interpret, name="flash_attention_fwd")(*args)
 
 
@@ -201,7 +203,8 @@ def backward(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_seg_BxT, kv_seg_BxS, do_BxTxNxH,
                           has_segments=has_segments),
         grid=(T // bq, B, N), in_specs=in_specs, out_specs=q_spec,
         out_shape=jax.ShapeDtypeStruct(q_BxTxNxH.shape, q_BxTxNxH.dtype),
-        compiler_params=params, interpret=interpret, name="flash_attention_dq")(*args)
+        compiler_params=params, cost_estimate=attention_cost(q_BxTxNxH, k_BxSxKxH, 3, *args),
+        interpret=interpret, name="flash_attention_dq")(*args)
 
     bq, bk = blocks.block_q_dkv, blocks.block_k_dkv
     # One program per (key block, batch, kv head); its G query heads are one block of G.
@@ -218,5 +221,6 @@ def backward(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_seg_BxT, kv_seg_BxS, do_BxTxNxH,
         grid=(S // bk, B, K), in_specs=in_specs, out_specs=[kv_spec, kv_spec],
         out_shape=[jax.ShapeDtypeStruct(k_BxSxKxH.shape, k_BxSxKxH.dtype),
                    jax.ShapeDtypeStruct(v_BxSxKxH.shape, v_BxSxKxH.dtype)],
-        compiler_params=params, interpret=interpret, name="flash_attention_dkv")(*args)
+        compiler_params=params, cost_estimate=attention_cost(q_BxTxNxH, k_BxSxKxH, 4, *args),
+        interpret=interpret, name="flash_attention_dkv")(*args)
     return dq, dk, dv

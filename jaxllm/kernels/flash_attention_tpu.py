@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from jaxllm.kernels.cost import attention_cost
 from jaxllm.kernels.mask import MASK_VALUE
 
 L = 128  # lanes
@@ -140,6 +141,7 @@ def forward(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_seg_BxT, kv_seg_BxS, cfg, blocks,
         scratch_shapes=[pltpu.VMEM((bq, L), jnp.float32), pltpu.VMEM((bq, L), jnp.float32),
                         pltpu.VMEM((bq, H), jnp.float32)],
         **_params(interpret, ("parallel", "parallel", "parallel", "arbitrary")),
+        cost_estimate=attention_cost(q_BxTxNxH, k_BxSxKxH, 2, *args),
         name="flash_attention_fwd_tpu")(*args)
     return out.transpose(0, 2, 1, 3), lse[..., 0]
 
@@ -247,6 +249,7 @@ def backward(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_seg_BxT, kv_seg_BxS, do_BxTxNxH,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         scratch_shapes=[pltpu.VMEM((bq, H), jnp.float32)],
         **_params(interpret, ("parallel", "parallel", "parallel", "arbitrary")),
+        cost_estimate=attention_cost(q_BxTxNxH, k_BxSxKxH, 3, *args),
         name="flash_attention_dq_tpu")(*args)
 
     bq, bk, nq = blocks.block_q_dkv, blocks.block_k_dkv, T // blocks.block_q_dkv
@@ -265,5 +268,6 @@ def backward(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_seg_BxT, kv_seg_BxS, do_BxTxNxH,
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         scratch_shapes=[pltpu.VMEM((bk, H), jnp.float32), pltpu.VMEM((bk, H), jnp.float32)],
         **_params(interpret, ("parallel", "parallel", "parallel", "arbitrary")),
+        cost_estimate=attention_cost(q_BxTxNxH, k_BxSxKxH, 4, *args),
         name="flash_attention_dkv_tpu")(*args)
     return dq.transpose(0, 2, 1, 3), dk.transpose(0, 2, 1, 3), dv.transpose(0, 2, 1, 3)

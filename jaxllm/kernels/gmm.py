@@ -9,7 +9,8 @@ rows in no group give 0.
 
 Backward of gmm: d lhs = gmm(d out, rhs, transposed), d rhs = tgmm(lhs, d out) (the weight
 gradient); tgmm's backward is two gmm calls. `impl` (config `model.moe_impl`): 'pallas' runs
-gmm_gpu (Triton) on GPU, gmm_tpu (Mosaic) on TPU and the GPU kernel interpreted on CPU;
+gmm_gpu (Triton) on GPU, gmm_tpu (Mosaic) on TPU and the GPU kernel interpreted on CPU, by
+the platform traced for (kernels/platform.py);
 'xla' runs `jax.lax.ragged_dot`; 'auto' is pallas (fastest measured on CPU too). Accumulation is
 float32; outputs take lhs's dtype. References: gmm_ref.py.
 """
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 
 from jaxllm.kernels import gmm_ref
 from jaxllm.kernels.mask import pad_to
+from jaxllm.kernels.platform import traced_platform
 
 MOE_IMPLS = ("auto", "xla", "pallas")
 
@@ -46,7 +48,7 @@ class _Static:
 
 
 def _static(backend: str | None, interpret: bool | None, tiling) -> _Static:
-    platform = jax.default_backend()
+    platform = traced_platform()
     backend = backend or ("tpu" if platform == "tpu" else "gpu")
     interpret = platform == "cpu" if interpret is None else interpret
     # TPU tiles are (8, 128)-aligned MXU tiles; 64×64×128 suits Triton on H100 with bf16.

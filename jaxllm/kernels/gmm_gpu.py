@@ -21,6 +21,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from jaxllm.kernels.cost import matmul_cost
+
 
 def _div(a, b: int):
     return jax.lax.div(a, jnp.int32(b))  # `//` on traced ints does not lower in Triton
@@ -41,9 +43,10 @@ def _gmm_kernel(first_ref, last_ref, starts_ref, ends_ref, lhs_ref, rhs_ref, out
                 return acc_g + plgpu.dot(lhs_tile, rhs_tile, trans_b=True)
             return acc_g + plgpu.dot(lhs_tile, rhs_ref[g, pl.ds(kk * tk, tk), pl.ds(n * tn, tn)])
 
-        # An empty group inside the run costs nothing: its K loop is empty.
-        num = jnp.where(end > start, num_k_tiles, 0)
-        acc_g = jax.lax.fori_loop(0, num, k_tile, jnp.zeros((tm, tn), jnp.float32))
+        # An empty group inside the run costs nothing: its K loop is empty. Bounds both int32:
+        # Triton's loop refuses a weakly typed bound beside a strong one.
+        num = jnp.where(end > start, jnp.int32(num_k_tiles), jnp.int32(0))
+        acc_g = jax.lax.fori_loop(jnp.int32(0), num, k_tile, jnp.zeros((tm, tn), jnp.float32))
         in_group = (rows >= start) & (rows < end)
         return acc_MxN + jnp.where(in_group[:, None], acc_g, 0.0)
 
@@ -74,6 +77,7 @@ def gmm(lhs_MxK, rhs_ExKxN, starts_E, ends_E, *, tiling, transpose_rhs, out_dtyp
         out_specs=pl.BlockSpec((tm, tn), lambda t, n: (t, n)),
         out_shape=jax.ShapeDtypeStruct((M, N), out_dtype),
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+        cost_estimate=matmul_cost(M, K, N, lhs_MxK, rhs_ExKxN),
         interpret=interpret, name="gmm")(first, last, starts_E, ends_E, lhs_MxK, rhs_ExKxN)
 
 
@@ -106,4 +110,5 @@ def tgmm(lhs_MxK, rhs_MxN, starts_E, ends_E, *, tiling, out_dtype, interpret):
         out_specs=pl.BlockSpec((None, tk, tn), lambda g, kk, n: (g, kk, n)),
         out_shape=jax.ShapeDtypeStruct((E, K, N), out_dtype),
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+        cost_estimate=matmul_cost(M, K, N, lhs_MxK, rhs_MxN),
         interpret=interpret, name="tgmm")(starts_E, ends_E, lhs_MxK, rhs_MxN)

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from jaxllm.kernels.cost import matmul_cost
+
 TRANS_A = (((0,), (0,)), ((), ()))
 TRANS_B = (((1,), (1,)), ((), ()))
 
@@ -98,6 +100,7 @@ def gmm(lhs_MxK, rhs_ExKxN, starts_E, ends_E, *, tiling, transpose_rhs, out_dtyp
         grid_spec=grid_spec, out_shape=jax.ShapeDtypeStruct((M, N), out_dtype),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "arbitrary", "arbitrary")),
+        cost_estimate=matmul_cost(M, K, N, lhs_MxK, rhs_ExKxN),
         interpret=pltpu.InterpretParams() if interpret else False, name="gmm_tpu",
     )(group, tile, active, starts_E, ends_E, lhs_MxK, rhs_ExKxN)
 
@@ -138,5 +141,6 @@ def tgmm(lhs_MxK, rhs_MxN, starts_E, ends_E, *, tiling, out_dtype, interpret):
         out_shape=jax.ShapeDtypeStruct((E, K, N), out_dtype),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary")),
+        cost_estimate=matmul_cost(M, K, N, lhs_MxK, rhs_MxN),
         interpret=pltpu.InterpretParams() if interpret else False, name="tgmm_tpu",
     )(group, tile, active, starts_E, ends_E, lhs_MxK, rhs_MxN)

@@ -26,10 +26,12 @@ def init_normal(std: float, axes: tuple[str, ...]):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def matmul(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
-    """jnp.tensordot(x, kernel, n_in), whose kernel gradient is one 2-D matmul
-    [in, tokens] @ [tokens, out]: autodiff of the tensordot of a 3-D x gives it a transpose of
-    the output gradient, which XLA:CPU materialises in a slow strided copy (the MLP's backward
-    was 2x slower)."""
+    """jnp.tensordot(x, kernel, n_in), whose kernel gradient is one dot_general contracting
+    x's and the output gradient's token dims [B, T] as they are: autodiff of the tensordot of a
+    3-D x gives it a transpose of the output gradient, which XLA:CPU materialises in a slow
+    strided copy (the MLP's backward was 2x slower), and merging B and T into one dim first
+    makes the partitioner all-gather x over the sequence axis (B split over data, T over
+    sequence) in every layer's backward."""
     return jnp.tensordot(x, kernel, axes=n_in)
 
 
@@ -42,10 +44,9 @@ def _matmul_bwd(n_in, residuals, dy):
     out = kernel.ndim - n_in
     dx = jnp.tensordot(dy, kernel, axes=(tuple(range(dy.ndim - out, dy.ndim)),
                                          tuple(range(n_in, kernel.ndim))))
-    x_2d = x.reshape(-1, math.prod(kernel.shape[:n_in]))
-    dy_2d = dy.reshape(x_2d.shape[0], -1)
-    dkernel = jax.lax.dot_general(x_2d, dy_2d, (((0,), (0,)), ((), ())))
-    return dx.astype(x.dtype), dkernel.reshape(kernel.shape).astype(kernel.dtype)
+    tokens = tuple(range(x.ndim - n_in))
+    dkernel = jax.lax.dot_general(x, dy, ((tokens, tokens), ((), ())))
+    return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
 
 
 matmul.defvjp(_matmul_fwd, _matmul_bwd)

@@ -104,7 +104,12 @@ class Transformer(nn.Module):
                          param_dtype=dtype_of(cfg.param_dtype),
                          embedding_init=init_normal(cfg.init_std, ("vocab", "embed")),
                          name="embed")
-        x_BxTxD = embed(tokens_BxT)
+        # Each device looks its own tokens up in the table gathered whole along D, as FSDP
+        # gathers any layer's weights: from the table split along D over sequence, the
+        # partitioner would give every device the whole batch's embeddings.
+        table_VxD = nn.with_logical_constraint(embed.embedding, ("vocab", "act_embed"))
+        x_BxTxD = jnp.take(table_VxD, tokens_BxT, axis=0).astype(dtype)
+        x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "act_embed"))
 
         G, k = layer_groups(cfg)
         unit = Group if k > 1 else Block

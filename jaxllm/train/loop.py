@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import jax
@@ -89,6 +90,24 @@ class Run:
     preemption: PreemptionFlag
 
 
+def stage_steps(config: mc.ConfigDict, span, model_cfg: mc.FrozenConfigDict, mesh,
+                state_sh: TrainState) -> tuple[Callable, Callable, np.ndarray | None]:
+    """The jitted train step (state donated) and eval step of a stage on `mesh`, and the row
+    order its batches take (`row_order`: split over `sequence`, rows are laid out for ring
+    attention, and `to_global` permutes them); jaxllm.compile compiles exactly these."""
+    stage = config.stages[span.name]
+    step_fn = make_train_step(model_cfg, make_optimizer(config.optimizer),
+                              make_schedule(stage.lr, span.steps), span.start,
+                              config.optimizer.grad_accum, config.loss.z_loss,
+                              config.bad_steps.spike_factor, config.loss.chunk_size)
+    order = row_order(mesh, stage.seq_len)
+    train_step = jax.jit(traced_in_row_order(step_fn, order), donate_argnums=0,
+                         out_shardings=(state_sh, None))
+    eval_step = jax.jit(traced_in_row_order(make_eval_step(model_cfg, config.loss.chunk_size),
+                                            order))
+    return train_step, eval_step, order
+
+
 def run_stage(run: Run, span, state: TrainState, resume_data: dict | None,
               positions: dict[str, Position], model_cfg: mc.FrozenConfigDict
               ) -> tuple[TrainState, dict]:
@@ -96,17 +115,8 @@ def run_stage(run: Run, span, state: TrainState, resume_data: dict | None,
     `positions`; returns the state and the data iterator's state at the stage's end."""
     config, writer = run.config, run.writer
     stage = config.stages[span.name]
-    step_fn = make_train_step(model_cfg, make_optimizer(config.optimizer),
-                              make_schedule(stage.lr, span.steps), span.start,
-                              config.optimizer.grad_accum, config.loss.z_loss,
-                              config.bad_steps.spike_factor, config.loss.chunk_size)
+    train_step, eval_step, order = stage_steps(config, span, model_cfg, run.mesh, run.state_sh)
     batch_sh = sharding.batch_sharding(run.mesh)
-    # Split over `sequence`, rows are laid out for ring attention (to_global permutes them).
-    order = row_order(run.mesh, stage.seq_len)
-    train_step = jax.jit(traced_in_row_order(step_fn, order), donate_argnums=0,
-                         out_shardings=(run.state_sh, None))
-    eval_step = jax.jit(traced_in_row_order(make_eval_step(model_cfg, config.loss.chunk_size),
-                                            order))
     data = make_iterator(config, span.name, run.tokenizer, split="train", sharding=batch_sh,
                          positions=positions)
     if resume_data is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import jax
@@ -41,7 +42,8 @@ from jaxllm.tokenizer import load_tokenizer
 from jaxllm.train.loop import PreemptionFlag, Run, run_stage, to_global
 from jaxllm.train.step import TrainState
 
-__all__ = ["init_train_state", "run", "stage_model_config", "stage_spans", "to_global"]
+__all__ = ["abstract_train_state", "init_train_state", "run", "stage_model_config", "stage_spans",
+           "to_global"]
 
 
 @dataclass(frozen=True)
@@ -69,11 +71,9 @@ def stage_model_config(config: mc.ConfigDict, stage_name: str) -> mc.FrozenConfi
     return frozen(model)
 
 
-def init_train_state(config: mc.ConfigDict, mesh) -> tuple[TrainState, TrainState]:
-    """Sharded init: `eval_shape` → shardings → jitted init with out_shardings.
-
-    Returns (state, state_shardings); no unsharded copy of the state is ever built.
-    """
+def abstract_train_state(config: mc.ConfigDict, mesh) -> tuple[TrainState, TrainState, Callable]:
+    """(abstract state, its shardings on `mesh`, init): `eval_shape` and the sharding rules
+    only, nothing allocated; `init(rng)` builds the state (jit it with the shardings)."""
     tx = make_optimizer(config.optimizer)
     model = Transformer(frozen(config.model))
     param_sh = sharding.param_shardings(abstract_params(config.model), mesh)
@@ -83,13 +83,22 @@ def init_train_state(config: mc.ConfigDict, mesh) -> tuple[TrainState, TrainStat
         params = nn.unbox(model.init(rng, ones, ones * 0, ones)["params"])
         return TrainState.create(params, tx.init(params))
 
-    abstract = jax.eval_shape(init, jax.random.key(config.seed))
+    abstract = jax.eval_shape(init, jax.ShapeDtypeStruct((), jax.random.key(0).dtype))
     opt_sh = optax.tree_map_params(
         tx, lambda _, s: s, abstract.opt_state, param_sh,
         transform_non_params=lambda _: sharding.replicated(mesh))
     rep = sharding.replicated(mesh)
     state_sh = TrainState(step=rep, params=param_sh, opt_state=opt_sh, loss_ema=rep,
                           bad_in_row=rep)
+    return abstract, state_sh, init
+
+
+def init_train_state(config: mc.ConfigDict, mesh) -> tuple[TrainState, TrainState]:
+    """Sharded init: `eval_shape` → shardings → jitted init with out_shardings.
+
+    Returns (state, state_shardings); no unsharded copy of the state is ever built.
+    """
+    _, state_sh, init = abstract_train_state(config, mesh)
     state = jax.jit(init, out_shardings=state_sh)(jax.random.key(config.seed))
     return state, state_sh
 
