@@ -8,6 +8,7 @@ token-sized, expert parallelism's ragged-all-to-all, and per-device memory under
 """
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -50,7 +51,9 @@ TARGETS = {"tpu": pytest.param("v5p-16", marks=needs_tpu, id="v5p"),
 
 # Smoke-sized tiny with a length whose per-device and whole sizes (256, 512) are no weight's
 # dimension, so that an all-gather of a token-sized array shows in its shape.
-SEQ_LEN, RING = 512, ("mesh.data=2", "mesh.fsdp=1", "mesh.tensor=2", "mesh.sequence=2")
+# The loss in chunks of 256 tokens, 2 a row.
+SEQ_LEN, RING = 512, ("mesh.data=2", "mesh.fsdp=1", "mesh.tensor=2", "mesh.sequence=2",
+                      "loss.chunk_size=256")
 _cache: dict = {}
 
 
@@ -117,13 +120,15 @@ def test_kernels_follow_the_target(target):
 @pytest.mark.parametrize("target", TARGETS.values())
 def test_ring_attention_permutes_and_gathers_no_tokens(target):
     """Ring attention over sequence 2 passes K/V blocks with collective-permute; no all-gather
-    returns an array with a length dimension (256 per device, 512 whole): not K/V, not the
-    embeddings, not the activations of a weight gradient. Per-device memory is small."""
+    returns an array with a dimension of tokens (256 a device's share of a row, 512 a row,
+    1,024 or 2,048 rows × length merged): not K/V, not the embeddings, not the activations of
+    a weight gradient, not the loss's hidden states. Per-device memory is small."""
     r = _compile(target, "configs/tiny.py:smoke", "model.attention_impl=pallas", *RING)
     assert r.collectives.get("collective-permute", 0) >= 2
     gathered = _all_gather_shapes(r.hlo)
     assert gathered, "FSDP-style weight gathers were expected"
-    assert not [s for s in gathered if 256 in s or 512 in s], gathered
+    tokens = {SEQ_LEN // 2, SEQ_LEN, 2 * SEQ_LEN, 4 * SEQ_LEN}
+    assert not [s for s in gathered if tokens & set(s)], gathered
     assert r.fits and r.total < 64 * 2**20, r.total
 
 
@@ -251,3 +256,17 @@ def test_jaxpr_flops_counts_matmuls_scans_and_kernels():
     assert forward.flops == 3 * 2 * 8 * 16 * 16 and forward.uncounted == 0
     backward = jaxpr_flops(jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(x, w).jaxpr)
     assert backward.flops == 3 * forward.flops  # forward, then dx and dw
+
+
+def test_loss_chunks_stay_split_over_sequence():
+    """fsdp 2 × sequence 4, as Qwen2-72B on v5p-256: the loss's chunk of hidden states is not
+    gathered over sequence, so each device forms only its own tokens' logits: 4 rows × 128 of
+    a chunk's 512 tokens a row, not all 512 (the chunk merged into rows × length was)."""
+    c = load_config("configs/tiny.py", ["mesh.data=1", "mesh.fsdp=2", "mesh.sequence=4",
+                                        "stages.pretrain.seq_len=2048",
+                                        "stages.pretrain.batch_size=8", "loss.chunk_size=512",
+                                        "stages.long_context.steps=0", "stages.anneal.steps=0"])
+    [r] = compile_stages(c, jax.devices()[:8], 24 * GiB, ["pretrain"], eval_step=False)
+    logits = set(re.findall(r"f32\[([\d,]+),8256\]", r.hlo))  # V = 8,256: tiny's vocabulary
+    assert logits and all(math.prod(map(int, dims.split(","))) == 4 * 128 for dims in logits), \
+        logits

@@ -1,7 +1,6 @@
 """The next-token loss over the vocabulary, a chunk of tokens at a time, with its gradient.
 
-Dimension letters: B batch, T length, D model dim, V vocab, n chunks of a row, C = T / n,
-N = B·C tokens of a chunk.
+Dimension letters: B batch, T length, D model dim, V vocab, n chunks of a row, C = T / n.
 
 At Qwen2's vocabulary (151,936) the float32 logits of one 4,096-token row are 2.5 GB, and their
 gradient as much again; a loss that first builds all of them needs that memory on top of the
@@ -16,8 +15,11 @@ come out beside it as values (metrics).
 
 Chunk i holds tokens i, i + n, i + 2n, ... of every row (strided, not contiguous): the loss is
 a sum over tokens, so any partition gives the same value, and a strided one keeps every chunk
-spread over all devices when the rows are split over `sequence`. `loss.chunk_size` = 0 is the
-plain loss: whole logits and autodiff, the obvious version the fused one is tested against.
+spread over all devices when the rows are split over `sequence`. A chunk stays [B, C]: merged
+into B·C tokens (B split over the batch axes, C over sequence) the partitioner would gather it
+over sequence, and every sequence device would compute the whole chunk's logits.
+`loss.chunk_size` = 0 is the plain loss: whole logits and autodiff, the obvious version the
+fused one is tested against.
 """
 
 from __future__ import annotations
@@ -75,42 +77,43 @@ class _HeadSpec:
     z_loss: float
 
 
-def _chunk(spec: _HeadSpec, head, x_NxD, targets_N, mask_N, with_grad: bool):
-    """([Σ objective, Σ nll, Σ logz²] of one chunk, and with_grad: (dx [N, D] in x's dtype,
-    dW float32 in head's layout) of the objective)."""
+def _chunk(spec: _HeadSpec, head, x_BxCxD, targets_BxC, mask_BxC, with_grad: bool):
+    """([Σ objective, Σ nll, Σ logz²] of one chunk, and with_grad: (dx [B, C, D] in x's
+    dtype, dW float32 in head's layout) of the objective)."""
     w = head.astype(spec.dtype)
-    x = x_NxD.astype(spec.dtype)
-    contract_d = (((1,), (1,)), ((), ())) if spec.tied else (((1,), (0,)), ((), ()))
-    logits_NxV = jax.lax.dot_general(x, w, contract_d, preferred_element_type=jnp.float32)
-    logz_N = jax.nn.logsumexp(logits_NxV, axis=-1)
-    target_logit_N = jnp.take_along_axis(logits_NxV, targets_N[:, None], axis=-1)[:, 0]
-    nll, logz2 = jnp.sum((logz_N - target_logit_N) * mask_N), jnp.sum(logz_N ** 2 * mask_N)
+    x = x_BxCxD.astype(spec.dtype)
+    d_of_w = 1 if spec.tied else 0  # head is [V, D] tied, [D, V] untied
+    logits_BxCxV = jax.lax.dot_general(x, w, (((2,), (d_of_w,)), ((), ())),
+                                       preferred_element_type=jnp.float32)
+    logz_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
+    target_logit_BxC = jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
+    nll = jnp.sum((logz_BxC - target_logit_BxC) * mask_BxC)
+    logz2 = jnp.sum(logz_BxC ** 2 * mask_BxC)
     sums = jnp.stack([nll + spec.z_loss * logz2, nll, logz2])
     if not with_grad:
         return sums, None
-    p_NxV = jnp.exp(logits_NxV - logz_N[:, None])
-    scale_N = (1.0 + 2.0 * spec.z_loss * logz_N) * mask_N
-    is_target_NxV = jnp.arange(logits_NxV.shape[1])[None, :] == targets_N[:, None]
-    dlogits_NxV = (p_NxV * scale_N[:, None]
-                   - jnp.where(is_target_NxV, mask_N[:, None], 0.0)).astype(spec.dtype)
-    # dx = dlogits · W (contracting V); dW contracts the N tokens of dlogits and x.
-    dx_NxD = jax.lax.dot_general(dlogits_NxV, w, (((1,), (0,)), ((), ())) if spec.tied
-                                 else (((1,), (1,)), ((), ())),
-                                 preferred_element_type=jnp.float32).astype(x_NxD.dtype)
-    tokens = (((0,), (0,)), ((), ()))
-    dw = (jax.lax.dot_general(dlogits_NxV, x, tokens, preferred_element_type=jnp.float32)
+    p_BxCxV = jnp.exp(logits_BxCxV - logz_BxC[..., None])
+    scale_BxC = (1.0 + 2.0 * spec.z_loss * logz_BxC) * mask_BxC
+    is_target_BxCxV = jnp.arange(logits_BxCxV.shape[-1]) == targets_BxC[..., None]
+    dlogits_BxCxV = (p_BxCxV * scale_BxC[..., None]
+                     - jnp.where(is_target_BxCxV, mask_BxC[..., None], 0.0)).astype(spec.dtype)
+    # dx = dlogits · W (contracting V); dW contracts the chunk's B and C tokens of dlogits, x.
+    dx_BxCxD = jax.lax.dot_general(dlogits_BxCxV, w, (((2,), (1 - d_of_w,)), ((), ())),
+                                   preferred_element_type=jnp.float32).astype(x_BxCxD.dtype)
+    tokens = (((0, 1), (0, 1)), ((), ()))
+    dw = (jax.lax.dot_general(dlogits_BxCxV, x, tokens, preferred_element_type=jnp.float32)
           if spec.tied else
-          jax.lax.dot_general(x, dlogits_NxV, tokens, preferred_element_type=jnp.float32))
-    return sums, (dx_NxD, dw)
+          jax.lax.dot_general(x, dlogits_BxCxV, tokens, preferred_element_type=jnp.float32))
+    return sums, (dx_BxCxD, dw)
 
 
 def _over_chunks(spec: _HeadSpec, head, x_BxTxD, targets_BxT, mask_BxT, with_grad: bool):
     """Sums over every chunk, and with_grad (dx [B, T, D], dW float32)."""
     B, T, D = x_BxTxD.shape
     n = spec.n
-    # [B, T] → [n, B·C]: chunk i is tokens i, i + n, ... of every row.
+    # [B, T] → [n, B, C]: chunk i is tokens i, i + n, ... of every row.
     strided = lambda a: jnp.moveaxis(  # noqa: E731
-        a.reshape(B, T // n, n, *a.shape[2:]), 2, 0).reshape(n, B * (T // n), *a.shape[2:])
+        a.reshape(B, T // n, n, *a.shape[2:]), 2, 0)
 
     def body(carry, chunk):
         total, dw = carry
@@ -120,12 +123,12 @@ def _over_chunks(spec: _HeadSpec, head, x_BxTxD, targets_BxT, mask_BxT, with_gra
         return (total + sums, dw + grads[1]), grads[0]
 
     dw0 = jnp.zeros(head.shape, jnp.float32) if with_grad else None
-    (total, dw), dx_nxNxD = jax.lax.scan(
+    (total, dw), dx_nxBxCxD = jax.lax.scan(
         body, (jnp.zeros(3, jnp.float32), dw0),
         (strided(x_BxTxD), strided(targets_BxT), strided(mask_BxT)))
     if not with_grad:
         return total, None
-    dx_BxTxD = jnp.moveaxis(dx_nxNxD.reshape(n, B, T // n, D), 0, 2).reshape(B, T, D)
+    dx_BxTxD = jnp.moveaxis(dx_nxBxCxD, 0, 2).reshape(B, T, D)
     return total, (dx_BxTxD, dw)
 
 
