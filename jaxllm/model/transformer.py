@@ -104,11 +104,12 @@ class Transformer(nn.Module):
                          param_dtype=dtype_of(cfg.param_dtype),
                          embedding_init=init_normal(cfg.init_std, ("vocab", "embed")),
                          name="embed")
-        # Each device looks its own tokens up in the table gathered whole along D, as FSDP
-        # gathers any layer's weights: from the table split along D over sequence, the
-        # partitioner would give every device the whole batch's embeddings.
-        table_VxD = nn.with_logical_constraint(embed.embedding, ("vocab", "act_embed"))
-        x_BxTxD = jnp.take(table_VxD, tokens_BxT, axis=0).astype(dtype)
+        # The table whole along V, still split along D: every device looks up all the batch's
+        # tokens in its columns, then an all-to-all hands each its own tokens' rows. With V
+        # split over tensor too, the partitioner would instead replicate the whole batch's
+        # embeddings on every device. Cast on the shard: the lookup's gradient in bf16.
+        table_VxD = nn.with_logical_constraint(embed.embedding.astype(dtype), (None, "embed"))
+        x_BxTxD = jnp.take(table_VxD, tokens_BxT, axis=0)
         x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "act_embed"))
 
         G, k = layer_groups(cfg)
