@@ -134,3 +134,21 @@ def test_tiny_memory_estimate_within_25_percent_of_the_compiled_step(stage_name)
                 + plan["stages"][stage_name]["activation_bytes"])
     measured = compiled_peak_bytes(config, stage_name)
     assert estimate == pytest.approx(measured, rel=0.25), (estimate / 1e6, measured / 1e6)
+
+
+# The compiler's per-device total of the largest step of each stage, from `python -m
+# jaxllm.compile` (README, "Compiling for your hardware"; jax 0.10.2, libtpu 0.0.42.1,
+# jax-cuda13-plugin 0.10.2, 2026-12-03). Recompile and update them when the step changes.
+COMPILED_GIB = {
+    ("configs/qwen2_72b.py:v5p_256", 128): {"pretrain": 36.57, "long_context": 37.06,
+                                            "anneal": 37.06},
+    ("configs/qwen2_72b.py:h100_64", 64): {"pretrain": 46.50, "long_context": 46.49,
+                                           "anneal": 46.49},
+}
+
+
+@pytest.mark.parametrize("config,devices", COMPILED_GIB, ids=lambda x: str(x))
+def test_plan_is_within_15_percent_of_the_compiler(config, devices):
+    plan = make_plan(load_config(os.path.join(ROOT, config)), devices)
+    compiled = max(COMPILED_GIB[config, devices].values()) * 2**30
+    assert plan["bytes_per_device"]["total"] == pytest.approx(compiled, rel=0.15)

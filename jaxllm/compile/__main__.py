@@ -22,6 +22,7 @@ if "xla_gpu_deviceless_cub_mode" not in os.environ.get("XLA_FLAGS", ""):
                                + " --xla_gpu_deviceless_cub_mode=DEVICELESS_CUB_DISABLED")
 
 import json  # noqa: E402
+import re  # noqa: E402
 
 from absl import flags, logging  # noqa: E402
 
@@ -58,8 +59,14 @@ def verdict(target, reports) -> tuple[int, str]:
     if not bad:
         return 0, f"fits: every stage fits on {target.name}"
     worst = max(bad, key=lambda r: r.total)
-    need = "over the device's memory (the compiler refused)" if worst.error else \
-        f"needs {_gib(worst.total)} per device, {_gib(worst.device_memory)} available"
+    refused = re.search(r"\(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)", worst.error)
+    if refused:
+        need = (f"needs more than {refused[1]} GiB per device (its temporaries alone), "
+                f"{refused[2]} GiB available (the compiler refused)")
+    elif worst.error:
+        need = "over the device's memory (the compiler refused)"
+    else:
+        need = f"needs {_gib(worst.total)} per device, {_gib(worst.device_memory)} available"
     names = ", ".join(sorted({f"{r.stage} ({r.step})" for r in bad}))
     return 1, (f"does not fit: stage {worst.stage} ({worst.step} step) {need} on {target.name}; "
                f"not fitting: {names}. Try a bigger target, config.mesh, "
