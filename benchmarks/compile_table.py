@@ -60,7 +60,7 @@ def compile_one(config: str, target: str, stage: str, with_eval: bool) -> dict:
     command = [sys.executable, "-m", "jaxllm.compile", f"--config={config}",
                f"--target={target}", f"--stage={stage}", f"--eval={str(with_eval).lower()}",
                "--json"]
-    print("$", " ".join(command[1:]), file=sys.stderr, flush=True)
+    print("$ python", " ".join(command[1:]), file=sys.stderr, flush=True)
     p = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if p.returncode not in (0, 1):
         return {"config": config, "target": target, "stage": stage,
