@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import jax
 from jax.extend import core as jex_core
 
 
@@ -32,7 +31,7 @@ class Flops:
 
 
 def _dot_flops(eqn) -> float:
-    lhs, rhs = (v.aval for v in eqn.invars[:2])
+    lhs = eqn.invars[0].aval
     (lhs_contract, _), _ = eqn.params["dimension_numbers"]
     out = eqn.outvars[0].aval
     return 2.0 * math.prod(out.shape) * math.prod(lhs.shape[d] for d in lhs_contract)
@@ -82,8 +81,3 @@ def jaxpr_flops(jaxpr) -> Flops:
                 inner = inner.scaled(math.prod(mesh.shape[a] for a in axes))
             total += inner
     return total
-
-
-def step_flops(fn, *args) -> Flops:
-    """FLOPs of one call of the jitted `fn` on abstract `args`, on all devices together."""
-    return jaxpr_flops(jax.make_jaxpr(fn)(*args).jaxpr)

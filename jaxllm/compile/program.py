@@ -22,6 +22,7 @@ import ml_collections as mc
 from flax import linen as nn
 
 from jaxllm import sharding
+from jaxllm.checkpoint import abstract_like
 from jaxllm.compile.flops import jaxpr_flops
 from jaxllm.config import stage_names
 from jaxllm.metrics import flops_per_token
@@ -98,11 +99,6 @@ def abstract_batch(config: mc.ConfigDict, stage_name: str, mesh) -> dict:
             for k, dtype in BATCH_KEYS.items()}
 
 
-def _with_shardings(abstract, shardings):
-    return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-                        abstract, shardings)
-
-
 def compile_stages(config: mc.ConfigDict, devices: list, device_memory: int,
                    stages: list[str] | None = None, eval_step: bool = True,
                    progress=None) -> list[StageReport]:
@@ -115,7 +111,7 @@ def compile_stages(config: mc.ConfigDict, devices: list, device_memory: int,
     reports = []
     # No array may be created under a mesh of compile-only devices: shapes first, outside it.
     abstract, state_sh, _ = abstract_train_state(config, mesh)
-    state = _with_shardings(abstract, state_sh)
+    state = abstract_like(abstract, state_sh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
         for name in names:
             s = config.stages[name]

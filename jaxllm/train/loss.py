@@ -82,7 +82,7 @@ class _HeadSpec:
 
 def _chunk(spec: _HeadSpec, head, x_BxCxD, targets_BxC, mask_BxC, with_grad: bool):
     """([Σ objective, Σ nll, Σ logz²] of one chunk, and with_grad: (dx [B, C, D] in x's
-    dtype, dW float32 in head's layout) of the objective)."""
+    dtype, dW in the compute dtype in head's layout) of the objective)."""
     w = head.astype(spec.dtype)
     x = x_BxCxD.astype(spec.dtype)
     d_of_w = 1 if spec.tied else 0  # head is [V, D] tied, [D, V] untied
