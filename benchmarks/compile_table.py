@@ -7,12 +7,17 @@ A variant's name is its target (`v5p_256` → `v5p-256`, `h100_64` → `h100x64`
 and stage is one `jaxllm.compile --json` process, whose result is appended to --results
 (default benchmarks/compile_results.jsonl) as it finishes: a second run prints the rows
 already there and compiles only the missing ones (delete the file to start again). Qwen2-72B
-takes minutes a step on a 2-core VM and the whole table about an hour or more; it needs the
+takes a minute a step on a 2-core VM and the whole table about 25 minutes; it needs the
 `aot` extra (pip install -e '.[aot]').
 
 Prints the versions (jax, libtpu, CUDA plugin), the date, and one markdown table: per-device
 GiB from the compiler (and its share of the device), fits, compile seconds, collectives,
-Pallas kernels and compiled / model FLOPs. Exit 1 when a row does not fit.
+Pallas kernels, compiled / model FLOPs and the compiler's versions. Exit 1 when a row does not
+fit. The README's table takes each platform's rows from the compiler whose `memory_analysis()`
+agrees with its own buffer assignment, from two venvs into one results file:
+
+    /venv-py3.12/bin/python benchmarks/compile_table.py --only=v5p   # jax 0.12, libtpu 0.0.52
+    .venv/bin/python benchmarks/compile_table.py --only=h100         # jax 0.10.2, Python 3.11
 """
 
 from __future__ import annotations
@@ -62,17 +67,33 @@ def compile_one(config: str, target: str, stage: str, with_eval: bool) -> dict:
                "--json"]
     print("$ python", " ".join(command[1:]), file=sys.stderr, flush=True)
     p = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    if p.returncode not in (0, 1):
+    if p.returncode not in (0, 1) or not p.stdout.strip():  # a crash, not a verdict
+        errors = [x for x in p.stderr.splitlines() if "rror" in x] or p.stderr.splitlines()
         return {"config": config, "target": target, "stage": stage,
-                "failed": (p.stderr.strip().splitlines() or ["no output"])[-1]}
+                "failed": (errors or ["no output"])[-1].strip()[:200]}
     [result] = json.loads(p.stdout)["stages"]
-    return {"config": config, "target": target, **result}
+    return {"config": config, "target": target, "compiler": compiler(target), **result}
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def compiler(target: str) -> str:
+    """The versions that compile for `target` here: jax with libtpu or the CUDA plugin."""
+    backend = (f"cuda plugin {_version('jax-cuda13-plugin')}" if target.startswith("h")
+               else f"libtpu {_version('libtpu')}")
+    return f"jax {_version('jax')}, {backend}"
 
 
 def _row(r: dict, step: dict, kind: str) -> str:
     config = r["config"].removeprefix("configs/")
     if "failed" in r:
-        return f"| {config} | {r['target']} | {r['stage']} | | failed: {r['failed']} |||||"
+        return (f"| {config} | {r['target']} | {r['stage']} | | failed: {r['failed']} |||||||"
+                f" {r.get('compiler', '')} |")
     if step.get("error"):
         return (f"| {config} | {r['target']} | {r['stage']} | {kind} | refused |  | no | "
                 f"{step['compile_seconds']:.0f} | {step['error'][:80]} | | |")
@@ -82,17 +103,13 @@ def _row(r: dict, step: dict, kind: str) -> str:
     ratio = step["flops_per_step"] / step["model_flops_per_step"]
     return (f"| {config} | {r['target']} | {r['stage']} | {kind} | {b['total'] / GiB:.1f} | "
             f"{b['total'] / memory:.0%} | {'yes' if step['fits'] else '**no**'} | "
-            f"{step['compile_seconds']:.0f} | {coll} | {kernels} | {ratio:.2f} |")
+            f"{step['compile_seconds']:.0f} | {coll} | {kernels} | {ratio:.2f} | "
+            f"{r.get('compiler', '')} |")
 
 
 def versions() -> str:
-    def v(package):
-        try:
-            return importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            return "not installed"
-    return (f"jax {v('jax')}, libtpu {v('libtpu')}, jax-cuda13-plugin {v('jax-cuda13-plugin')}; "
-            f"{datetime.date.today()}")
+    return (f"jax {_version('jax')}, libtpu {_version('libtpu')}, jax-cuda13-plugin "
+            f"{_version('jax-cuda13-plugin')}; {datetime.date.today()}")
 
 
 def main() -> int:
@@ -118,8 +135,8 @@ def main() -> int:
                 done.append(result)
     print(versions())
     print("| config | target | stage | step | GiB/device | of device | fits | compile s | "
-          "collectives | kernels | FLOPs / model |")
-    print("|---|---|---|---|--:|--:|---|--:|---|---|--:|")
+          "collectives | kernels | FLOPs / model | compiler |")
+    print("|---|---|---|---|--:|--:|---|--:|---|---|--:|---|")
     bad = 0
     for r in done:
         if not re.search(args.only, r["config"]):

@@ -21,8 +21,10 @@ from jax.sharding import AbstractMesh, AxisType
 
 from jaxllm import sharding
 from jaxllm.config import ConfigError, load_config, stage_names, validate
+from jaxllm.experts import capacity
 from jaxllm.metrics import ffn_widths, flops_per_token
 from jaxllm.model import abstract_params
+from jaxllm.train.loss import num_chunks
 
 ACCELERATORS = {"v5p": 95e9, "v6e": 32e9, "h100": 80e9}  # bytes of memory per chip
 # XLA needs headroom beyond live buffers (fragmentation, collectives' scratch).
@@ -33,17 +35,33 @@ def _bytes(dtype: str) -> int:
     return jnp.dtype(dtype).itemsize
 
 
-def activation_bytes(config: mc.ConfigDict, stage_name: str, axes: dict[str, int]) -> float:
-    """Peak activation memory of one device in one micro-batch's forward + backward."""
+def activation_parts(config: mc.ConfigDict, stage_name: str, axes: dict[str, int]) -> dict:
+    """One device's temporaries in one micro-batch's forward + backward, by part (bytes):
+
+      saved    what the forward pass keeps for the backward (remat full: each layer's input);
+      layer    one layer's activations while it is recomputed and differentiated;
+      weights  that layer's weights gathered over the FSDP axes in the compute dtype, twice:
+               the layer that runs and the next one, fetched meanwhile;
+      experts  MoE: the expert exchange's receive buffers, sized for the worst case (every
+               routed copy of the group landing on one device: ep · tokens · top-k rows), the
+               experts' F-wide intermediates and their gradients;
+      loss     the head gathered likewise, its gradient over one chunk before that is
+               reduce-scattered, and a chunk's float32 logits and their gradient.
+
+    The loss runs between the last layer's forward pass and the first one's backward, so the
+    peak (`peak_activations`) is `saved` plus the larger of the loss and a layer's working set.
+    """
     m, s = config.model, config.stages[stage_name]
     B = s.batch_size / config.optimizer.grad_accum / math.prod(axes[a] for a in sharding.BATCH_AXES)
     T, S = s.seq_len / axes["sequence"], s.seq_len
-    tp = axes["tensor"]
+    tp, ep = axes["tensor"], axes["expert"]
     D, L, H, a = m.hidden_size, m.num_layers, m.head_dim, _bytes(m.dtype)
-    # F: the SwiGLU width a token runs through in one layer (MoE: its K experts and the shared
-    # one, plus its K dispatched copies of D, counted as F/2 each below).
-    F = ffn_widths(m)[1] / L / tp + (2 * m.num_experts_per_tok * D / 4 if m.num_experts else 0)
     N, K, V = m.num_heads / tp, m.num_kv_heads / tp, m.vocab_size / tp
+    sparse = L // m.decoder_sparse_step if m.num_experts else 0
+    # F: the dense SwiGLU width of a layer on one device (MoE: the shared expert's); Fe: an
+    # expert's.
+    F = (m.intermediate_size * (L - sparse) + m.shared_expert_intermediate_size * sparse) / L / tp
+    Fe = m.moe_intermediate_size / tp
     # Attention's T×S float32 scores and probabilities with plain XLA softmax; the blockwise
     # kernels hold one block of keys (at most 512) at a time instead.
     scores = 2 * 4 * N * T * (S if m.attention_impl == "xla" else min(S, 512))
@@ -53,17 +71,43 @@ def activation_bytes(config: mc.ConfigDict, stage_name: str, axes: dict[str, int
     # Split over sequence, ring attention holds two more K/V blocks of T tokens while it
     # attends (the one it computes with and the one arriving) and keeps none for the backward.
     kv_others = 2 * K * H * 2 * T * a if S > T else 0
-    per_layer = (B * T * a * (5 * D + 2 * (N + 2 * K) * H + N * H + 4 * F)
-                 + B * (scores + kv_others))
+    layer = (B * T * a * (5 * D + 2 * (N + 2 * K) * H + N * H + 4 * F)
+             + B * (scores + kv_others))
     carry = B * T * D * a  # the residual stream saved between layers under scan
     if m.remat == "none":
-        saved = L * per_layer
+        saved, layer = L * layer, 0.0
     elif m.remat == "dots":  # matmul outputs are kept, elementwise results recomputed
-        saved = L * (carry + B * T * a * ((N + 2 * K) * H + N * H + D + 3 * F)) + per_layer
+        saved = L * (carry + B * T * a * ((N + 2 * K) * H + N * H + D + 3 * F))
     else:  # full: only the carry is kept; one layer is recomputed at a time
-        saved = L * carry + per_layer
-    logits = B * T * V * 4 * 2  # float32 logits and their gradient
-    return saved + logits
+        saved = L * carry
+
+    # q, k, v, o and the dense FFN (MoE: the shared expert, and a sparse layer's own experts).
+    layer_weights = D * ((N + 2 * K) * H + N * H + 3 * F + 3 * Fe * m.num_experts / ep * sparse / L)
+
+    experts = 0.0
+    if sparse:
+        copies = B * T * m.num_experts_per_tok  # one device's routed copies (M)
+        if m.moe_capacity_factor > 0:  # [E, C, D] slots, C counting one device's tokens
+            rows = m.num_experts * capacity(m.moe_capacity_factor, int(B * T),
+                                            m.num_experts_per_tok, m.num_experts)
+        else:
+            rows = ep * copies
+        # Received rows and the experts' outputs with their gradients (4 D), the gate, up and
+        # silu·up intermediates with theirs (6 Fe); the copies sent and returned (4 D).
+        experts = rows * a * (4 * D + 6 * Fe) + copies * a * 4 * D
+
+    chunk = S if config.loss.chunk_size <= 0 else S / num_chunks(S, config.loss.chunk_size)
+    # The head three times (gathered, a chunk's gradient, a transposed copy); a chunk's logits
+    # in float32 and their gradient in the compute dtype.
+    loss = 3 * V * D * a + B * (chunk / axes["sequence"]) * V * (4 + a)
+    return {"saved": saved, "layer": layer, "weights": 2 * layer_weights * a,
+            "experts": experts, "loss": loss}
+
+
+def peak_activations(parts: dict) -> float:
+    """The peak of `activation_parts`: the saved activations, then the loss or one layer."""
+    return parts["saved"] + max(parts["loss"], parts["layer"] + parts["weights"]
+                                + parts["experts"])
 
 
 def make_plan(config: mc.ConfigDict, num_devices: int) -> dict:
@@ -81,19 +125,21 @@ def make_plan(config: mc.ConfigDict, num_devices: int) -> dict:
     m = config.model
     params = local * _bytes(m.param_dtype)
     optimizer = 2 * local * _bytes(m.param_dtype)  # Adam's two moments, like the params
-    gradients = local * 4  # accumulated in float32
-    stages, peak_activations = {}, 0.0
+    # Float32: the micro-batches' sum, and with accumulation the micro-batch's own beside it.
+    gradients = local * 4 * (2 if config.optimizer.grad_accum > 1 else 1)
+    stages, peak = {}, 0.0
     for name in stage_names(config):
         s = config.stages[name]
         if not s.steps:
             continue
-        act = activation_bytes(config, name, axes)
-        peak_activations = max(peak_activations, act)
+        parts = activation_parts(config, name, axes)
+        act = peak_activations(parts)
+        peak = max(peak, act)
         stages[name] = {"steps": s.steps, "seq_len": s.seq_len, "batch_size": s.batch_size,
                         "tokens_per_step": s.batch_size * s.seq_len,
                         "flops_per_token": flops_per_token(m, s.seq_len),
-                        "activation_bytes": act}
-    total_bytes = params + optimizer + gradients + peak_activations
+                        "activation_bytes": act, "activation_parts": parts}
+    total_bytes = params + optimizer + gradients + peak
     first = next(iter(stages.values()), {"seq_len": 4096})
     extra = {}
     if config.init.upcycle_from:  # reads the dense source's config only, no weights
@@ -111,7 +157,7 @@ def make_plan(config: mc.ConfigDict, num_devices: int) -> dict:
         "devices": num_devices,
         "mesh": axes,
         "bytes_per_device": {"params": params, "optimizer": optimizer, "gradients": gradients,
-                             "activations": peak_activations, "total": total_bytes},
+                             "activations": peak, "total": total_bytes},
         "fits": {name: total_bytes <= cap * USABLE_FRACTION for name, cap in ACCELERATORS.items()},
         "stages": stages,
         **extra,
@@ -120,6 +166,16 @@ def make_plan(config: mc.ConfigDict, num_devices: int) -> dict:
 
 def _gb(x: float) -> str:
     return f"{x / 1e9:8.2f} GB"
+
+
+def _parts(parts: dict) -> str:
+    """'saved 10.74 GB + layer 8.54 GB (weights 3.24 GB, experts 0.00 GB)', or '+ loss ...'."""
+    working = parts["layer"] + parts["weights"] + parts["experts"]
+    if parts["loss"] > working:
+        return f"saved {_gb(parts['saved']).strip()} + loss {_gb(parts['loss']).strip()}"
+    detail = ", ".join(f"{k} {_gb(parts[k]).strip()}" for k in ("weights", "experts")
+                       if parts[k])
+    return f"saved {_gb(parts['saved']).strip()} + layer {_gb(working).strip()} ({detail})"
 
 
 def format_plan(plan: dict) -> str:
@@ -139,7 +195,8 @@ def format_plan(plan: dict) -> str:
         lines.append(f"  {name:<13} {s['steps']:>9} steps, seq_len {s['seq_len']:>6}, "
                      f"{s['tokens_per_step']:>10,} tokens/step, "
                      f"{s['flops_per_token'] / 1e9:.2f} GFLOP/token, "
-                     f"activations {_gb(s['activation_bytes']).strip()}")
+                     f"activations {_gb(s['activation_bytes']).strip()} "
+                     f"({_parts(s['activation_parts'])})")
     if "upcycle" in plan:
         lines.append(f"init            {plan['upcycle']}")
     return "\n".join(lines)

@@ -146,6 +146,21 @@ def test_expert_parallel_moe(target):
     assert r.fits and r.total < 96 * 2**20, r.total
 
 
+@needs_tpu
+def test_qwen2_7b_pretrain_fits_a_v5p_64_slice():
+    """One full-size step: Qwen2-7B pretraining on fsdp 32 (its config's mesh over v5p-64's 32
+    chips), 131,072 tokens a chip: the whole train state split 32 ways, flash attention's
+    Mosaic kernels, and under the chip's 95 GiB (about a minute on 2 cores)."""
+    config = load_config(os.path.join(ROOT, "configs", "qwen2_7b.py"))
+    target = parse_target("v5p-64")
+    [r] = compile_stages(config, compile_only_devices(target), target.device_memory,
+                         ["pretrain"], eval_step=False)
+    params = 7.615e9  # Qwen2-7B's parameters; with Adam's two moments, 12 bytes each
+    assert r.arguments == pytest.approx(12 * params / 32, rel=0.01), r.arguments / GiB
+    assert r.kernels["mosaic"] >= 3 and r.collectives["all-gather"] > 0
+    assert r.fits, (r.total / GiB, r.error)
+
+
 # -- the command: a report, JSON, and one line for each kind of bad input -----------------------
 
 def _command(*args: str) -> subprocess.CompletedProcess:

@@ -26,6 +26,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from jaxllm.kernels.cost import attention_cost
 from jaxllm.kernels.mask import MASK_VALUE
+from jaxllm.kernels.platform import mxu_dot
 
 L = 128  # lanes
 TRANS_B = (((1,), (1,)), ((), ()))
@@ -39,7 +40,7 @@ def _lanes(x_QxL, width: int):
 def _scores(cfg, q_QxH, k_CxH, i, j, q_seg_ref, kv_seg_ref):
     """Masked, scaled float32 scores of query block i against key block j."""
     bq, bk = q_QxH.shape[0], k_CxH.shape[0]
-    s_QxC = jax.lax.dot_general(q_QxH, k_CxH, TRANS_B, preferred_element_type=jnp.float32)
+    s_QxC = mxu_dot(q_QxH, k_CxH, TRANS_B)
     s_QxC = s_QxC * cfg.scale
     q_index = i * bq + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
     k_index = j * bk + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
@@ -80,8 +81,7 @@ def _forward_kernel(*refs, cfg, num_k_blocks, has_segments):
         p_QxC = jnp.exp(s_QxC - _lanes(m_next, bk))
         m_ref[...] = m_next
         l_ref[...] = alpha * l_ref[...] + jnp.sum(p_QxC, axis=1, keepdims=True)
-        pv = jax.lax.dot(p_QxC.astype(v_ref.dtype), v_ref[...],
-                         preferred_element_type=jnp.float32)
+        pv = mxu_dot(p_QxC.astype(v_ref.dtype), v_ref[...])
         acc_ref[...] = acc_ref[...] * _lanes(alpha, H) + pv
 
     @pl.when(j == num_k_blocks - 1)
@@ -164,11 +164,9 @@ def _dq_kernel(*refs, cfg, num_k_blocks, has_segments):
         k_CxH = k_ref[...]
         s_QxC = _scores(cfg, q_ref[...], k_CxH, i, j, q_seg_ref, kv_seg_ref)
         p_QxC = jnp.exp(s_QxC - _lanes(lse_ref[...], bk))
-        dp_QxC = jax.lax.dot_general(do_ref[...], v_ref[...], TRANS_B,
-                                     preferred_element_type=jnp.float32)
+        dp_QxC = mxu_dot(do_ref[...], v_ref[...], TRANS_B)
         ds_QxC = p_QxC * (dp_QxC - _lanes(delta_ref[...], bk))
-        acc_ref[...] += jax.lax.dot(ds_QxC.astype(k_CxH.dtype), k_CxH,
-                                    preferred_element_type=jnp.float32)
+        acc_ref[...] += mxu_dot(ds_QxC.astype(k_CxH.dtype), k_CxH)
 
     @pl.when(j == num_k_blocks - 1)
     def _finish():
@@ -195,13 +193,10 @@ def _dkv_kernel(*refs, cfg, num_q_blocks, groups, has_segments):
         q_QxH, do_QxH = q_ref[...], do_ref[...]
         s_QxC = _scores(cfg, q_QxH, k_ref[...], i, j, q_seg_ref, kv_seg_ref)
         p_QxC = jnp.exp(s_QxC - _lanes(lse_ref[...], bk))
-        dv_acc_ref[...] += jax.lax.dot(p_QxC.T.astype(do_QxH.dtype), do_QxH,
-                                       preferred_element_type=jnp.float32)
-        dp_QxC = jax.lax.dot_general(do_QxH, v_ref[...], TRANS_B,
-                                     preferred_element_type=jnp.float32)
+        dv_acc_ref[...] += mxu_dot(p_QxC.T.astype(do_QxH.dtype), do_QxH)
+        dp_QxC = mxu_dot(do_QxH, v_ref[...], TRANS_B)
         ds_QxC = p_QxC * (dp_QxC - _lanes(delta_ref[...], bk))
-        dk_acc_ref[...] += jax.lax.dot(ds_QxC.T.astype(q_QxH.dtype), q_QxH,
-                                       preferred_element_type=jnp.float32)
+        dk_acc_ref[...] += mxu_dot(ds_QxC.T.astype(q_QxH.dtype), q_QxH)
 
     @pl.when(step == groups * num_q_blocks - 1)
     def _finish():

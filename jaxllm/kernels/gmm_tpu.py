@@ -23,6 +23,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from jaxllm.kernels.cost import matmul_cost
+from jaxllm.kernels.platform import mxu_dot
 
 TRANS_A = (((0,), (0,)), ((), ()))
 TRANS_B = (((1,), (1,)), ((), ()))
@@ -63,8 +64,7 @@ def _gmm_kernel(group_ref, tile_ref, active_ref, starts_ref, ends_ref, lhs_ref, 
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
     dims = TRANS_B if transpose_rhs else (((1,), (0,)), ((), ()))
-    acc_ref[...] += jax.lax.dot_general(lhs_ref[...], rhs_ref[...], dims,
-                                        preferred_element_type=jnp.float32)
+    acc_ref[...] += mxu_dot(lhs_ref[...], rhs_ref[...], dims)
 
     @pl.when(kk == pl.num_programs(2) - 1)
     def _store():
@@ -116,8 +116,7 @@ def _tgmm_kernel(group_ref, tile_ref, active_ref, starts_ref, ends_ref, lhs_ref,
 
     mask = _rows_in_group(w, group_ref, tile_ref, active_ref, starts_ref, ends_ref, tm)
     lhs = jnp.where(mask, lhs_ref[...], jnp.zeros_like(lhs_ref[...]))
-    acc_ref[...] += jax.lax.dot_general(lhs, rhs_ref[...], TRANS_A,
-                                        preferred_element_type=jnp.float32)
+    acc_ref[...] += mxu_dot(lhs, rhs_ref[...], TRANS_A)
 
     @pl.when((w == num_w - 1) | (group_ref[jnp.minimum(w + 1, num_w - 1)] != g))
     def _store():

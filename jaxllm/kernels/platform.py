@@ -19,3 +19,16 @@ def traced_platform() -> str:
     device = None if mesh.empty else getattr(mesh, "abstract_device", None)
     platform = device.platform if device is not None else jax.devices()[0].platform
     return "gpu" if platform in ("cuda", "rocm") else platform
+
+
+NN = (((1,), (0,)), ((), ()))  # dimension numbers of a @ b for 2-D blocks
+
+
+def mxu_dot(a: jax.Array, b: jax.Array, dims=NN) -> jax.Array:
+    """A TPU kernel's block matmul, float32 out. Precision: the configured one for float32
+    operands, DEFAULT for 16-bit ones, whose single MXU pass is all there is: Mosaic refuses
+    a float32 contraction of bfloat16 operands ("Bad lhs type"), which a global
+    `jax_default_matmul_precision=highest` would otherwise ask of it."""
+    precision = None if a.dtype.itemsize >= 4 else jax.lax.Precision.DEFAULT
+    return jax.lax.dot_general(a, b, dims, preferred_element_type=jax.numpy.float32,
+                               precision=precision)
