@@ -1,0 +1,245 @@
+"""jaxllm as a model of EleutherAI's lm-evaluation-harness (`lm-eval`, `pip install -e '.[eval]'`).
+
+    python -m jaxllm.eval.harness --model jaxllm
+        --model_args workdir=DIR[,step=N][,mesh=fsdp:2/tensor:2]
+        --tasks TASK[,TASK ...] [--limit N] [any other lm_eval flag]
+    python -m jaxllm.eval.harness --model jaxllm --model_args hf=HF_DIR --tasks ...
+
+lm-eval 0.4.13 reads no entry points for models (its registry knows only its own), so this
+module registers the name "jaxllm" and then runs lm_eval's own command line: every `lm_eval`
+flag works, and `--model hf` and the other built-in models still do. From Python,
+`lm_eval.simple_evaluate(model=JaxLLM(...), tasks=[...])` takes an instance directly.
+
+Model arguments: `workdir` (a run directory or params checkpoint, its newest step or `step`) or
+`hf` (a Hugging Face directory); `mesh` ("fsdp:2/tensor:2", since lm_eval splits model_args at
+commas; commas work from Python): the params sharded over it, for a model larger than one
+device; `batch_size` (rows a forward pass, default 8; lm_eval's --batch_size sets it too),
+`max_length` (default the model's max_position_embeddings), `max_gen_toks` (default 256),
+`seed`.
+
+What each request type computes, as lm-eval's `hf` model does (tests/test_harness.py holds
+them to it):
+  loglikelihood          Σ log p(continuation | context) and whether it is the greedy one;
+                         context + continuation cut from the left to max_length + 1 tokens,
+                         an empty context scored after the EOS token (Qwen2 has no BOS).
+  loglikelihood_rolling  a whole text's Σ log p in disjoint windows of max_length tokens,
+                         each after the previous window's last token (the first after EOS).
+  generate_until         greedy, or sampled with `do_sample` and `temperature` (and `top_k`,
+                         `top_p`), up to max_gen_toks tokens after a context cut from the left
+                         to max_length − max_gen_toks, cut at the first stop string.
+
+Batches: requests go longest first in batches of `batch_size` rows (padded with empty rows),
+each row right-padded to a power of two of at least 16 tokens, so a task compiles one program
+per length bucket, not one per request; on a mesh the rows are padded to a multiple of its
+batch ways too. Only per-token scores [B, T] leave the devices.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import lm_eval.models  # noqa: F401  first: lm_eval loads its own models only into an empty registry
+import numpy as np
+from flax import linen as nn
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.models.utils import (
+    handle_stop_sequences,
+    normalize_gen_kwargs,
+    postprocess_generated_text,
+)
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+from jaxllm import sharding
+from jaxllm.generate import _mesh_of, generate_ids, load_model
+from jaxllm.model.transformer import apply, frozen
+
+MIN_BUCKET = 16  # the shortest padded length: tiny requests share one program
+
+log = logging.getLogger(__name__)
+
+
+def bucket(n: int) -> int:
+    """The padded length of a row of n tokens: a power of two, at least MIN_BUCKET."""
+    return max(MIN_BUCKET, 1 << max(n - 1, 0).bit_length())
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _token_scores(model_config, params: dict, inputs_BxT: jax.Array, targets_BxT: jax.Array,
+                  segment_ids_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Each target's log-probability (float32) and whether it is the argmax, both [B, T]."""
+    positions_BxT = jnp.broadcast_to(jnp.arange(inputs_BxT.shape[1], dtype=jnp.int32),
+                                     inputs_BxT.shape)
+    logits_BxTxV = apply(model_config, params, inputs_BxT, positions_BxT, segment_ids_BxT)
+    logp_BxTxV = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
+    logp_BxT = jnp.take_along_axis(logp_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
+    return logp_BxT, jnp.argmax(logits_BxTxV, axis=-1) == targets_BxT
+
+
+@register_model("jaxllm")
+class JaxLLM(TemplateLM):
+    """An lm-eval model over jaxllm params: from `workdir` / `hf`, or, in the training loop,
+    `model=(model_config, params, tokenizer)` with the params where they already are."""
+
+    def __init__(self, workdir: str | None = None, hf: str | None = None,
+                 step: int | None = None, mesh: str = "", batch_size: int | str = 8,
+                 max_length: int | None = None, max_gen_toks: int = 256, seed: int = 0,
+                 model: tuple | None = None, **unused: Any):
+        super().__init__()
+        unused.pop("device", None)  # lm_eval passes its --device (default cuda:0) to every model
+        unused.pop("max_batch_size", None)
+        if unused:
+            raise ValueError(f"jaxllm model_args: unknown {sorted(unused)}; known: workdir, hf, "
+                             "step, mesh, batch_size, max_length, max_gen_toks, seed")
+        if model is not None:
+            self.model_config, self.params, self.tokenizer = model
+        else:
+            self.model_config, self.params, self.tokenizer = load_model(
+                workdir, hf, step, mesh.replace("/", ","))
+        self.cfg = frozen(self.model_config)
+        self.mesh = _mesh_of(self.params)
+        self.batch_size = _batch_size(batch_size)
+        self.max_length = int(max_length or self.cfg.max_position_embeddings)
+        self.max_gen_toks = int(max_gen_toks)
+        self.seed = int(seed)
+        self.truncated = 0  # requests cut from the left to max_length (logged at the end)
+
+    # -- what TemplateLM asks for ------------------------------------------------------------
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        return self.tokenizer.eos_id  # Qwen2's tokenizer has no BOS: lm-eval's hf takes EOS
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kw) -> list[int]:
+        return self.tokenizer.encode(string)
+
+    def tok_decode(self, ids: Sequence[int]) -> str:
+        """Ids to text without special tokens, as the hf model's decode skips them."""
+        special = set(self.tokenizer.special_tokens.values())
+        return self.tokenizer.decode([i for i in ids if i not in special])
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kw
+                              ) -> list[tuple[float, bool]]:
+        """requests: ((context, continuation) or None, context ids, continuation ids)."""
+        rows = []
+        for _, context, continuation in requests:
+            whole = (list(context) + list(continuation))
+            if len(whole) > self.max_length + 1:
+                self.truncated += 1
+                whole = whole[-(self.max_length + 1):]
+            rows.append((whole, len(continuation)))
+        results: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start:start + self.batch_size]
+            logp_BxT, greedy_BxT = self._score([rows[i][0] for i in batch])
+            for b, i in enumerate(batch):
+                whole, n = rows[i]
+                span = slice(len(whole) - 1 - n, len(whole) - 1)  # the continuation's targets
+                results[i] = (float(logp_BxT[b, span].sum()), bool(greedy_BxT[b, span].all()))
+        self._report_truncation()
+        return results
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        windows, owner = [], []
+        for r, (text,) in enumerate(req.args for req in requests):
+            for context, target in map(make_disjoint_window, get_rolling_token_windows(
+                    token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length, context_len=1)):
+                windows.append((None, context, target))
+                owner.append(r)
+        totals = [0.0] * len(requests)
+        for r, (logp, _) in zip(owner, self._loglikelihood_tokens(windows), strict=True):
+            totals[r] += logp
+        return totals
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        groups: dict[str, list[int]] = {}  # requests with the same generation arguments
+        for i, req in enumerate(requests):
+            groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
+        results = [""] * len(requests)
+        eos = self.tokenizer.eos_token
+        for indices in groups.values():
+            kwargs = normalize_gen_kwargs(requests[indices[0]].args[1], self.max_gen_toks)
+            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
+            max_gen_toks = kwargs.pop("max_gen_toks")
+            context_room = self.max_length - max_gen_toks
+            if context_room < 1:
+                raise ValueError(f"max_gen_toks={max_gen_toks} leaves no room for a context in "
+                                 f"max_length={self.max_length}")
+            temperature = float(kwargs.pop("temperature", 0.0)) if kwargs.pop("do_sample") else 0.0
+            prompts = []
+            for i in indices:
+                ids = self.tok_encode(requests[i].args[0]) or [self.prefix_token_id]
+                if len(ids) > context_room:
+                    self.truncated += 1
+                    ids = ids[-context_room:]
+                prompts.append(ids)
+            for start in range(0, len(indices), self.batch_size):
+                out = generate_ids(
+                    self.cfg, self.params, prompts[start:start + self.batch_size], max_gen_toks,
+                    eos_id=self.eot_token_id, num_ids=self.tokenizer.vocab_size,
+                    temperature=temperature, top_k=int(kwargs.get("top_k", 0) or 0),
+                    top_p=float(kwargs.get("top_p", 1.0) or 1.0), seed=self.seed + start)
+                for i, ids in zip(indices[start:start + self.batch_size], out, strict=True):
+                    results[i] = postprocess_generated_text(self.tok_decode(ids), until, None)
+        self._report_truncation()
+        return results
+
+    # -- batches -----------------------------------------------------------------------------
+
+    def _score(self, rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """Per-target log-probabilities and argmax hits [rows, T − 1] of whole token rows."""
+        B = self.batch_size
+        if self.mesh is not None:
+            B += -B % sharding.batch_ways(self.mesh)
+        T = min(bucket(max(len(r) for r in rows) - 1), self.max_length)
+        inputs = np.zeros((B, T), np.int32)
+        targets = np.zeros((B, T), np.int32)
+        segments = np.zeros((B, T), np.int32)
+        for b, row in enumerate(rows):
+            n = len(row) - 1
+            inputs[b, :n], targets[b, :n], segments[b, :n] = row[:-1], row[1:], 1
+        run = functools.partial(_token_scores, self.cfg, self.params, inputs, targets, segments)
+        if self.mesh is None:
+            logp, greedy = run()
+        else:
+            with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.RULES):
+                logp, greedy = run()
+        return np.asarray(jax.device_get(logp)), np.asarray(jax.device_get(greedy))
+
+    def _report_truncation(self) -> None:
+        if self.truncated:
+            log.warning("%d requests were longer than max_length=%d and were cut from the left",
+                        self.truncated, self.max_length)
+            self.truncated = 0
+
+
+def _batch_size(value: int | str) -> int:
+    """lm_eval passes --batch_size as text ("8", "auto", "auto:4"); auto takes the default."""
+    text = str(value)
+    if text.startswith("auto"):
+        return 8
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"batch_size={value!r}: give a positive number of rows")
+    return int(text)
+
+
+def main() -> None:
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()
