@@ -7,6 +7,7 @@ Needs lm-eval (`pip install -e '.[eval]'`); without it the module skips, saying 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -127,25 +128,61 @@ def test_buckets_and_bad_arguments(hf_dir):
         JaxLLM(hf=hf_dir, batch_size="many")
 
 
+def _task_files(tmp_path) -> list[str]:
+    """Three offline tasks over local JSONL (absolute paths: lm-eval resolves data_files
+    against the working directory): multiple choice, generation, perplexity."""
+    rows = {"mc": [{"question": q, "choices": c, "label": 0} for q, c in [
+                ("1 + 1 =", ["2", "3"]), ("import", ["os", "))"]), ("def", ["main():", "=="]),
+                ("for i in", ["range(3):", "]]"])]],
+            "gen": [{"question": q, "answer": a} for q, a in [
+                ("def main(", "argv):"), ("import ", "os"), ("x = [", "1, 2]")]],
+            "ppl": [{"text": CODE[i:i + 300]} for i in (0, 700, 1400)]}
+    bodies = {
+        "mc": 'output_type: multiple_choice\ndoc_to_text: "{{question}}"\n'
+              'doc_to_choice: "{{choices}}"\ndoc_to_target: label\n'
+              "metric_list:\n  - metric: acc\n  - metric: acc_norm\n",
+        "gen": 'output_type: generate_until\ndoc_to_text: "{{question}}"\n'
+               'doc_to_target: "{{answer}}"\ngeneration_kwargs:\n  until: ["\\n"]\n'
+               "  max_gen_toks: 8\n  do_sample: false\n"
+               "metric_list:\n  - metric: exact_match\n",
+        "ppl": 'output_type: loglikelihood_rolling\ndoc_to_text: ""\n'
+               'doc_to_target: "{{text}}"\nmetric_list:\n  - metric: word_perplexity\n'
+               "  - metric: bits_per_byte\n"}
+    paths = []
+    for name, docs in rows.items():
+        data = tmp_path / f"{name}.jsonl"
+        data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(f"task: jaxllm_test_{name}\ndataset_path: json\ndataset_kwargs:\n"
+                        f"  data_files:\n    test: {data}\ntest_split: test\n{bodies[name]}"
+                        "metadata:\n  version: 1.0\n")
+        paths.append(str(path))
+    return paths
+
+
+def test_task_scores_equal_hf(models, tmp_path, monkeypatch):
+    """lm_eval.simple_evaluate over the three kinds of task: every score the hf model's."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    tasks = _task_files(tmp_path)
+    scores = [lm_eval.simple_evaluate(model=m, tasks=tasks, bootstrap_iters=0)["results"]
+              for m in models]
+    for task in ("jaxllm_test_mc", "jaxllm_test_gen", "jaxllm_test_ppl"):
+        ours, theirs = ({k: v for k, v in r[task].items() if isinstance(v, float)}
+                        for r in scores)
+        assert ours.keys() == theirs.keys() and ours, task
+        for key in ours:
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-5), (task, key)
+
+
 def test_cli_runs_a_task_yaml_offline(hf_dir, tmp_path):
-    """`python -m jaxllm.eval.harness --model jaxllm` with lm_eval's flags, on a multiple-choice
-    task over a local JSONL file; lm_eval's built-in models stay available."""
-    data = tmp_path / "mc.jsonl"
-    data.write_text("\n".join(
-        f'{{"question": "{q}", "choices": {c}, "label": {k}}}'.replace("'", '"')
-        for q, c, k in [("1 + 1 =", ["2", "3"], 0), ("import", ["os", "))"], 0),
-                        ("def", ["main():", "=="], 0)]) + "\n")
-    (tmp_path / "mc.yaml").write_text(
-        "task: jaxllm_test_mc\ndataset_path: json\n"
-        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
-        "test_split: test\noutput_type: multiple_choice\n"
-        'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: label\n'
-        "metric_list:\n  - metric: acc\nmetadata:\n  version: 1.0\n")
+    """`python -m jaxllm.eval.harness --model jaxllm` with lm_eval's flags, on the multiple-choice
+    task over local JSONL; lm_eval's own flags (here --batch_size) reach the model."""
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
            "HF_HOME": str(tmp_path / "hf_home")}
     out = subprocess.run(
         [sys.executable, "-m", "jaxllm.eval.harness", "--model", "jaxllm", "--model_args",
-         f"hf={hf_dir}", "--batch_size", "2", "--tasks", str(tmp_path / "mc.yaml"),
+         f"hf={hf_dir}", "--batch_size", "2", "--tasks", _task_files(tmp_path)[0],
          "--output_path", str(tmp_path / "out")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
