@@ -148,6 +148,12 @@ def base_config() -> mc.ConfigDict:
     # in buckets of eval_long.bucket_size positions (0: a quarter of seq_len).
     c.eval_long_every = 0
     c.eval_long = mc.ConfigDict(dict(num_docs=2, bucket_size=0))
+    # lm-eval tasks (names or task YAML paths, comma-separated; "": off) on the live params
+    # (jaxllm/eval/harness.py) every eval_tasks_every steps (0: only at each stage's end) and
+    # at each stage's end, eval_tasks_limit examples a task (0: all).
+    c.eval_tasks = ""
+    c.eval_tasks_every = 0
+    c.eval_tasks_limit = 0
     # Trace global steps [start, stop) into <workdir>/profile (stop 0: off); XLA's compiled
     # programs kept between runs ("auto": ~/.cache/jaxllm/xla; "": off). jaxllm/profiling.py.
     c.profile = mc.ConfigDict(dict(start=0, stop=0))

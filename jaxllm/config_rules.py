@@ -213,6 +213,9 @@ RULES: dict[str, Rule] = {
     "eval_long_every": COUNT,  # 0: off
     "eval_long.num_docs": SIZE,
     "eval_long.bucket_size": COUNT,  # 0: a quarter of the stage's seq_len
+    "eval_tasks": TEXT,  # "": off
+    "eval_tasks_every": COUNT,  # 0: at each stage's end only
+    "eval_tasks_limit": COUNT,  # 0: every example
     "profile.start": COUNT,
     "profile.stop": COUNT,  # 0: no profile
     "compilation_cache_dir": TEXT,  # "auto": ~/.cache/jaxllm/xla; "": off

@@ -187,3 +187,39 @@ def test_cli_runs_a_task_yaml_offline(hf_dir, tmp_path):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "jaxllm_test_mc" in out.stdout and "acc" in out.stdout
+
+
+# ----------------------------------------------------------------------------- in training
+
+def test_eval_tasks_in_training_through_every_stage_and_no_repeat_on_resume(tmp_path,
+                                                                            monkeypatch):
+    """config.eval_tasks on tiny:smoke over the 8 test devices (data 8: the harness runs on
+    the training mesh with the live params): scores at every eval_tasks_every-th step and at
+    each stage's end, as eval/<task>/<metric> in metrics.jsonl; running the finished run again
+    evaluates nothing twice; an unknown task is one clear error."""
+    import json
+
+    from jaxllm.config import load_config
+    from jaxllm.train import pipeline
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    task = _task_files(tmp_path)[0]
+    overrides = [*(f"stages.{s}.batch_size=8" for s in ("pretrain", "long_context", "anneal")),
+                 "checkpoint.async=False", f"eval_tasks={task}", "eval_tasks_every=4",
+                 "eval_tasks_limit=3", "eval_every=100"]
+    config = load_config("configs/tiny.py:smoke", overrides)
+    workdir = tmp_path / "run"
+    pipeline.run(config, str(workdir))
+    pipeline.run(config, str(workdir))  # finished: resumes at the end, repeats nothing
+    records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    scored = [r for r in records if "eval/jaxllm_test_mc/acc" in r]
+    spans = {s: config.stages[s].steps for s in ("pretrain", "long_context", "anneal")}
+    ends = np.cumsum(list(spans.values())).tolist()
+    assert [r["step"] for r in scored] == sorted({4, 8, *ends}), [r["step"] for r in scored]
+    assert [r["stage"] for r in scored][-1] == "anneal"
+    assert all(0 <= r["eval/jaxllm_test_mc/acc"] <= 1 for r in scored)
+    with pytest.raises(ValueError, match="unknown lm-eval task 'hellaswagg'; closest: hellaswag"):
+        pipeline.run(load_config("configs/tiny.py:smoke", [*overrides[:3],
+                                                            "eval_tasks=hellaswagg"]),
+                     str(tmp_path / "bad"))

@@ -36,9 +36,11 @@ batch ways too. Only per-token scores [B, T] leave the devices.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
 import logging
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -223,6 +225,57 @@ class JaxLLM(TemplateLM):
             log.warning("%d requests were longer than max_length=%d and were cut from the left",
                         self.truncated, self.max_length)
             self.truncated = 0
+
+
+class LoopTasks:
+    """`config.eval_tasks` in the training loop: the tasks on the live params, where they are
+    (the training mesh; no export, no host copy), `__call__(params, model_cfg)` → {"eval/<task>/
+    <metric>": score}. A step whose scores metrics.jsonl already holds (a resumed run) is not
+    evaluated again."""
+
+    def __init__(self, config, tokenizer, workdir: str):
+        from lm_eval.tasks import TaskManager
+
+        self.tasks = [t.strip() for t in config.eval_tasks.split(",") if t.strip()]
+        self.every, self.limit = int(config.eval_tasks_every), int(config.eval_tasks_limit)
+        self.tokenizer = tokenizer
+        self.manager = TaskManager()
+        known = set(self.manager.all_tasks)
+        for task in self.tasks:
+            if not task.endswith((".yaml", ".yml")) and task not in known:
+                close = difflib.get_close_matches(task, known, n=3)
+                raise ValueError(f"config.eval_tasks: unknown lm-eval task {task!r}"
+                                 + (f"; closest: {', '.join(close)}" if close else ""))
+            if task.endswith((".yaml", ".yml")) and not os.path.exists(task):
+                raise FileNotFoundError(f"config.eval_tasks: no task file {task!r}")
+        self.logged = set()  # steps with task scores in metrics.jsonl
+        path = os.path.join(workdir, "metrics.jsonl")
+        if os.path.exists(path):
+            with open(path) as f:
+                for line in f:
+                    record = json.loads(line)
+                    if any(k.startswith("eval/") for k in record):
+                        self.logged.add(record["step"])
+
+    def due(self, step: int, stage_end: int) -> bool:
+        return step not in self.logged and (
+            step == stage_end or bool(self.every and step % self.every == 0))
+
+    def __call__(self, params: dict, model_cfg) -> dict[str, float]:
+        import lm_eval
+
+        model = JaxLLM(model=(model_cfg, params, self.tokenizer))
+        results = lm_eval.simple_evaluate(model=model, tasks=self.tasks,
+                                          limit=self.limit or None, bootstrap_iters=0,
+                                          task_manager=self.manager)["results"]
+        scores = {}
+        for task, values in results.items():
+            for key, value in values.items():
+                metric, _, selection = key.partition(",")  # "acc,none", "exact_match,strip"
+                if isinstance(value, float) and not metric.endswith("_stderr"):
+                    name = metric if selection in ("", "none") else f"{metric}_{selection}"
+                    scores[f"eval/{task}/{name}"] = value
+        return scores
 
 
 def _batch_size(value: int | str) -> int:

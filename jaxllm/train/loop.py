@@ -128,6 +128,11 @@ def run_stage(run: Run, span, state: TrainState, resume_data: dict | None,
         from jaxllm.eval.long_ppl import LoopEval  # perplexity by position bucket
 
         long_eval = LoopEval(config, span.name, run.tokenizer, model_cfg, run.mesh, order)
+    task_eval = None
+    if config.eval_tasks:
+        from jaxllm.eval.harness import LoopTasks  # lm-eval tasks on the live params
+
+        task_eval = LoopTasks(config, run.tokenizer, run.workdir)
     tokens_per_step = stage.batch_size * stage.seq_len
     flops = flops_per_token(config.model, stage.seq_len)
     writer.message(f"stage {span.name}: steps {span.start}..{span.end - 1}, seq_len "
@@ -201,6 +206,13 @@ def run_stage(run: Run, span, state: TrainState, resume_data: dict | None,
             paused = True
         if long_eval is not None and done % config.eval_long_every == 0:
             writer.write({"step": done, "stage": span.name, **long_eval(state.params)})
+            paused = True
+        if task_eval is not None and task_eval.due(done, span.end):
+            scores = task_eval(state.params, model_cfg)
+            writer.write({"step": done, "stage": span.name, **scores})
+            if done == span.end:
+                writer.message(f"stage {span.name} tasks: " + ", ".join(
+                    f"{k.removeprefix('eval/')}={v:.4g}" for k, v in scores.items()))
             paused = True
         if done % config.checkpoint.every_steps == 0 or done == span.end:
             end_data = save(done)
