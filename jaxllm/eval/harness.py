@@ -61,6 +61,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from jaxllm import sharding
 from jaxllm.generate import _mesh_of, generate_ids, load_model
 from jaxllm.model.transformer import apply, frozen
+from jaxllm.train.loss import token_losses
 
 MIN_BUCKET = 16  # the shortest padded length: tiny requests share one program
 
@@ -79,9 +80,8 @@ def _token_scores(model_config, params: dict, inputs_BxT: jax.Array, targets_BxT
     positions_BxT = jnp.broadcast_to(jnp.arange(inputs_BxT.shape[1], dtype=jnp.int32),
                                      inputs_BxT.shape)
     logits_BxTxV = apply(model_config, params, inputs_BxT, positions_BxT, segment_ids_BxT)
-    logp_BxTxV = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
-    logp_BxT = jnp.take_along_axis(logp_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
-    return logp_BxT, jnp.argmax(logits_BxTxV, axis=-1) == targets_BxT
+    nll_BxT, _ = token_losses(logits_BxTxV, targets_BxT)
+    return -nll_BxT, jnp.argmax(logits_BxTxV, axis=-1) == targets_BxT
 
 
 @register_model("jaxllm")
