@@ -165,7 +165,7 @@ def generate_ids(model_config, params: dict, prompts: Sequence[Sequence[int]],
         out_BxN = np.asarray(run())
     else:
         with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
-            out_BxN = np.asarray(jax.device_get(run()))
+            out_BxN = sharding.to_host(run())
     results = []
     for row in out_BxN[:rows].tolist():
         if eos_id is not None and eos_id in row:

@@ -55,13 +55,21 @@ def _exit(code: int, now: bool = False) -> None:
     os._exit(code)
 
 
+def train(config, workdir: str):
+    """Every stage of `config` in `workdir` with the evaluators it asks for (eval_tasks,
+    eval_long_every): what this command runs; returns the final TrainState."""
+    from jaxllm.eval import loop_evaluators
+    from jaxllm.train.pipeline import run
+
+    return run(config, workdir, loop_evaluators(config))
+
+
 def main(argv: list[str], overrides: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from jaxllm.config import ConfigError, load_config
     from jaxllm.data.formats import DataError
     from jaxllm.train.loop import PREEMPTED_EXIT_CODE, Preempted
-    from jaxllm.train.pipeline import run
 
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     try:
@@ -71,7 +79,7 @@ def main(argv: list[str], overrides: list[str]) -> None:
         sys.exit(2)
     initialize_distributed()
     try:
-        run(config, FLAGS.workdir)
+        train(config, FLAGS.workdir)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         _exit(2)

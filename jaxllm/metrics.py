@@ -11,10 +11,12 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
 import ml_collections as mc
+import numpy as np
 
 
 def ffn_widths(model_cfg: mc.ConfigDict) -> tuple[float, float]:
@@ -79,6 +81,42 @@ def _summary_writer_class():
         if sys.modules.get("torch", 0) is None:
             del sys.modules["torch"]
     return SummaryWriter
+
+
+def read_metrics(workdir: str) -> Iterator[dict]:
+    """The records of a run's metrics.jsonl (none if it has none), in order; a line that a
+    crash cut short is skipped."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        for line in f:
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                continue
+
+
+def logged_steps(workdir: str, prefixes: list[str]) -> dict[str, set[int]]:
+    """For each prefix, the steps whose records in metrics.jsonl have a value named with it;
+    read by process 0 (the only writer) and sent to every process, so that all agree."""
+    steps: dict[str, set[int]] = {p: set() for p in prefixes}
+    if jax.process_index() == 0 and prefixes:
+        for record in read_metrics(workdir):
+            for prefix in prefixes:
+                if any(k.startswith(prefix) for k in record):
+                    steps[prefix].add(int(record["step"]))
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        text = json.dumps({p: sorted(s) for p, s in steps.items()}).encode()
+        size = int(multihost_utils.broadcast_one_to_all(np.int32(len(text))))
+        data = np.zeros(size, np.uint8)
+        if jax.process_index() == 0:
+            data[:] = np.frombuffer(text, np.uint8)
+        data = multihost_utils.broadcast_one_to_all(data)
+        steps = {p: set(s) for p, s in json.loads(np.asarray(data).tobytes()).items()}
+    return steps
 
 
 class MetricsWriter:

@@ -16,6 +16,14 @@ import shutil
 import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# No network: Hugging Face libraries (transformers, datasets under lm-eval) stay offline, with
+# a cache of their own that starts empty.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+if "HF_HOME" not in os.environ:
+    _hf_home = tempfile.mkdtemp(prefix="jaxllm-test-hf-home-")
+    atexit.register(shutil.rmtree, _hf_home, ignore_errors=True)
+    os.environ["HF_HOME"] = _hf_home
 
 
 # Tests compile far more than they compute, so LLVM's optimisation is off: compiles about 30 %

@@ -157,13 +157,13 @@ def test_bad_input_gets_a_clear_error(tiny, tmp_path, capsys, caplog):
 # ----------------------------------------------------------------------------- in training
 
 def test_eval_long_every_logs_during_the_long_context_stage(tmp_path):
-    from jaxllm.train import pipeline
+    from jaxllm.main import train
 
     config = load_config("configs/tiny.py:smoke", [
         "stages.pretrain.steps=0", "stages.anneal.steps=0", "stages.long_context.steps=2",
         "stages.long_context.batch_size=8", "checkpoint.async=False",
         "eval_long_every=1", "eval_long.num_docs=2", "log_every=1", "eval_every=100"])
-    pipeline.run(config, str(tmp_path))
+    train(config, str(tmp_path))
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     long = [r for r in records if any(k.startswith("long_ppl/") for k in r)]
     assert [r["step"] for r in long] == [1, 2] and {r["stage"] for r in long} == {"long_context"}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -26,7 +27,7 @@ lm_eval = pytest.importorskip("lm_eval", reason="lm-eval not installed (pip inst
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 
-from jaxllm.eval.harness import JaxLLM, bucket  # noqa: E402
+from jaxllm.eval.harness import TASKS_DIR, JaxLLM, bucket, load_tasks  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_LENGTH = 48  # short, so that long requests are cut and rolling texts take several windows
@@ -128,46 +129,23 @@ def test_buckets_and_bad_arguments(hf_dir):
         JaxLLM(hf=hf_dir, batch_size="many")
 
 
-def _task_files(tmp_path) -> list[str]:
-    """Three offline tasks over local JSONL (absolute paths: lm-eval resolves data_files
-    against the working directory): multiple choice, generation, perplexity."""
-    rows = {"mc": [{"question": q, "choices": c, "label": 0} for q, c in [
-                ("1 + 1 =", ["2", "3"]), ("import", ["os", "))"]), ("def", ["main():", "=="]),
-                ("for i in", ["range(3):", "]]"])]],
-            "gen": [{"question": q, "answer": a} for q, a in [
-                ("def main(", "argv):"), ("import ", "os"), ("x = [", "1, 2]")]],
-            "ppl": [{"text": CODE[i:i + 300]} for i in (0, 700, 1400)]}
-    bodies = {
-        "mc": 'output_type: multiple_choice\ndoc_to_text: "{{question}}"\n'
-              'doc_to_choice: "{{choices}}"\ndoc_to_target: label\n'
-              "metric_list:\n  - metric: acc\n  - metric: acc_norm\n",
-        "gen": 'output_type: generate_until\ndoc_to_text: "{{question}}"\n'
-               'doc_to_target: "{{answer}}"\ngeneration_kwargs:\n  until: ["\\n"]\n'
-               "  max_gen_toks: 8\n  do_sample: false\n"
-               "metric_list:\n  - metric: exact_match\n",
-        "ppl": 'output_type: loglikelihood_rolling\ndoc_to_text: ""\n'
-               'doc_to_target: "{{text}}"\nmetric_list:\n  - metric: word_perplexity\n'
-               "  - metric: bits_per_byte\n"}
-    paths = []
-    for name, docs in rows.items():
-        data = tmp_path / f"{name}.jsonl"
-        data.write_text("".join(json.dumps(d) + "\n" for d in docs))
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(f"task: jaxllm_test_{name}\ndataset_path: json\ndataset_kwargs:\n"
-                        f"  data_files:\n    test: {data}\ntest_split: test\n{bodies[name]}"
-                        "metadata:\n  version: 1.0\n")
-        paths.append(str(path))
-    return paths
+def _tasks(*names: str) -> list:
+    from lm_eval.tasks import TaskManager
+
+    return load_tasks(TaskManager(include_path=TASKS_DIR), list(names), "test")
 
 
-def test_task_scores_equal_hf(models, tmp_path, monkeypatch):
-    """lm_eval.simple_evaluate over the three kinds of task: every score the hf model's."""
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    tasks = _task_files(tmp_path)
-    scores = [lm_eval.simple_evaluate(model=m, tasks=tasks, bootstrap_iters=0)["results"]
+def test_task_scores_equal_hf(hf_dir):
+    """lm_eval.simple_evaluate over the shipped tasks (multiple choice, generation,
+    perplexity; many contexts longer than max_length, so cut from the left): every score the
+    hf model's. (The hf model asserts that a choice fits in max_length: 128 here.)"""
+    models = (JaxLLM(hf=hf_dir, batch_size=4, max_length=128),
+              HFLM(pretrained=hf_dir, dtype="float32", device="cpu", batch_size=4,
+                   max_length=128))
+    tasks = _tasks("stdlib")
+    scores = [lm_eval.simple_evaluate(model=m, tasks=tasks, limit=6, bootstrap_iters=0)["results"]
               for m in models]
-    for task in ("jaxllm_test_mc", "jaxllm_test_gen", "jaxllm_test_ppl"):
+    for task in ("stdlib_next_line", "stdlib_complete_line", "stdlib_ppl"):
         ours, theirs = ({k: v for k, v in r[task].items() if isinstance(v, float)}
                         for r in scores)
         assert ours.keys() == theirs.keys() and ours, task
@@ -175,51 +153,137 @@ def test_task_scores_equal_hf(models, tmp_path, monkeypatch):
             assert ours[key] == pytest.approx(theirs[key], rel=1e-5), (task, key)
 
 
-def test_cli_runs_a_task_yaml_offline(hf_dir, tmp_path):
-    """`python -m jaxllm.eval.harness --model jaxllm` with lm_eval's flags, on the multiple-choice
-    task over local JSONL; lm_eval's own flags (here --batch_size) reach the model."""
-    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
-           "HF_HOME": str(tmp_path / "hf_home")}
+def test_shipped_tasks_are_built_from_the_held_out_stdlib(tmp_path):
+    """The JSONL beside the task YAMLs is what `python -m jaxllm.eval.tasks.stdlib` builds
+    from this Python's standard library (CPython 3.11 made the shipped files)."""
+    if sys.version_info[:2] != (3, 11):
+        pytest.skip("the shipped task data comes from CPython 3.11's standard library")
+    from jaxllm.eval.tasks import stdlib
+
+    stdlib.build(str(tmp_path))
+    for name in ("stdlib_next_line", "stdlib_complete_line", "stdlib_ppl"):
+        assert (tmp_path / f"{name}.jsonl").read_text() == open(
+            os.path.join(TASKS_DIR, f"{name}.jsonl")).read(), name
+    rows = [json.loads(x) for x in (tmp_path / "stdlib_next_line.jsonl").read_text().splitlines()]
+    assert len(rows) == 200 and all(len(r["choices"]) == 4 for r in rows)
+    assert all(r["choices"][r["label"]] not in r["context"].splitlines() for r in rows)
+
+
+def test_cli_runs_a_shipped_task_offline(hf_dir, tmp_path):
+    """`python -m jaxllm.eval.harness --model jaxllm` with lm_eval's flags: a shipped task by
+    name (its folder is included) and another by YAML path; lm_eval's --batch_size reaches
+    the model."""
     out = subprocess.run(
         [sys.executable, "-m", "jaxllm.eval.harness", "--model", "jaxllm", "--model_args",
-         f"hf={hf_dir}", "--batch_size", "2", "--tasks", _task_files(tmp_path)[0],
+         f"hf={hf_dir}", "--batch_size", "2", "--limit", "4", "--tasks",
+         f"stdlib_next_line,{os.path.join(TASKS_DIR, 'stdlib_complete_line.yaml')}",
          "--output_path", str(tmp_path / "out")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "jaxllm_test_mc" in out.stdout and "acc" in out.stdout
+    assert "stdlib_next_line" in out.stdout and "stdlib_complete_line" in out.stdout
+    assert "acc" in out.stdout and "exact_match" in out.stdout
 
 
 # ----------------------------------------------------------------------------- in training
 
-def test_eval_tasks_in_training_through_every_stage_and_no_repeat_on_resume(tmp_path,
-                                                                            monkeypatch):
+def _scored(workdir, key: str) -> list[dict]:
+    records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if key in r]
+
+
+def test_eval_tasks_in_training_through_every_stage_and_resume_repeats_none(tmp_path):
     """config.eval_tasks on tiny:smoke over the 8 test devices (data 8: the harness runs on
     the training mesh with the live params): scores at every eval_tasks_every-th step and at
-    each stage's end, as eval/<task>/<metric> in metrics.jsonl; running the finished run again
-    evaluates nothing twice; an unknown task is one clear error."""
-    import json
-
+    each stage's end, as eval/<task>/<metric> in metrics.jsonl, the stage's last printed.
+    Resumed from a checkpoint in the middle of the first stage, the run evaluates only the
+    step whose scores metrics.jsonl lacks."""
     from jaxllm.config import load_config
-    from jaxllm.train import pipeline
+    from jaxllm.main import train
 
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    task = _task_files(tmp_path)[0]
     overrides = [*(f"stages.{s}.batch_size=8" for s in ("pretrain", "long_context", "anneal")),
-                 "checkpoint.async=False", f"eval_tasks={task}", "eval_tasks_every=4",
-                 "eval_tasks_limit=3", "eval_every=100"]
+                 "checkpoint.async=False", "checkpoint.every_steps=2", "checkpoint.keep=10",
+                 "eval_tasks=stdlib_next_line", "eval_tasks_every=4", "eval_tasks_limit=3",
+                 "eval_every=100"]
     config = load_config("configs/tiny.py:smoke", overrides)
     workdir = tmp_path / "run"
-    pipeline.run(config, str(workdir))
-    pipeline.run(config, str(workdir))  # finished: resumes at the end, repeats nothing
-    records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
-    scored = [r for r in records if "eval/jaxllm_test_mc/acc" in r]
+    train(config, str(workdir))
+    key = "eval/stdlib_next_line/acc"
     spans = {s: config.stages[s].steps for s in ("pretrain", "long_context", "anneal")}
     ends = np.cumsum(list(spans.values())).tolist()
-    assert [r["step"] for r in scored] == sorted({4, 8, *ends}), [r["step"] for r in scored]
-    assert [r["stage"] for r in scored][-1] == "anneal"
-    assert all(0 <= r["eval/jaxllm_test_mc/acc"] <= 1 for r in scored)
-    with pytest.raises(ValueError, match="unknown lm-eval task 'hellaswagg'; closest: hellaswag"):
-        pipeline.run(load_config("configs/tiny.py:smoke", [*overrides[:3],
-                                                            "eval_tasks=hellaswagg"]),
-                     str(tmp_path / "bad"))
+    first = _scored(workdir, key)
+    assert [r["step"] for r in first] == sorted({4, 8, *ends}) == [4, 6, 8, 10]
+    assert [r["stage"] for r in first] == ["pretrain", "pretrain", "long_context", "anneal"]
+    assert all(0 <= r[key] <= 1 for r in first)
+
+    # Back to step 4 (mid pretrain), with step 8's scores gone from metrics.jsonl.
+    for name in os.listdir(workdir / "checkpoints"):
+        if name.isdigit() and int(name) > 4:
+            shutil.rmtree(workdir / "checkpoints" / name)
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    (workdir / "metrics.jsonl").write_text("".join(
+        x + "\n" for x in lines if not (key in x and json.loads(x)["step"] == 8)))
+    train(config, str(workdir))
+    again = _scored(workdir, key)
+    assert [r["step"] for r in again] == [4, 6, 10, 8]  # only 8 is new, after the others
+    assert again[:3] == [r for r in first if r["step"] != 8]
+
+    from jaxllm.eval import report
+
+    report.main(["--workdir", str(workdir)])
+    assert (workdir / "eval" / "tasks.png").stat().st_size > 10_000
+
+
+def test_eval_tasks_bad_input_is_one_line_before_training(tmp_path):
+    """An unknown task names the closest; a task whose data is not cached, offline, says so;
+    pipeline.run without the evaluators the config asks for says how to get them."""
+    from jaxllm.config import ConfigError, load_config
+    from jaxllm.eval import loop_evaluators
+    from jaxllm.train import pipeline
+
+    config = load_config("configs/tiny.py:smoke", ["eval_tasks=hellaswagg"])
+    with pytest.raises(ConfigError, match="unknown lm-eval task 'hellaswagg'; closest: hellaswag"):
+        loop_evaluators(config)
+    with pytest.raises(ConfigError, match="no evaluator for it was handed to pipeline.run"):
+        pipeline.run(config, str(tmp_path / "run"))
+    out = subprocess.run(
+        [sys.executable, "-m", "jaxllm.main", "--config=configs/tiny.py:smoke",
+         f"--workdir={tmp_path / 'offline'}", "--config.eval_tasks=stdlib_ppl,arc_easy"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-3000:]
+    error = [x for x in out.stderr.splitlines() if x.startswith("error:")]
+    assert len(error) == 1 and "task 'arc_easy' is not on this machine" in error[0], error
+    assert not os.path.exists(tmp_path / "offline" / "checkpoints")
+
+
+def test_eval_tasks_on_two_processes_equal_one_process(tmp_path):
+    """Two processes over gloo (launch/local.sh, one device each, data 2) score the tasks on
+    params spread over both, and log what one process with two devices logs."""
+    from conftest import FAST_COMPILE, xla_flags
+
+    args = ["--config=configs/tiny.py:smoke", "--config.mesh.data=2",
+            "--config.stages.long_context.steps=0", "--config.stages.anneal.steps=0",
+            "--config.eval_tasks=stdlib_next_line,stdlib_complete_line",
+            "--config.eval_tasks_limit=2", "--config.eval_tasks_every=4"]
+    env = dict(os.environ, XLA_FLAGS=FAST_COMPILE)
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]
+    with open(tmp_path / "two.err", "w+") as two_err:
+        two = subprocess.Popen(["bash", "launch/local.sh", "2", f"--workdir={tmp_path / 'two'}",
+                                *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                               stderr=two_err, text=True)
+        try:
+            one = subprocess.run([sys.executable, "-m", "jaxllm.main",
+                                  f"--workdir={tmp_path / 'one'}", *args], cwd=ROOT,
+                                 env=dict(env, XLA_FLAGS=xla_flags(2)), capture_output=True,
+                                 text=True, timeout=600)
+            two.wait(timeout=600)
+        finally:
+            two.kill()
+            two.wait()
+        two_err.seek(0)
+        assert two.returncode == 0, two_err.read()[-3000:]
+    assert one.returncode == 0, one.stderr[-3000:]
+    key = "eval/stdlib_next_line/acc"
+    scored = [_scored(tmp_path / run, key) for run in ("one", "two")]
+    assert [r["step"] for r in scored[0]] == [4, 6]
+    strip = [[{k: v for k, v in r.items() if k.startswith("eval/")} for r in s] for s in scored]
+    assert strip[0] == strip[1]

@@ -27,6 +27,26 @@ import numpy as np
 from jaxllm.config import ConfigError, apply_override, data_source, model_defaults, validate_model
 
 
+def loop_evaluators(config: mc.ConfigDict) -> list:
+    """The evaluators that `config` asks the training loop to run (jaxllm.train.loop.Evaluator):
+    long_ppl in the long_context stage (`eval_long_every`), lm-eval tasks (`eval_tasks`)."""
+    evaluators = []
+    if config.eval_long_every:
+        from jaxllm.eval.long_ppl import LongPplEvaluator
+
+        evaluators.append(LongPplEvaluator(config))
+    if config.eval_tasks:
+        try:
+            from jaxllm.eval.harness import LoopTasks  # needs lm-eval: only when asked for
+        except ModuleNotFoundError as e:
+            if e.name != "lm_eval" and not (e.name or "").startswith("lm_eval."):
+                raise
+            raise ConfigError("config.eval_tasks needs lm-evaluation-harness: pip install -e "
+                              "'.[eval]' (or pip install lm-eval==0.4.13)") from None
+        evaluators.append(LoopTasks(config))
+    return evaluators
+
+
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", help="run directory (newest checkpoint) or params "
                                           "checkpoint")

@@ -64,6 +64,7 @@ from jaxllm.model.transformer import apply, frozen
 from jaxllm.train.loss import token_losses
 
 MIN_BUCKET = 16  # the shortest padded length: tiny requests share one program
+TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks")  # shipped tasks
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +219,7 @@ class JaxLLM(TemplateLM):
         else:
             with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.RULES):
                 logp, greedy = run()
-        return np.asarray(jax.device_get(logp)), np.asarray(jax.device_get(greedy))
+        return sharding.to_host(logp), sharding.to_host(greedy)
 
     def _report_truncation(self) -> None:
         if self.truncated:
@@ -228,54 +229,71 @@ class JaxLLM(TemplateLM):
 
 
 class LoopTasks:
-    """`config.eval_tasks` in the training loop: the tasks on the live params, where they are
-    (the training mesh; no export, no host copy), `__call__(params, model_cfg)` → {"eval/<task>/
-    <metric>": score}. A step whose scores metrics.jsonl already holds (a resumed run) is not
-    evaluated again."""
+    """`config.eval_tasks` in the training loop (a jaxllm.train.loop.Evaluator): the tasks on
+    the live params where they are (the training mesh; no export, no host copy) →
+    {"eval/<task>/<metric>": score}. The tasks and their data load once, here, so that an
+    unknown task or missing data stops the run before it trains."""
 
-    def __init__(self, config, tokenizer, workdir: str):
+    config_key, prefix = "eval_tasks", "eval/"
+
+    def __init__(self, config):
         from lm_eval.tasks import TaskManager
 
-        self.tasks = [t.strip() for t in config.eval_tasks.split(",") if t.strip()]
+        names = [t.strip() for t in config.eval_tasks.split(",") if t.strip()]
         self.every, self.limit = int(config.eval_tasks_every), int(config.eval_tasks_limit)
-        self.tokenizer = tokenizer
-        self.manager = TaskManager()
-        known = set(self.manager.all_tasks)
-        for task in self.tasks:
-            if not task.endswith((".yaml", ".yml")) and task not in known:
-                close = difflib.get_close_matches(task, known, n=3)
-                raise ValueError(f"config.eval_tasks: unknown lm-eval task {task!r}"
-                                 + (f"; closest: {', '.join(close)}" if close else ""))
-            if task.endswith((".yaml", ".yml")) and not os.path.exists(task):
-                raise FileNotFoundError(f"config.eval_tasks: no task file {task!r}")
-        self.logged = set()  # steps with task scores in metrics.jsonl
-        path = os.path.join(workdir, "metrics.jsonl")
-        if os.path.exists(path):
-            with open(path) as f:
-                for line in f:
-                    record = json.loads(line)
-                    if any(k.startswith("eval/") for k in record):
-                        self.logged.add(record["step"])
+        self.tasks = load_tasks(TaskManager(include_path=TASKS_DIR), names, "config.eval_tasks")
 
-    def due(self, step: int, stage_end: int) -> bool:
-        return step not in self.logged and (
-            step == stage_end or bool(self.every and step % self.every == 0))
+    def for_stage(self, stage):
+        def evaluate(params: dict) -> dict[str, float]:
+            return task_scores(JaxLLM(model=(stage.model_cfg, params, stage.tokenizer)),
+                               self.tasks, self.limit)
 
-    def __call__(self, params: dict, model_cfg) -> dict[str, float]:
-        import lm_eval
+        return evaluate
 
-        model = JaxLLM(model=(model_cfg, params, self.tokenizer))
-        results = lm_eval.simple_evaluate(model=model, tasks=self.tasks,
-                                          limit=self.limit or None, bootstrap_iters=0,
-                                          task_manager=self.manager)["results"]
-        scores = {}
-        for task, values in results.items():
-            for key, value in values.items():
-                metric, _, selection = key.partition(",")  # "acc,none", "exact_match,strip"
-                if isinstance(value, float) and not metric.endswith("_stderr"):
-                    name = metric if selection in ("", "none") else f"{metric}_{selection}"
-                    scores[f"eval/{task}/{name}"] = value
-        return scores
+
+def load_tasks(manager, names: list[str], where: str) -> list:
+    """The lm-eval Task / Group objects of task names or YAML paths, with one clear error for
+    an unknown name (and the closest known ones) or data that cannot be had offline."""
+    from jaxllm.config import ConfigError
+
+    known = set(manager.all_tasks)
+    loaded = []
+    for name in names:
+        if name.endswith((".yaml", ".yml")):
+            if not os.path.exists(name):
+                raise ConfigError(f"{where}: no task file {name!r}")
+        elif name not in known:
+            close = difflib.get_close_matches(name, known, n=3)
+            raise ConfigError(f"{where}: unknown lm-eval task {name!r}"
+                              + (f"; closest: {', '.join(close)}" if close else ""))
+        try:
+            found = manager.load(name)
+        except ConnectionError as e:  # datasets: not cached, and the Hub cannot be reached
+            raise ConfigError(f"{where}: the data of task {name!r} is not on this machine and "
+                              f"cannot be downloaded ({e}); run it once where it can, or use "
+                              f"a task YAML over local files (as {TASKS_DIR})") from None
+        inner = {c for children in found["group_map"].values() for c in children}
+        groups = [g for g in found["groups"].values() if g.name not in inner]
+        in_groups = {t.task_name for g in groups for t in g.get_all_tasks()}
+        loaded += groups + [t for n, t in found["tasks"].items() if n not in in_groups]
+    return loaded
+
+
+def task_scores(model: JaxLLM, tasks: list, limit: int = 0) -> dict[str, float]:
+    """lm_eval.simple_evaluate of loaded `tasks` → {"eval/<task>/<metric>": score}, a metric
+    of a filter other than "none" as <metric>_<filter>."""
+    import lm_eval
+
+    results = lm_eval.simple_evaluate(model=model, tasks=tasks, limit=limit or None,
+                                      bootstrap_iters=0)["results"]
+    scores = {}
+    for task, values in results.items():
+        for key, value in values.items():
+            metric, _, selection = key.partition(",")  # "acc,none", "exact_match,strip"
+            if isinstance(value, float) and not metric.endswith("_stderr"):
+                name = metric if selection in ("", "none") else f"{metric}_{selection}"
+                scores[f"eval/{task}/{name}"] = float(value)
+    return scores
 
 
 def _batch_size(value: int | str) -> int:
@@ -289,8 +307,14 @@ def _batch_size(value: int | str) -> int:
 
 
 def main() -> None:
+    """lm_eval's command line, with the "jaxllm" model and the shipped tasks (TASKS_DIR;
+    another --include_path replaces them: name theirs by YAML path then)."""
+    import sys
+
     from lm_eval.__main__ import cli_evaluate
 
+    if not any(a.split("=")[0] == "--include_path" for a in sys.argv):
+        sys.argv += ["--include_path", TASKS_DIR]
     cli_evaluate()
 
 

@@ -17,7 +17,7 @@ config.model): `base:` is the model as saved, `yarn:rope_scaling.type=yarn,rope_
 or `dca:dca.enabled=true` compare position-extension methods on the same documents.
 Writes long_ppl.json and long_ppl.png (one line per setting) to `--out`.
 
-`config.eval_long_every` runs the same computation during training (`LoopEval`).
+`config.eval_long_every` runs the same computation during training (`LongPplEvaluator`).
 """
 
 from __future__ import annotations
@@ -117,36 +117,44 @@ def collect_documents(docs, num_docs: int, seq_len: int) -> np.ndarray:
     return np.stack(rows) if rows else np.zeros((0, seq_len), np.int32)
 
 
-class LoopEval:
-    """`config.eval_long_every`: long_ppl of held-out documents of a stage's mixture at the
-    stage's seq_len, on the training mesh; `__call__(params)` → {"long_ppl/<bucket>": ppl}."""
+class LongPplEvaluator:
+    """`config.eval_long_every` in the training loop (a jaxllm.train.loop.Evaluator): long_ppl
+    of held-out documents of the long_context stage's mixture at its seq_len, on the training
+    mesh → {"long_ppl/<bucket>": ppl}."""
 
-    def __init__(self, config: mc.ConfigDict, stage_name: str, tokenizer: Any, model_cfg: Any,
-                 mesh: Any, order: np.ndarray | None, max_scan: int = 2000):
+    config_key, prefix = "eval_long_every", "long_ppl/"
+
+    def __init__(self, config: mc.ConfigDict, max_scan: int = 2000):
+        self.config, self.every, self.max_scan = config, int(config.eval_long_every), max_scan
+
+    def for_stage(self, stage: Any):
         from jaxllm import sharding
         from jaxllm.data.pipeline import document_sequence
 
-        stage = config.stages[stage_name]
-        T = int(stage.seq_len)  # predictions per document: as many as a training row
-        self.bucket_size = int(config.eval_long.bucket_size) or max(1, T // 4)
-        sequence = document_sequence(config, stage_name, tokenizer, "heldout", skip_empty=True)
-        self.docs = collect_documents(_each_once(sequence, max_scan),
-                                      int(config.eval_long.num_docs), T + 1)
-        if not len(self.docs):
+        if stage.name != "long_context":
+            return None
+        T = int(self.config.stages[stage.name].seq_len)  # predictions a document: a row's
+        bucket_size = int(self.config.eval_long.bucket_size) or max(1, T // 4)
+        sequence = document_sequence(self.config, stage.name, stage.tokenizer, "heldout",
+                                     skip_empty=True)
+        docs = collect_documents(_each_once(sequence, self.max_scan),
+                                 int(self.config.eval_long.num_docs), T + 1)
+        if not len(docs):
             logging.warning("eval_long_every: no held-out document of stage %s among the first "
-                            "%d has %d tokens; long_ppl is off", stage_name, max_scan, T + 1)
-        self.model_cfg, self.order = model_cfg, order
-        replicated = sharding.replicated(mesh)
-        self.place = lambda x: jax.make_array_from_process_local_data(replicated,
-                                                                      np.ascontiguousarray(x))
+                            "%d has %d tokens; long_ppl is off", stage.name, self.max_scan, T + 1)
+            return None
+        replicated = sharding.replicated(stage.mesh)
 
-    def __call__(self, params: dict) -> dict[str, float]:
-        if not len(self.docs):
-            return {}
-        result = perplexity(self.model_cfg, params, self.docs, self.bucket_size,
-                            batch_size=len(self.docs), place=self.place, order=self.order)
-        return {f"long_ppl/{b}": p for b, p in zip(result["buckets"], result["ppl"],
-                                                   strict=True)}
+        def place(x):
+            return jax.make_array_from_process_local_data(replicated, np.ascontiguousarray(x))
+
+        def evaluate(params: dict) -> dict[str, float]:
+            result = perplexity(stage.model_cfg, params, docs, bucket_size,
+                                batch_size=len(docs), place=place, order=stage.order)
+            return {f"long_ppl/{b}": p for b, p in zip(result["buckets"], result["ppl"],
+                                                       strict=True)}
+
+        return evaluate
 
 
 def _each_once(sequence: Any, max_scan: int):

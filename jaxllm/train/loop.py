@@ -15,7 +15,8 @@ import logging
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import jax
 import ml_collections as mc
@@ -75,6 +76,31 @@ class PreemptionFlag:
         return bool(np.max(flags))
 
 
+@dataclass(frozen=True)
+class StageContext:
+    """What an evaluator may need to set itself up for one stage."""
+
+    name: str
+    model_cfg: mc.FrozenConfigDict  # the stage's (its rope_theta)
+    mesh: jax.sharding.Mesh
+    order: np.ndarray | None  # row order of the stage's batches (shard_kernels.row_order)
+    tokenizer: Any
+
+
+class Evaluator(Protocol):
+    """A periodic evaluation of the live params that the loop is handed (jaxllm.eval's
+    `loop_evaluators` builds them from the config): it runs at every `every`-th step (0:
+    none) and at the end of each stage that `for_stage` gives a function for; the function's
+    {name: value} (names start with `prefix`) goes to metrics.jsonl. A step whose metrics.jsonl
+    already has `prefix` values is not evaluated again."""
+
+    config_key: str  # the config key that asks for it
+    prefix: str
+    every: int
+
+    def for_stage(self, stage: StageContext) -> Callable[[Any], dict[str, float]] | None: ...
+
+
 @dataclass
 class Run:
     """What every stage of one run shares."""
@@ -88,6 +114,8 @@ class Run:
     writer: MetricsWriter
     peak_flops: float
     preemption: PreemptionFlag
+    evaluators: list[Evaluator] = field(default_factory=list)
+    logged: dict[str, set[int]] = field(default_factory=dict)  # prefix → steps in metrics
 
 
 def stage_steps(config: mc.ConfigDict, span, model_cfg: mc.FrozenConfigDict, mesh,
@@ -123,16 +151,8 @@ def run_stage(run: Run, span, state: TrainState, resume_data: dict | None,
         data.set_state(resume_data)
     held_out = [to_global(b, batch_sh, order)
                 for b in eval_batches(config, span.name, run.tokenizer, sharding=batch_sh)]
-    long_eval = None
-    if config.eval_long_every and span.name == "long_context":
-        from jaxllm.eval.long_ppl import LoopEval  # perplexity by position bucket
-
-        long_eval = LoopEval(config, span.name, run.tokenizer, model_cfg, run.mesh, order)
-    task_eval = None
-    if config.eval_tasks:
-        from jaxllm.eval.harness import LoopTasks  # lm-eval tasks on the live params
-
-        task_eval = LoopTasks(config, run.tokenizer, run.workdir)
+    context = StageContext(span.name, model_cfg, run.mesh, order, run.tokenizer)
+    evaluations = [(e, fn) for e in run.evaluators if (fn := e.for_stage(context)) is not None]
     tokens_per_step = stage.batch_size * stage.seq_len
     flops = flops_per_token(config.model, stage.seq_len)
     writer.message(f"stage {span.name}: steps {span.start}..{span.end - 1}, seq_len "
@@ -204,15 +224,17 @@ def run_stage(run: Run, span, state: TrainState, resume_data: dict | None,
             eval_loss = sum(float(s[0]) for s in sums) / max(sum(float(s[1]) for s in sums), 1)
             writer.write({"step": done, "stage": span.name, "eval_loss": eval_loss})
             paused = True
-        if long_eval is not None and done % config.eval_long_every == 0:
-            writer.write({"step": done, "stage": span.name, **long_eval(state.params)})
-            paused = True
-        if task_eval is not None and task_eval.due(done, span.end):
-            scores = task_eval(state.params, model_cfg)
+        for evaluator, evaluate in evaluations:
+            logged = run.logged.setdefault(evaluator.prefix, set())
+            every = evaluator.every
+            if done in logged or not (done == span.end or (every and done % every == 0)):
+                continue
+            scores = evaluate(state.params)
             writer.write({"step": done, "stage": span.name, **scores})
-            if done == span.end:
-                writer.message(f"stage {span.name} tasks: " + ", ".join(
-                    f"{k.removeprefix('eval/')}={v:.4g}" for k, v in scores.items()))
+            logged.add(done)
+            if done == span.end and scores:
+                writer.message(f"stage {span.name} ends: " + ", ".join(
+                    f"{k}={v:.4g}" for k, v in scores.items()))
             paused = True
         if done % config.checkpoint.every_steps == 0 or done == span.end:
             end_data = save(done)

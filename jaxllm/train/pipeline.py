@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import jax
@@ -34,12 +34,12 @@ from jaxllm.checkpoint import (
 from jaxllm.config import ConfigError, stage_names, validate
 from jaxllm.data.mixture import Position
 from jaxllm.data.pipeline import positions_after
-from jaxllm.metrics import MetricsWriter, measure_peak_flops
+from jaxllm.metrics import MetricsWriter, logged_steps, measure_peak_flops
 from jaxllm.model import Transformer, abstract_params, frozen
 from jaxllm.optim import make_optimizer
 from jaxllm.profiling import use_compilation_cache
 from jaxllm.tokenizer import load_tokenizer
-from jaxllm.train.loop import PreemptionFlag, Run, run_stage, to_global
+from jaxllm.train.loop import Evaluator, PreemptionFlag, Run, run_stage, to_global
 from jaxllm.train.step import TrainState
 
 __all__ = ["abstract_train_state", "init_train_state", "run", "stage_model_config", "stage_spans",
@@ -157,12 +157,23 @@ def initial_params(config: mc.ConfigDict, state: TrainState, state_sh: TrainStat
     return state.replace(params=params)
 
 
-def run(config: mc.ConfigDict, workdir: str) -> TrainState:
+EVALUATOR_KEYS = ("eval_long_every", "eval_tasks")  # config keys that ask for an evaluator
+
+
+def run(config: mc.ConfigDict, workdir: str, evaluators: Sequence[Evaluator] = ()
+        ) -> TrainState:
     """The whole pipeline; resumes from the newest checkpoint in `workdir/checkpoints`.
+    `evaluators` run in the loop (`jaxllm.main.train` hands it those the config asks for).
 
     Raises `jaxllm.train.loop.Preempted` after saving when SIGTERM / SIGINT arrives.
     """
     validate(config)
+    handled = {e.config_key for e in evaluators}
+    for key in EVALUATOR_KEYS:
+        if config[key] and key not in handled:
+            raise ConfigError(f"config.{key} is set, but no evaluator for it was handed to "
+                              "pipeline.run: call jaxllm.main.train(config, workdir), which "
+                              "builds them, or pass evaluators=jaxllm.eval.loop_evaluators(config)")
     for key in ("checkpoint", "hf", "upcycle_from"):
         source = config.init[key]
         if source and os.path.abspath(source) == os.path.abspath(workdir):
@@ -192,7 +203,8 @@ def run(config: mc.ConfigDict, workdir: str) -> TrainState:
         if meta:
             writer.message(f"resumed from step {int(state.step)} ({meta['stage']})")
         shared = Run(config, workdir, mesh, state_sh, tokenizer, ckpt, writer,
-                     measure_peak_flops(config.model.dtype), flag)
+                     measure_peak_flops(config.model.dtype), flag, list(evaluators),
+                     logged_steps(workdir, [e.prefix for e in evaluators]))
         reset = jax.jit(make_optimizer(config.optimizer).init, out_shardings=state_sh.opt_state)
         # Where the restored checkpoint's stage began each source, and (stage, data state)
         # of the last stage trained or restored at its end: the next stage goes on from there.
