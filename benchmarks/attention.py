@@ -1,6 +1,6 @@
 """Attention throughput: jaxllm's implementations vs XLA attention vs jax.nn (cuDNN on GPU).
 
-    python benchmarks/attention.py [--seq_lens=2048,8192,32768] [--batch=1] [--heads=32]
+    python -m benchmarks.attention [--seq_lens=2048,8192,32768] [--batch=1] [--heads=32]
                                    [--kv_heads=4] [--head_dim=128] [--dtype=bfloat16]
 
 Causal self-attention, grouped-query (heads / kv_heads query heads per kv head), one
@@ -27,8 +27,8 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-from timing import Failures, add_kernel_args, is_number, median_seconds
 
+from benchmarks.timing import Failures, add_kernel_args, is_number, median_seconds
 from jaxllm.kernels.chunked_attention import chunked_attention
 from jaxllm.kernels.flash_attention import flash_attention
 from jaxllm.kernels.flash_attention_ref import attention_ref

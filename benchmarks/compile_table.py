@@ -1,7 +1,7 @@
-"""The README's compile table: every mesh variant of every config in configs/, compiled ahead
-of time for its target by `python -m jaxllm.compile`, one row per stage and step.
+"""The compile table of docs/compiling.md: every mesh variant of every config in configs/,
+compiled ahead of time for its target by `python -m jaxllm.compile`, one row per stage and step.
 
-    python benchmarks/compile_table.py [--only=REGEX] [--eval] [--results=FILE]
+    python -m benchmarks.compile_table [--only=REGEX] [--eval] [--results=FILE]
 
 A variant's name is its target (`v5p_256` → `v5p-256`, `h100_64` → `h100x64`). Each config
 and stage is one `jaxllm.compile --json` process, whose result is appended to --results
@@ -13,11 +13,11 @@ takes a minute a step on a 2-core VM and the whole table about 25 minutes; it ne
 Prints the versions (jax, libtpu, CUDA plugin), the date, and one markdown table: per-device
 GiB from the compiler (and its share of the device), fits, compile seconds, collectives,
 Pallas kernels, compiled / model FLOPs and the compiler's versions. Exit 1 when a row does not
-fit. The README's table takes each platform's rows from the compiler whose `memory_analysis()`
+fit. The docs' table takes each platform's rows from the compiler whose `memory_analysis()`
 agrees with its own buffer assignment, from two venvs into one results file:
 
-    /venv-py3.12/bin/python benchmarks/compile_table.py --only=v5p   # jax 0.12, libtpu 0.0.52
-    .venv/bin/python benchmarks/compile_table.py --only=h100         # jax 0.10.2, Python 3.11
+    /venv-py3.12/bin/python -m benchmarks.compile_table --only=v5p   # jax 0.12, libtpu 0.0.52
+    .venv/bin/python -m benchmarks.compile_table --only=h100         # jax 0.10.2, Python 3.11
 """
 
 from __future__ import annotations
@@ -41,8 +41,10 @@ SHORT = {"all-gather": "AG", "all-reduce": "AR", "reduce-scatter": "RS", "all-to
 def variants() -> list[tuple[str, str]]:
     """(config:variant, target) of every config file's MESHES."""
     rows = []
-    for name in sorted(os.listdir(os.path.join(ROOT, "configs"))):
-        path = os.path.join(ROOT, "configs", name)
+    for name in sorted(os.listdir(os.path.join(ROOT, "jaxllm", "configs"))):
+        if not name.endswith(".py") or name.startswith("_"):
+            continue
+        path = os.path.join(ROOT, "jaxllm", "configs", name)
         spec = importlib.util.spec_from_file_location(f"config_{name[:-3]}", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
@@ -54,7 +56,6 @@ def variants() -> list[tuple[str, str]]:
 
 
 def stages_of(config: str) -> list[str]:
-    sys.path.insert(0, ROOT)
     from jaxllm.config import load_config, stage_names
 
     c = load_config(config)

@@ -1,7 +1,7 @@
 """Context parallelism: one long row's train step split over `sequence`, ring attention vs
 all-gathered K/V, on mesh sequence = 1, 2, 4, 8.
 
-    python benchmarks/context_parallel.py [--seq_len=32768] [--sequences=1,2,4,8]
+    python -m benchmarks.context_parallel [--seq_len=32768] [--sequences=1,2,4,8]
                                           [--config=configs/tiny.py:smoke]
                                           [--attention_impl=chunked] [--warmup=1] [--iters=3]
 
@@ -52,8 +52,8 @@ import time  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import linen as nn  # noqa: E402
-from timing import Failures, median_seconds  # noqa: E402
+
+from benchmarks.timing import Failures, median_seconds  # noqa: E402
 
 MiB = 2**20
 DOCUMENTS = 4  # equal documents packed in the row
@@ -97,7 +97,7 @@ def run_variant(args, sequence: int, ring: bool) -> tuple[float, float, int | No
                               make_optimizer(config.optimizer),
                               make_schedule(config.stages.pretrain.lr, args.warmup + args.iters),
                               0, 1, 0.0, 0.0)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+    with sharding.use_mesh(mesh):
         state, _ = init_train_state(config, mesh)
         batch = to_global(make_batch(T, config.model.vocab_size),
                           sharding.batch_sharding(mesh), order)

@@ -1,6 +1,6 @@
 """Data pipeline throughput beside what training consumes, and `prepare` speed.
 
-    python benchmarks/data_throughput.py [--config=configs/tiny.py] [--stage=pretrain]
+    python -m benchmarks.data_throughput [--config=configs/tiny.py] [--stage=pretrain]
         [--batches=300] [--workers=2] [--prepare_mb=100] [--train_steps=20]
 
 Prints one table, all measured in this run on this machine:
@@ -20,18 +20,16 @@ import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 
 import jax
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from jaxllm import config as config_lib
+from jaxllm.data import formats, make_iterator, prepare
+from jaxllm.tokenizer import load_tokenizer
 
-from jaxllm import config as config_lib  # noqa: E402
-from jaxllm.data import formats, make_iterator, prepare  # noqa: E402
-from jaxllm.tokenizer import load_tokenizer  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def pipeline_rate(config, stage: str, tokenizer, batches: int, workers: int) -> float:
@@ -92,7 +90,7 @@ def make_corpus(folder: str, megabytes: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--config", default=os.path.join(ROOT, "configs", "tiny.py"))
+    parser.add_argument("--config", default=os.path.join(ROOT, "jaxllm", "configs", "tiny.py"))
     parser.add_argument("--stage", default="pretrain")
     parser.add_argument("--batches", type=int, default=300)
     parser.add_argument("--workers", type=int, default=2)

@@ -231,10 +231,10 @@ total_start=$(date +%s)
 run_step install "${limits[0]}" bash -c install_step
 run_step env "${limits[1]}" bash -c env_step
 run_step kernel_tests "${limits[2]}" "${pytest_cmd[@]}" "${pytest_args[@]}"
-run_step attention "${limits[3]}" "$PYTHON" benchmarks/attention.py "${attention_sizes[@]}" \
+run_step attention "${limits[3]}" "$PYTHON" -m benchmarks.attention "${attention_sizes[@]}" \
     "${attention_args[@]}"
-run_step gmm "${limits[4]}" "$PYTHON" benchmarks/gmm.py "${gmm_sizes[@]}" "${gmm_args[@]}"
-run_step train_step "${limits[5]}" "$PYTHON" benchmarks/train_step.py "${train_sizes[@]}" \
+run_step gmm "${limits[4]}" "$PYTHON" -m benchmarks.gmm "${gmm_sizes[@]}" "${gmm_args[@]}"
+run_step train_step "${limits[5]}" "$PYTHON" -m benchmarks.train_step "${train_sizes[@]}" \
     "${train_step_args[@]}"
 
 {

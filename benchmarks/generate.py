@@ -1,6 +1,6 @@
 """Generation throughput: jaxllm.generate (KV cache, jit) vs transformers' generate on torch.
 
-    python benchmarks/generate.py [--config=configs/tiny.py] [--batch=1,8] [--prompt_len=64]
+    python -m benchmarks.generate [--config=configs/tiny.py] [--batch=1,8] [--prompt_len=64]
         [--new_tokens=128]
 
 Both sides decode the same weights (the config's model, random at a trained model's scale,
@@ -21,7 +21,8 @@ import tempfile
 
 import jax
 import numpy as np
-from timing import median_seconds
+
+from benchmarks.timing import median_seconds
 
 
 def trained_scale_params(model_config, seed: int = 0) -> dict:

@@ -1,6 +1,6 @@
 """Grouped matmul throughput: jaxllm's Pallas gmm vs jax.lax.ragged_dot vs a per-group loop.
 
-    python benchmarks/gmm.py [--tokens=8192] [--experts=64] [--top_k=8] [--hidden=3584]
+    python -m benchmarks.gmm [--tokens=8192] [--experts=64] [--top_k=8] [--hidden=3584]
                              [--moe_dim=2560] [--dtype=bfloat16]
 
 The MoE expert up-projection: M = tokens·top_k rows sorted by expert, routed with a skewed
@@ -24,8 +24,8 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-from timing import Failures, add_kernel_args, is_number, median_seconds
 
+from benchmarks.timing import Failures, add_kernel_args, is_number, median_seconds
 from jaxllm.kernels.gmm import gmm
 from jaxllm.kernels.gmm_ref import gmm_loop
 

@@ -1,7 +1,7 @@
 """A small model that retrieves needles, and what long-context evaluation shows about it: the
-README's needle-in-a-haystack heatmaps and perplexity-by-position plot.
+needle-in-a-haystack heatmaps and perplexity-by-position plot of docs/long_context.md.
 
-    python benchmarks/long_context.py --workdir=DIR [--train_len=1024] [--steps_scale=1.0]
+    python -m benchmarks.long_context --workdir=DIR [--train_len=1024] [--steps_scale=1.0]
         [--warmup_steps=1500] [--max_needles=1] [--samples=8]
 
 1. Data, in DIR/needles. Retrieval exercises (`jaxllm.eval.niah.training_document`: up to
@@ -18,8 +18,8 @@ README's needle-in-a-haystack heatmaps and perplexity-by-position plot.
    steps; on repeated random words it formed abruptly after ~1,000 steps of 32 × 256 tokens
    (the loss fell from ~7 to ~1.8 in 100 steps), but only for words: the repeats now draw
    from the whole vocabulary, digits included, and there it formed after ~525 steps (the
-   README's demo: from scratch, NIAH 1.00 / 1.00 / 0.95 at 256 / 512 / 1,024 tokens). Its
-   params go to DIR/warmup/params; if they exist, the warm-up is skipped.
+   demo in docs/long_context.md: from scratch, NIAH 1.00 / 1.00 / 0.95 at 256 / 512 / 1,024
+   tokens). Its params go to DIR/warmup/params; if they exist, the warm-up is skipped.
 3. Training (DIR/run) from those params: pretrain at 256 tokens (rope base 1e4), long_context
    and anneal at train_len (rope base 1e6, model.max_position_embeddings = train_len), each
    mixing exercises, repeats and plain text. Resumes if DIR/run exists.
@@ -44,8 +44,8 @@ import numpy as np
 from jaxllm.config import data_source, load_config
 from jaxllm.eval import long_ppl, niah
 
-_TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
-                     "tiny.py")
+_TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jaxllm",
+                     "configs", "tiny.py")
 SHORT = (16, 192)  # window tokens of the pretrain stage's exercises
 REPEAT = 240  # pieces (single tokens) of a warm-up sequence
 # A 1.8M-parameter Qwen2 (tiny's vocabulary): ~2x tiny's tokens per second, so the warm-up's

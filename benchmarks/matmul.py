@@ -1,6 +1,6 @@
 """The matrix products of one training step, jax (XLA) against torch, shape by shape, in one run.
 
-    python benchmarks/matmul.py [--config=configs/tiny.py:bench] [--batch=8] [--seq_len=512]
+    python -m benchmarks.matmul [--config=configs/tiny.py:bench] [--batch=8] [--seq_len=512]
         [--iters=10]
 
 A dense step's time is mostly these products: for each projection of the model (q, k and v,
@@ -20,9 +20,9 @@ import platform
 import sys
 
 import numpy as np
-from timing import median_seconds
 
 import jaxllm
+from benchmarks.timing import median_seconds
 
 
 def projections(model) -> list[tuple[str, int, int, int]]:

@@ -23,7 +23,7 @@ in it (no dependencies: MaxText's jax, flax, optax and grain are the ones to com
 Run with jaxllm's venv (the three compiles run one after the other, each a minute or two and
 about 2.5 GB of memory on 2 CPU cores):
 
-    .venv/bin/python benchmarks/maxtext_compile.py [--config=configs/qwen2_72b.py:v5p_256]
+    .venv/bin/python -m benchmarks.maxtext_compile [--config=configs/qwen2_72b.py:v5p_256]
         [--target=v5p-256] [--stage=pretrain] [--maxtext-python=/work/venv-maxtext/bin/python]
         [--maxtext-override=KEY=VALUE ...]
 

@@ -1,7 +1,7 @@
 """MoE layer throughput: jaxllm.experts dispatch (dropless by gmm, with capacity) vs a dense
 SwiGLU with the same active parameters.
 
-    python benchmarks/moe.py [--tokens=4096] [--hidden=256] [--experts=8] [--top_k=2]
+    python -m benchmarks.moe [--tokens=4096] [--hidden=256] [--experts=8] [--top_k=2]
                              [--moe_dim=256] [--capacity_factor=1.25] [--dtype=float32]
 
 One layer, forward and backward (gradients of x, the router and the expert weights) of
@@ -31,8 +31,8 @@ from unittest import mock
 import jax
 import jax.numpy as jnp
 import numpy as np
-from timing import Failures, is_number, median_seconds
 
+from benchmarks.timing import Failures, is_number, median_seconds
 from jaxllm import experts
 
 

@@ -1,7 +1,7 @@
 """How every benchmark here times a call, and how it reports a call that failed.
 
-The scripts import it as `from timing import median_seconds` (run as `python benchmarks/X.py`,
-their own folder is on the import path).
+The scripts import it as `from benchmarks.timing import median_seconds`; they run from the
+checkout's root as `python -m benchmarks.X`.
 """
 
 from __future__ import annotations

@@ -1,13 +1,13 @@
 """Train-step speed and memory: jaxllm vs Hugging Face transformers on torch, eager and under
 torch.compile, same model, batch and AdamW, in one run.
 
-    python benchmarks/train_step.py [--config=configs/tiny.py[:VARIANT]] [--config.KEY=VALUE ...]
+    python -m benchmarks.train_step [--config=configs/tiny.py[:VARIANT]] [--config.KEY=VALUE ...]
         [--batch=8] [--seq_len=256] [--warmup=2] [--steps=10] [--peers=eager,compile]
 
-The CPU comparison of the README (an 18.9M-parameter Qwen2, float32):
-    python benchmarks/train_step.py --config=configs/tiny.py:bench --batch=8 --seq_len=512
+The CPU comparison of docs/speed.md (an 18.9M-parameter Qwen2, float32):
+    python -m benchmarks.train_step --config=configs/tiny.py:bench --batch=8 --seq_len=512
 Qwen2-0.5B on one H100 / H200:
-    python benchmarks/train_step.py --config=configs/qwen2_0_5b.py --batch=4 --seq_len=2048
+    python -m benchmarks.train_step --config=configs/qwen2_0_5b.py --batch=4 --seq_len=2048
 
 Every side trains the config's model with AdamW on the same random tokens: forward, backward,
 gradient clipping and the optimizer update per step. On CPU all run in float32. On a GPU all
@@ -45,7 +45,8 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 import numpy as np  # noqa: E402
-from timing import is_out_of_memory, median_seconds  # noqa: E402
+
+from benchmarks.timing import is_out_of_memory, median_seconds  # noqa: E402
 
 GiB = 2**30
 SIDES = {"jaxllm": "jaxllm (jax.jit)", "eager": "transformers (torch eager)",
@@ -200,8 +201,9 @@ def run_side(args, config) -> dict:
 
 def side_in_subprocess(side: str, argv: list[str]) -> dict:
     """Runs `--side=side` in a fresh process; a failure returns {"error": ...}."""
-    cmd = [sys.executable, os.path.abspath(__file__), *argv, f"--side={side}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "benchmarks.train_step", *argv, f"--side={side}"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT):
             return json.loads(line[len(RESULT):])

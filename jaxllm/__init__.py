@@ -1,6 +1,7 @@
 """jaxllm: pretrain Qwen2 / Llama decoder LLMs in JAX.
 
-The notebook API of DESIGN §1. Names resolve lazily, so `import jaxllm` stays cheap and
+The notebook API (load_config, load_hf, save_hf, forward, generate, load_tokenizer, ...;
+docs/configs.md). Names resolve lazily, so `import jaxllm` stays cheap and
 `python -m jaxllm.plan` never imports the model stack it does not need.
 """
 

@@ -20,7 +20,6 @@ import and average add `hf_files/`, the tokenizer of the model or run it came fr
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
@@ -319,17 +318,16 @@ def average_checkpoints(workdir: str, last: int, out_dir: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m jaxllm.checkpoint")
+    from jaxllm.cli import ArgumentParser, run_command
+
+    parser = ArgumentParser(prog="python -m jaxllm.checkpoint")
     sub = parser.add_subparsers(dest="command", required=True)
     avg = sub.add_parser("average", help="average the params of a run's newest checkpoints")
     avg.add_argument("--workdir", required=True)
     avg.add_argument("--last", type=int, required=True)
     avg.add_argument("--out", required=True)
     args = parser.parse_args(argv)
-    try:
-        steps = average_checkpoints(args.workdir, args.last, args.out)
-    except (ValueError, FileNotFoundError) as e:  # ConfigError is a ValueError
-        raise SystemExit(f"error: {e}") from None
+    steps = run_command(lambda: average_checkpoints(args.workdir, args.last, args.out))
     print(f"averaged steps {steps} of {args.workdir} into {args.out}; generate or export from "
           f"it with --workdir={args.out}, train from it with --config.init.checkpoint={args.out}")
 

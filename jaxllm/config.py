@@ -1,9 +1,9 @@
 """Config schema, loading and validation.
 
-Every config file in configs/ starts from `base_config()` and changes values; `validate` then
-checks the whole tree against that schema and the rules of config_rules.py (type and range
-of every key), so a typo in a key or a value that cannot work fails with one message naming
-the key before anything is compiled (STYLE.md rule 8).
+Every config file in jaxllm/configs/ starts from `base_config()` and changes values;
+`validate` then checks the whole tree against that schema and the rules of config_rules.py
+(type and range of every key), so a typo in a key or a value that cannot work fails with one
+message naming the key before anything is compiled.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from collections.abc import Sequence
 
 import ml_collections as mc
 
-# The allowed values of every key live in config_rules.RULES; DTYPES is re-exported for convert/.
+# The allowed values of every key: config_rules.VALUE_RULES; DTYPES is re-exported for convert/.
 from jaxllm.config_rules import DTYPES as DTYPES
-from jaxllm.config_rules import RULES, rule_for, walk
+from jaxllm.config_rules import VALUE_RULES, rule_for, walk
 
 RECIPE_STAGES = ("pretrain", "long_context", "anneal")
 
@@ -79,7 +79,7 @@ def model_defaults() -> mc.ConfigDict:
 def stage(steps: int, seq_len: int, batch_size: int, rope_theta: float, peak: float, end: float,
           warmup_steps: int, schedule: str, mixture: dict[str, float] | None = None
           ) -> mc.ConfigDict:
-    """One training stage (DESIGN §1 config.stages)."""
+    """One training stage: an entry of config.stages (docs/configs.md)."""
     return mc.ConfigDict(
         dict(
             steps=steps,
@@ -115,7 +115,7 @@ def data_source(format: str, path: str = "", *, heldout_fraction: float = 0.02,
 
 def base_config() -> mc.ConfigDict:
     """The schema: every key any config may set, with its default; the values each key may
-    take are in jaxllm/config_rules.py RULES (a test checks that every key has one)."""
+    take are in jaxllm/config_rules.py VALUE_RULES (a test checks that every key has one)."""
     c = mc.ConfigDict()
     c.model = model_defaults()
     c.tokenizer = mc.ConfigDict(dict(name="qwen2", max_rank=0))  # max_rank 0: the whole vocab
@@ -217,16 +217,32 @@ def apply_override(config: mc.ConfigDict, override: str) -> None:
     try:
         node[leaf] = value
     except TypeError:  # ConfigDict keeps a key's type: 1.5 for an int key, text for a number
-        rule = rule_for(RULES, tuple(key.strip().split(".")))
+        rule = rule_for(VALUE_RULES, tuple(key.strip().split(".")))
         _fail(key.strip(), (rule and rule.error(value)) or f"{value!r} is a "
               f"{type(value).__name__}; it must be a {type(old).__name__}")
 
 
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")  # shipped
+
+
+def config_path(path: str) -> str:
+    """A config file as given; `configs/NAME.py` that is not there is the shipped one
+    (jaxllm/configs/NAME.py), so the documented paths work from any directory."""
+    parts = os.path.normpath(path).split(os.sep)
+    shipped = os.path.join(CONFIGS_DIR, *parts[1:])
+    if not os.path.exists(path) and len(parts) > 1 and parts[0] == "configs" and \
+            os.path.exists(shipped):
+        return shipped
+    return path
+
+
 def load_config(path: str, overrides: Sequence[str] = ()) -> mc.ConfigDict:
-    """The same ConfigDict the CLI builds: `path` may end in `:ARG` for a variant."""
+    """The same ConfigDict the CLI builds: `path` (see `config_path`) may end in `:ARG` for a
+    variant."""
     arg = None
-    if ":" in path and not os.path.exists(path):
+    if ":" in path and not os.path.exists(config_path(path)):
         path, arg = path.split(":", 1)
+    path = config_path(path)
     module = _import_config_file(path)
     try:
         config = module.get_config(arg) if arg is not None else module.get_config()
@@ -264,10 +280,10 @@ def _check_keys(node: mc.ConfigDict, schema: mc.ConfigDict, prefix: str) -> None
 
 
 def _apply_rules(node: mc.ConfigDict, path: tuple[str, ...], shown: str) -> None:
-    """Checks every leaf under `node` (at `path` in the schema, shown as `shown`) by RULES."""
-    for leaf, value, rule in walk(RULES, node, path):
+    """Checks every leaf under `node` (at `path` in the schema, shown as `shown`) by VALUE_RULES."""
+    for leaf, value, rule in walk(VALUE_RULES, node, path):
         if rule is None:
-            raise LookupError(f"config.{'.'.join(leaf)} has no rule: add one to RULES in "
+            raise LookupError(f"config.{'.'.join(leaf)} has no rule: add one to VALUE_RULES in "
                               "jaxllm/config_rules.py")
         message = rule.error(value)
         if message is not None:
@@ -367,7 +383,7 @@ def _check_stages(config: mc.ConfigDict) -> None:
 
 def validate(config: mc.ConfigDict) -> None:
     """Raises ConfigError naming the first key whose value cannot work: unknown keys, then each
-    leaf against RULES, then the checks that involve several keys."""
+    leaf against VALUE_RULES, then the checks that involve several keys."""
     _check_keys(config, base_config(), "")
     _apply_rules(config, (), "")
     _check_model(config.model, "model")

@@ -1,4 +1,4 @@
-"""The values every config key may take: `RULES`, one rule per key of config.base_config().
+"""The values every config key may take: `VALUE_RULES`, one rule per key of config.base_config().
 
 A rule gives a leaf's type and the values it may take: an interval such as "[0, 1)" (bounds
 are numbers, `inf` or `2**N`), a set of choices, or any value of its type. `Rule.error`
@@ -125,7 +125,7 @@ SOURCE_FORMATS = ("python_stdlib", "text", "jsonl", "parquet", "arrayrecord")
 # and fails on a key with no rule here, so a new key cannot be added without one.
 COUNT, SIZE, RATE = integer("[0, inf)"), integer("[1, inf)"), number("[0, inf)")
 POSITIVE = number("(0, inf)")
-RULES: dict[str, Rule] = {
+VALUE_RULES: dict[str, Rule] = {
     "model.family": choice(*FAMILIES),
     **{f"model.{k}": SIZE for k in ("vocab_size", "hidden_size", "num_layers", "num_heads",
                                       "num_kv_heads", "head_dim", "intermediate_size",

@@ -1,13 +1,11 @@
 """Dual Chunk Attention (DCA): attention past the trained length with relative positions kept
-inside it, as Qwen2 runs 128K-token (and Qwen2.5-1M 1M-token) inputs without training on them.
+inside it, as Qwen2 runs 128K-token inputs without training on them.
 
-Dimension letters: B batch, T query length, S key length, N query heads, K kv heads,
-G = N / K (query head n reads kv head n // G), H head dim.
+Dimension letters: docs/glossary.md; here c = chunk_size - local_size, DCA's chunk.
 
-A row is cut into chunks of c = chunk_size - local_size positions: a token at position p is in
-chunk p // c (positions count from each document's first token, so with packed documents
-every document has its own chunks). Keys are rotated at p mod c. A query attends to the keys
-of its own document in three parts, each with its own query position:
+A token at position p (counted from its document's first token) is in chunk p // c; keys are
+rotated at p mod c. A query attends to the keys of its own document in three parts, each with
+its own query position:
 
 | part        | keys (same document)             | query position                    |
 |-------------|----------------------------------|-----------------------------------|
@@ -15,30 +13,11 @@ of its own document in three parts, each with its own query position:
 | successive  | the chunk just before its own    | min(p mod c + c, chunk_size)      |
 | inter-chunk | every chunk before that one      | min(2·c - 1, chunk_size), for all |
 
-So every query-key distance is at most chunk_size (the successive part is exact for the first
-local_size queries of a chunk, whose nearest keys are its neighbours), and every position
-index the rotary embedding sees is at most chunk_size. Each part is ordinary attention with
-its rope-rotated queries; the three results are merged by their log-sum-exp, which is exactly
-ONE softmax over the scores of all three parts. A row whose positions all fit in one chunk
-(p < c) has only the intra-chunk part: ordinary attention.
-
-Masks. The kernels (jaxllm/kernels/mask.py) compare segment ids for equality, so a part's mask
-is written as ids: a key's id is (document, chunk) and a query's id is (document, chunk - d)
-for keys d chunks back: d = 0 intra-chunk (plus the kernels' causal mask), d = 1 successive,
-d = 2, 3, ... inter-chunk, one kernel call each (equality cannot say "d >= 2"). The number of
-inter-chunk calls is fixed at trace time from `max_position` (default S): positions must stay
-below it. Each call runs over the whole row; 'chunked' skips block pairs whose ids cannot
-match, so the parts together cost about one causal attention, in memory linear in T.
-
-Positions follow vLLM's Qwen2 implementation: `DualChunkRotaryEmbedding` in
-vllm/model_executor/layers/rotary_embedding/dual_chunk_rope.py (q_t = arange(c); qc_t =
-(arange(c) + c).clamp(max=chunk_size); k_t = arange % c; the inter query uses qc_t[c - 1]) and
-the chunk split of vllm/attention/backends/dual_chunk_flash_attn.py (chunks of c positions;
-successive = the whole previous chunk; inter = keys before it; lse merge). The method is An et
-al. 2024, "Training-Free Long-Context Scaling of Large Language Models" (ChunkLlama,
-github.com/HKUNLP/ChunkLlama), configured for Qwen by `dual_chunk_attention_config`
-(`chunk_size`, `local_size`). vLLM's optional length-dependent softmax scale
-(`original_max_position_embeddings`) is not built in: pass it as `scale`.
+The parts merge by their log-sum-exp: exactly one softmax over all their scores. Each part is
+kernel calls over the whole row whose segment ids are (document, chunk) for keys and
+(document, chunk - d) for queries, d chunks back, one call per d; their number is fixed at
+trace time by `max_position` (default S), which positions must stay below.
+After vLLM's Qwen2 `DualChunkRotaryEmbedding`. Design notes: docs/long_context.md.
 """
 
 from __future__ import annotations

@@ -1,32 +1,18 @@
-"""Mixture-of-experts dispatch: routing, the experts' SwiGLU on sorted token-copies, and
-expert parallelism (all-to-all over the `expert` mesh axis inside `jax.shard_map`).
+"""Mixture-of-experts dispatch: routing, the experts' SwiGLU on token-copies sorted by expert,
+and expert parallelism (all-to-all over the `expert` mesh axes inside `jax.shard_map`).
 
-Dimension letters: B batch, T length, D model dim, E experts, K experts per token, F an
-expert's ffn dim; N = B·T tokens, M = N·K token-copies, C an expert's capacity, ep the size of
-the expert mesh axes, El = E / ep the experts of one device.
+Dimension letters: docs/glossary.md; here K experts per token, F an expert's ffn dim,
+N = B·T tokens, M = N·K token-copies, C an expert's capacity, El = E / ep the experts of one
+device (ep the size of the expert mesh axes).
 
     y[t] = Σ_k weights[t, k] · (silu(x[t] @ gate[e]) · (x[t] @ up[e])) @ down[e],  e = experts[t, k]
 
-Copies are numbered k-major (copy k·N + n is token n's k-th choice), which is also the
-capacity priority: every token's first choice in token order, then every second choice...
-A stable argsort by expert therefore groups the copies and keeps priority order inside each
-group, so the position of a copy in its group decides whether it fits the capacity.
-
-Dropless (capacity_factor 0): the sorted copies go through three grouped matmuls
-(jaxllm.kernels.gmm: gate, up, down; silu·up between), are unsorted and combined with the
-weights in float32. Matmuls run in x's dtype with float32 accumulation.
-
-Capacity (capacity_factor > 0, C = ceil(capacity_factor · N · K / E)): each expert has C
-slots; copies past them are dropped (they add nothing) and counted. The slots are an [E, C, D]
-buffer filled by gathers and multiplied by dense einsums: fixed shapes, and on 2 CPU cores
-(benchmarks/moe.py: N=4096, D=256, E=8, K=2, F=256, factor 1.25, forward+backward) 1.3x
-faster than the interpreted Pallas gmm over the same buffer (204 vs 275 ms); on GPU/TPU a batched
-matmul of equal groups is what gmm would compute anyway. Gate and up stay two gmm calls: one
-over concatenated weights measured within noise with Pallas (303 vs 329 ms) and slower with
-ragged_dot, and it copies every expert's weights each step.
-
-On a mesh (found at trace time with `jax.sharding.get_abstract_mesh()`; the model names no
-mesh axis), the dispatch runs inside `jax.shard_map`, blocks by sharding.RULES:
+Copies are numbered k-major (copy k·N + n is token n's k-th choice), the capacity priority,
+and a stable argsort by expert groups them. Dropless (capacity_factor 0): three grouped matmuls
+(jaxllm.kernels.gmm) on the sorted copies. Capacity: C = ceil(capacity_factor · N · K / E)
+slots an expert, an [E, C, D] buffer through dense einsums; copies past them are dropped and
+counted. On a mesh, copies go to their experts' devices and back (`EXCHANGE`), in blocks by
+sharding.LOGICAL_AXIS_RULES:
 
 | operand                 | logical axes                  | split inside the shard_map        |
 |-------------------------|-------------------------------|-----------------------------------|
@@ -34,27 +20,7 @@ mesh axis), the dispatch runs inside `jax.shard_map`, blocks by sharding.RULES:
 | gate, up [E, D, F]      | expert, embed, expert_mlp     | expert, –, tensor                 |
 | down [E, F, D]          | expert, expert_mlp, embed     | expert, tensor, –                 |
 
-D is whole inside, so XLA all-gathers the FSDP shards of the weights at the boundary. Each
-device sorts its own copies by expert (experts are owned in contiguous blocks of El, so this
-also orders them by destination), sends each to its expert's device, runs its El experts on
-what it received, sends the results back and combines. With F split over tensor the down
-projection gives partial sums: y is psummed over tensor. The dropped count is psummed over the
-axes that split tokens, C counts one device's tokens. Dropless exchange: the receive buffer
-is [ep · M, D] (every device may send all its M copies to one device), source i's rows at
-i·M, and the received rows are sorted by local expert (their ids follow from the [ep, El]
-counts, exchanged first); the padding rows fall in no group, and gmm skips whole tiles of them.
- - GPU/TPU: `jax.lax.ragged_all_to_all` moves only the real rows.
- - CPU: XLA:CPU has no ragged-all-to-all, so `jax.lax.all_to_all` moves [ep, M, D] blocks
-   padded to the worst case: exact, ep times the bytes (CPU meshes are for tests), and it
-   lands rows where the ragged exchange does, so all else is shared. A capacity-padded
-   exchange would be smaller but would drop copies. `EXCHANGE` overrides the choice.
-Capacity exchange (all backends): the [E, C, D] buffer itself, all_to_all over E.
-
-Gradients: shard_kernels.CHECK_VMA (off: check_vma=True rejects the pallas_call). Its
-transpose divides the cotangents of outputs replicated over an axis and sums those of inputs
-replicated over it (x over tensor, the weights over the batch axes), which is exact here:
-tests/test_experts.py compares values and gradients with one device. Tests record the
-per-device shapes by replacing `gmm` and `batched_ffn` in this module.
+Design notes (the exchange, gradients, measurements): docs/moe.md.
 """
 
 from __future__ import annotations

@@ -24,7 +24,6 @@ data×fsdp×expert, and the batch is padded to a multiple of it.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import logging
 import sys
@@ -164,7 +163,7 @@ def generate_ids(model_config, params: dict, prompts: Sequence[Sequence[int]],
     if mesh is None:
         out_BxN = np.asarray(run())
     else:
-        with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+        with sharding.use_mesh(mesh):
             out_BxN = sharding.to_host(run())
     results = []
     for row in out_BxN[:rows].tolist():
@@ -246,12 +245,11 @@ def make_mesh(model_config, spec: str, devices=None) -> jax.sharding.Mesh:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m jaxllm.generate",
-                                     description="Sample continuations of prompts.")
-    parser.add_argument("--workdir", help="run directory (newest checkpoint) or params "
-                                          "checkpoint")
-    parser.add_argument("--hf", help="Hugging Face directory (Qwen2 / Qwen2-MoE / Llama)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step of --workdir")
+    from jaxllm.cli import ArgumentParser, add_model_source_flags, run_command
+
+    parser = ArgumentParser(prog="python -m jaxllm.generate",
+                            description="Sample continuations of prompts.")
+    add_model_source_flags(parser)
     parser.add_argument("--prompt", action="append", required=True,
                         help="prompt text; repeat for a batch")
     parser.add_argument("--max_new_tokens", type=int, default=64)
@@ -263,23 +261,23 @@ def main(argv: list[str] | None = None) -> None:
                         help="decode sharded over a mesh, e.g. tensor:4,fsdp:2 (default: one "
                              "device)")
     args = parser.parse_args(argv)
-    try:
+
+    def body() -> list[str]:
         model_config, params, tokenizer = load_model(args.workdir, args.hf, args.step,
                                                      args.mesh)
-        texts = generate(model_config, params, tokenizer, args.prompt, args.max_new_tokens,
-                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                         seed=args.seed)
-    except (ValueError, FileNotFoundError) as e:  # ConfigError is a ValueError
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return generate(model_config, params, tokenizer, args.prompt, args.max_new_tokens,
+                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                        seed=args.seed)
+
+    texts = run_command(body)
     for prompt, text in zip(args.prompt, texts, strict=True):
         print(prompt + text)
         print("-" * 40)
 
 
 class _CallableModule(types.ModuleType):
-    """`jaxllm.generate` names both this module (`python -m jaxllm.generate`) and, per DESIGN
-    §1, the function. Importing a submodule makes it the package's attribute, so the module
+    """`jaxllm.generate` names both this module (`python -m jaxllm.generate`) and the notebook
+    API's function. Importing a submodule makes it the package's attribute, so the module
     itself calls `generate`."""
 
     def __call__(self, *args, **kwargs):

@@ -10,10 +10,9 @@ import os
 import sys
 import traceback
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-_TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
-                     "tiny.py")
+_TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "tiny.py")
 
 flags.DEFINE_string("config", _TINY, "Config file, optionally with :ARG; then any number of "
                     "--config.KEY=VALUE overrides (jaxllm/cli.py).")
@@ -65,24 +64,18 @@ def train(config, workdir: str):
 
 
 def main(argv: list[str], overrides: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from jaxllm.cli import fail, run_command
     from jaxllm.config import ConfigError, load_config
     from jaxllm.data.formats import DataError
     from jaxllm.train.loop import PREEMPTED_EXIT_CODE, Preempted
 
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-    try:
-        config = load_config(FLAGS.config, overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    config = run_command(lambda: load_config(FLAGS.config, overrides))
     initialize_distributed()
     try:
         train(config, FLAGS.workdir)
     except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        _exit(2)
+        fail(e, exit=_exit)
     except Preempted:
         sys.exit(PREEMPTED_EXIT_CODE)
     except KeyboardInterrupt:  # Ctrl-C twice (once saves a checkpoint and stops: Preempted)

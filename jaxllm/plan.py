@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +19,7 @@ from flax import linen as nn
 from jax.sharding import AbstractMesh, AxisType
 
 from jaxllm import sharding
-from jaxllm.config import ConfigError, load_config, stage_names, validate
+from jaxllm.config import load_config, stage_names, validate
 from jaxllm.experts import capacity
 from jaxllm.metrics import ffn_widths, flops_per_token
 from jaxllm.model import abstract_params
@@ -146,7 +145,7 @@ def make_plan(config: mc.ConfigDict, num_devices: int) -> dict:
         from jaxllm import upcycle
 
         dense, _ = upcycle.read_dense_config(config.init.upcycle_from)
-        extra["upcycle"] = upcycle.make_plan(
+        extra["upcycle"] = upcycle.upcycle_plan(
             dense, m, config.init.upcycle_reinit,
             f"config.init.upcycle_from={config.init.upcycle_from!r}").describe()
     return {
@@ -205,15 +204,12 @@ def format_plan(plan: dict) -> str:
 def main(argv: list[str], overrides: list[str]) -> None:
     from absl import flags, logging
 
-    if len(argv) > 1:
-        raise SystemExit(f"unexpected arguments: {argv[1:]}")
+    from jaxllm.cli import run_command
+
     F = flags.FLAGS  # defined below, only when run as a program (tests import make_plan)
     logging.set_verbosity(logging.WARNING)
-    try:
-        plan = make_plan(load_config(F.config, overrides), F.devices or jax.device_count())
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    plan = run_command(lambda: make_plan(load_config(F.config, overrides),
+                                         F.devices or jax.device_count()))
     print(json.dumps(plan, indent=1) if F.json else format_plan(plan))
 
 

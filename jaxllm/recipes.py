@@ -29,7 +29,7 @@ def long_documents(config: mc.ConfigDict, stage_name: str = "long_context",
 def qwen2_recipe(config: mc.ConfigDict, *, batch_size: int, peak_lr: float,
                  pretrain_steps: int, long_context_steps: int, anneal_steps: int) -> None:
     """The Qwen2 report's three stages: 4K tokens at rope base 1e4, then 32K at 1e6 near the
-    end of pretraining, then a learning-rate anneal on high-quality data (DESIGN §3)."""
+    end of pretraining, then a learning-rate anneal on high-quality data."""
     long_batch = max(1, batch_size // 8)  # same tokens per step at 8x the context
     config.stages.pretrain = stage(pretrain_steps, 4096, batch_size, 1e4, peak_lr, peak_lr / 10,
                                    2000, "cosine")

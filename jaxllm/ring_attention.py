@@ -1,34 +1,18 @@
 """Ring attention: context parallelism over one mesh axis, inside `jax.shard_map`.
 
-Dimension letters: B batch, T query length of one device, N query heads, K kv heads, H head
-dim, s devices on the axis, c = T / 2 tokens of one chunk.
+Dimension letters: docs/glossary.md; here T is the query length of one device (a row has s·T
+tokens), s the devices on the axis, c = T / 2 the tokens of one chunk.
 
-Each of the s devices holds T of a row's s·T tokens. The keys and values travel round the
-ring with `ppermute`, one hop a step, while each device attends its queries to the block it
-holds; the s partial outputs merge by their log-sum-exp. A step's send does not depend on its
-attention, so the transfer of the next block overlaps the compute of this one.
+K/V blocks travel round the ring by `ppermute` while each device attends its queries to the
+block it holds; the s partial outputs merge by their log-sum-exp. Causal rows use the zigzag
+layout (`zigzag_order`: device r holds chunks r and 2s-1-r of the row's 2s), so every step is
+c × 2c scores on every device (`visible_chunk_pairs`). The backward, a custom VJP, sends the
+blocks round again with their gradient accumulators and recomputes each step's partial
+attention, pulling back through it the cotangents the merge gives it:
 
-Load balance (causal). In order, a row is 2s chunks; device r holds chunks r and 2s-1-r (the
-"zigzag" layout: `zigzag_order`). Its own two chunks are in order, so step 0 is ordinary causal
-attention over them. At later steps the block comes from device src: when src < r, both of
-r's chunks see all of src's first chunk and none of its second; when src > r, r's second
-chunk sees both of src's chunks and r's first sees neither. Either way a step is c × 2c
-scores on every device, so no device waits for another: each computes 2s + 1 of the (2s)²
-chunk pairs (`visible_chunk_pairs`). Documents (segment ids) need no layout: a row's segment
-ids are global, so equal ids mean the same document on any two devices.
+    w = exp(lse_j - lse),  d out_j = w · d out,  d lse_j = w · (d out · (out_j - out) + d lse).
 
-Without causality every step is all of T × T, with any layout.
-
-The backward (a custom VJP) keeps only this device's blocks and the merged output and
-log-sum-exp, so its memory is linear in T, not in s·T. It sends the key/value blocks round the
-ring again, now with their gradient accumulators: at each step it recomputes that step's
-partial attention and pulls back through it the cotangents that the merge gives it,
-
-    w = exp(lse_j - lse),  d out_j = w · d out,  d lse_j = w · (d out · (out_j - out) + d lse),
-
-then adds dq here and dk, dv to the travelling accumulators, which one last hop brings home.
-The recompute costs one more attention forward per layer, the price of not keeping s blocks
-(with `remat`, the model pays it anyway for every other layer op).
+Design notes: docs/parallelism.md.
 """
 
 from __future__ import annotations

@@ -1,51 +1,26 @@
 """Kernels on the mesh: `jax.shard_map` wrappers that hand each device its own block.
 
-Dimension letters: B batch, T query length, S key length, N query heads, K kv heads,
-G = N / K, H head dim; s the size of the sequence axes, Tl = T / s the queries of one device.
+Dimension letters: docs/glossary.md; here T is the whole row's query length, s the size of the
+sequence axes, Tl = T / s the queries of one device.
 
-XLA cannot partition a Pallas call (Triton on GPU, Mosaic on TPU): under `jit` with sharded
-operands it gathers them and runs the whole kernel on every device. So the model calls
-`attention` from here, which finds the mesh the caller set (`jax.set_mesh`, as training and
-sharded decoding do; read at trace time with `jax.sharding.get_abstract_mesh`) and runs the
-kernel inside `jax.shard_map` on per-device blocks. The model names no mesh axis: the blocks
-follow the logical axes of sharding.RULES, the one table.
+XLA cannot partition a Pallas call (it gathers sharded operands and runs the whole kernel on
+every device), so `attention` runs the kernel inside `jax.shard_map` on per-device blocks of the
+mesh found at trace time (`jax.sharding.get_abstract_mesh`), by sharding.LOGICAL_AXIS_RULES:
 
-| operand                       | logical axes              | mesh axes (RULES)              |
+| operand                       | logical axes              | mesh axes                      |
 |-------------------------------|---------------------------|--------------------------------|
 | q, out [B, T, N, H]           | batch, length, heads, –   | (data, fsdp), sequence, tensor |
 | k, v [B, S, K, H]             | batch, length, kv_heads, –| (data, fsdp), sequence, tensor |
 | segment ids [B, T] / [B, S]   | batch, length             | (data, fsdp), sequence         |
 | lse [B, T, N]                 | batch, length, heads      | (data, fsdp), sequence, tensor |
 
-Query heads and kv heads split over the same axes, so each device holds whole GQA groups:
-its N/t query heads read exactly its K/t kv heads (query head n reads kv head n // G).
-
-Sequence, rows in the zigzag layout (declared with `zigzag_rows()` at trace time, as the
-train loop does after laying its batches out by `row_order`): causal self-attention is ring
-attention (jaxllm/ring_attention.py): K/V travel round the `sequence` ring by
-collective-permute, and every device does the same share of the causal work.
-
-Sequence, rows in order (anything else: self-attention, T = S, causal): each device keeps
-its Tl queries and all-gathers
-K/V (and their segment ids) over `sequence` inside the shard_map, then attends to the T keys
-*ending at its last query*: the keys are shifted right by (s-1-i)·Tl on device i, the gap
-filled with keys of segment -1, which no query matches. The kernels put a query block at the
-end of the keys (q_offset = S - T), so the shift is exactly the causal offset of device i;
-causal block skipping and segment-range skipping then drop the keys it may not see. Each
-device does 1/s of the attention (device s-1 the most: causal work is not balanced; ring
-attention, a later increment, streams K/V instead of gathering them). Anything else
-(cross-attention, decoding against a cache, T not divisible by s) keeps T and S whole: XLA
-gathers the sequence shards outside and the sequence devices compute the same block.
-
-A dimension that its mesh axes do not divide (heads and kv heads are judged together) is left
-whole on every device rather than refused: training meshes are checked up front
-(sharding.check_divisible, rows padded by generate), so this only spares odd callers. With no
-mesh, or when no dimension splits (every axis of size 1), the kernel is called directly, so a
-model run on one device, in tests or a notebook, does exactly what it did.
-
-The MoE layers' dispatch (sorting token-copies by expert, the grouped matmuls and the
-all-to-all over `expert`) is mapped onto the mesh the same way, with `mesh_axes_for`, in
-jaxllm/experts.py.
+Over `sequence`, causal self-attention on rows in the zigzag layout (`zigzag_rows()`) is ring
+attention (jaxllm/ring_attention.py); on rows in order each device keeps its Tl queries and
+all-gathers K/V, shifted right by (s-1-i)·Tl on device i (the gap: keys of segment
+GAP_SEGMENT), so that the kernels' causal offset is device i's. Anything else keeps T and S
+whole. A dimension its mesh axes do not divide stays whole; with no mesh or no split the kernel
+runs directly.
+Design notes: docs/parallelism.md.
 """
 
 from __future__ import annotations
@@ -69,7 +44,7 @@ from jaxllm.ring_attention import ring_attention, zigzag_order
 
 # Logical name → mesh axes, from the one table in sharding.py.
 _MESH_AXES = {name: (axes,) if isinstance(axes, str) else tuple(axes or ())
-              for name, axes in sharding.RULES}
+              for name, axes in sharding.LOGICAL_AXIS_RULES}
 # check_vma=True rejects both kernels (jax 0.10): a pallas_call's out_shape would have to name
 # its varying axes, and the chunked kernel's lax.cond skip branch returns unvarying constants.
 # Off, shard_map's transpose divides by and sums over the axes a spec leaves out, which is the

@@ -1,14 +1,17 @@
 """The device mesh and the one table that maps logical axis names onto it.
 
-Parameters and activations name their axes logically (`embed`, `mlp`, `heads`, ...); RULES
-says which mesh axis each is split over. Changing a parallelism strategy means changing
-this table, not the model. Kernels that XLA cannot partition (Pallas) are mapped onto the
-mesh by the same table in jaxllm/shard_kernels.py (`shard_map` on per-device blocks).
+Parameters and activations name their axes logically (`embed`, `mlp`, `heads`, ...);
+LOGICAL_AXIS_RULES says which mesh axis each is split over. Changing a parallelism strategy
+means changing this table, not the model. Kernels that XLA cannot partition (Pallas) are
+mapped onto the mesh by the same table in jaxllm/shard_kernels.py (`shard_map` on
+per-device blocks).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import jax
 import ml_collections as mc
@@ -21,7 +24,7 @@ from jaxllm.config import ConfigError
 MESH_AXES = ("data", "fsdp", "tensor", "expert", "sequence")
 BATCH_AXES = ("data", "fsdp", "expert")  # the mesh axes that split a batch's rows
 
-RULES = (
+LOGICAL_AXIS_RULES = (
     # Activations: rows over data, fsdp and expert (outside the MoE layers expert devices are
     # data parallel), tokens over sequence; the residual stream's D is whole on each device
     # (tensor parallelism splits heads and F inside a layer).
@@ -100,7 +103,7 @@ def make_mesh(config: mc.ConfigDict, devices=None) -> Mesh:
 def param_shardings(abstract_boxed_params, mesh: Mesh):
     """NamedShardings for a tree of logically-boxed parameters (from `eval_shape` of init)."""
     specs = nn.get_partition_spec(abstract_boxed_params)
-    return nn.logical_to_mesh_sharding(specs, mesh, RULES)
+    return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_AXIS_RULES)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -121,6 +124,13 @@ def to_host(x: jax.Array) -> np.ndarray:
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh) -> Iterator[None]:
+    """Traces and runs under `mesh` with the logical axes of LOGICAL_AXIS_RULES."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        yield
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

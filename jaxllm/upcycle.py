@@ -1,48 +1,22 @@
 """Upcycling a dense model into a Qwen2-MoE's initial weights (`config.init.upcycle_from`).
 
-Dimension letters: L dense layers, G sparse layers of the MoE, D model dim, V vocab rows,
-F the dense FFN's intermediate size, E experts, M an expert's size (moe_intermediate_size),
-S the shared expert's size, C shuffled copies of a dense FFN.
+Dimension letters: docs/glossary.md; here G the sparse layers of the MoE, F the dense FFN's
+intermediate size, M an expert's size (moe_intermediate_size), S the shared expert's size,
+C = ⌈E·M / F⌉ shuffled copies of a dense FFN.
 
-The Qwen2 report's recipe, per sparse layer (every layer when decoder_sparse_step is 1, else
-layers k-1, 2k-1, ...; the MoE's dense layers copy the dense FFN as it is):
-
-* Experts. The dense FFN is copied C = ⌈E·M / F⌉ times; each copy's F intermediate units
-  are shuffled by its own seeded permutation (`permutations`), the copies are concatenated
-  and cut into E experts of M units; the last C·F − E·M units are discarded. A unit is a
-  gate_proj column, the up_proj column and the down_proj row of the same index, so each
-  expert is a SwiGLU made of whole dense neurons: with no re-initialisation and E·M = F, the
-  experts' outputs add up to the dense FFN's.
-* Re-initialisation (`reinit_fraction`, default 0.5, config `init.upcycle_reinit`): in each
-  expert of each layer a seeded random round(fraction·M) of its M units are re-drawn from the
-  model's init (normal, init_std): gate column, up column and down row together. Whole units,
-  not a mask over single numbers: a half-overwritten neuron is neither the dense one nor a
-  fresh one, while a re-drawn unit is a fresh neuron and a kept one still computes exactly
-  its dense original. At 0.5, half of each expert's parameters (all three matrices alike)
-  are new, which is what makes experts built from the same neurons diverge.
-* Shared expert (always active, so it carries the dense function forward; not
-  re-initialised): units 0..S-1 of the dense FFN in order when S ≤ F (trained units are
-  exchangeable: any S of them is as good as a random S); when S > F, all F units and then
-  S − F units of further shuffled copies whose down rows are zero (duplicates of units already
-  there; their zero output weight keeps the function and they learn from the first step).
-  `shared_expert_gate` is zero and shared down_proj rows are 2× the dense ones: sigmoid(0) =
-  0.5 halves the shared expert's output, the 2 (exact in floating point) restores it, so
-  with S ≥ F the shared branch equals the dense FFN and the upcycled model starts at the dense
-  model's function plus the routed experts' share (top-k of near-uniform softmax weights,
-  K/E of the weight in all, on partial FFNs: a small perturbation).
-* Router: normal(init_std), as a fresh MoE starts, from the seed. Its logits are small
-  (std init_std·‖x‖), so routing starts near uniform and the aux loss shapes it; a zero
-  router would tie every logit, send every token to the same first K experts and give them
-  all the same gradient.
-* Everything else (embeddings, attention, norms, lm_head) is copied. The two models must
-  agree on it (`make_plan` names the key that differs), except that the MoE may have fewer
-  vocab rows: Qwen2-7B pads its 151,646 ids to 152,064 rows, Qwen2-57B-A14B to 151,936, so
-  the rows past the MoE's vocab_size, which no id of its tokenizer uses (the pipeline checks
-  tokenizer size ≤ vocab_size), are dropped.
-
-Memory: the dense params sit on their own shardings of the same mesh; each routed or shared
-expert param is then built by its own jit, one layer at a time (`lax.map`), straight onto the
-target sharding, so at most the two models' params and one layer's temporaries are live.
+The Qwen2 report's recipe, per sparse layer (the MoE's dense layers copy the dense FFN). A unit
+is a gate_proj column, the up_proj column and the down_proj row of the same index.
+* Experts: C copies of the dense FFN, each one's units shuffled by its own seeded permutation
+  (`permutations`), concatenated and cut into E experts of M units (the rest discarded).
+* Re-initialisation: a seeded round(`reinit_fraction` · M) of each expert's units re-drawn
+  from the model's init (normal, init_std), whole units.
+* Shared expert: units 0..S-1 of the dense FFN (past F, extra units with zero down rows), its
+  gate zero and its down rows doubled, so with S ≥ F it equals the dense FFN.
+* Router: normal(init_std), so routing starts near uniform.
+* Everything else is copied (`upcycle_plan` names a key that differs); vocab rows past the
+  MoE's vocab_size are dropped.
+Each expert param is built by its own jit, a layer at a time, onto its target sharding.
+Design notes: docs/moe.md.
 """
 
 from __future__ import annotations
@@ -98,7 +72,7 @@ class Plan:
                 f"{shared}; {self.vocab_rows_dropped} padding vocab rows dropped")
 
 
-def make_plan(dense: mc.ConfigDict, moe: mc.ConfigDict, reinit_fraction: float = 0.5,
+def upcycle_plan(dense: mc.ConfigDict, moe: mc.ConfigDict, reinit_fraction: float = 0.5,
               where: str = "the dense model") -> Plan:
     """Checks that `dense` can be upcycled into `moe` (ConfigError naming the key otherwise)
     and says how; `where` names the dense source in messages."""
@@ -272,7 +246,7 @@ def upcycle(dense_params: dict, dense_model_cfg: mc.ConfigDict, moe_model_cfg: m
     in the MoE's param_dtype, each leaf on its entry of `shardings` (a tree like the MoE's
     params) when given. `init_std` defaults to the MoE config's.
     """
-    plan = make_plan(dense_model_cfg, moe_model_cfg, reinit_fraction, where)
+    plan = upcycle_plan(dense_model_cfg, moe_model_cfg, reinit_fraction, where)
     std = np.float32(moe_model_cfg.init_std if init_std is None else init_std)
     dtype = dtype_of(moe_model_cfg.param_dtype)
     dense = traverse_util.flatten_dict(dense_params)
@@ -350,7 +324,7 @@ def upcycled_params(config: mc.ConfigDict, shardings: dict | None = None) -> dic
     where = f"config.init.upcycle_from={source!r}"
     dense_cfg, kind = read_dense_config(source)
     fraction = float(config.init.upcycle_reinit)
-    logging.info("%s", make_plan(dense_cfg, config.model, fraction, where).describe())
+    logging.info("%s", upcycle_plan(dense_cfg, config.model, fraction, where).describe())
     boxed = abstract_params(dense_cfg)
     leaves = jax.tree.leaves(shardings) if shardings is not None else []
     if leaves and isinstance(leaves[0], jax.sharding.NamedSharding):

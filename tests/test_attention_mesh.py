@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import linen as nn
 from jax.sharding import AxisType, Mesh
 from jax.sharding import PartitionSpec as P
 from test_model import small_config  # one small model for the model and attention tests
@@ -66,7 +65,7 @@ def model_loss_and_grads(params, impl: str, mesh: Mesh | None):
     run = jax.jit(jax.value_and_grad(loss))
     if mesh is None:
         return jax.device_get(run(params))
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+    with sharding.use_mesh(mesh):
         return jax.device_get(run(params))
 
 
@@ -111,7 +110,7 @@ def train_loss_and_grads(config, devices, record=lambda: None):
     tokenizer = load_tokenizer(config.tokenizer.name, max_rank=config.tokenizer.max_rank)
     model_cfg = stage_model_config(config, "pretrain")
     order = shard_kernels.row_order(mesh, config.stages.pretrain.seq_len)  # as the loop does
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+    with sharding.use_mesh(mesh):
         state, _ = init_train_state(config, mesh)
         batch = to_global(next(make_iterator(config, "pretrain", tokenizer)),
                           sharding.batch_sharding(mesh), order)

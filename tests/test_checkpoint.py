@@ -7,7 +7,6 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import linen as nn
 
 from jaxllm import sharding
 from jaxllm.checkpoint import (
@@ -27,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny(*overrides):
-    return load_config(os.path.join(ROOT, "configs", "tiny.py:smoke"),
+    return load_config(os.path.join(ROOT, "jaxllm", "configs", "tiny.py:smoke"),
                        ["checkpoint.async=False", *overrides])
 
 
@@ -41,7 +40,7 @@ def batch(B=2, T=8, loss_mask=1.0):
 
 def one_device_state(config):
     mesh = sharding.make_mesh(config, jax.devices()[:1])
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+    with sharding.use_mesh(mesh):
         return (*init_train_state(config, mesh), mesh)
 
 
@@ -95,7 +94,7 @@ def test_restore_onto_another_mesh(tmp_path):
     config = tiny("mesh.data=1", "mesh.fsdp=8", "stages.pretrain.batch_size=8",
                   "stages.long_context.batch_size=8", "stages.anneal.batch_size=8")
     mesh8 = sharding.make_mesh(config)
-    with jax.set_mesh(mesh8), nn.logical_axis_rules(sharding.RULES):
+    with sharding.use_mesh(mesh8):
         state8, sh8 = init_train_state(config, mesh8)
     Checkpointer(str(tmp_path), config).save(3, state8, {"stage": "pretrain"})
     Checkpointer(str(tmp_path), config).wait()

@@ -62,7 +62,7 @@ def test_notebook_is_well_formed():
 def test_notebook_runs_on_cpu(tmp_path, monkeypatch):
     _stub_matplotlib(monkeypatch)
     monkeypatch.chdir(tmp_path)
-    overrides = dict(STEPS=4, CONFIG=str(ROOT / "configs" / "tiny.py") + ":smoke",
+    overrides = dict(STEPS=4, CONFIG=str(ROOT / "jaxllm" / "configs" / "tiny.py") + ":smoke",
                      WORKDIR=str(tmp_path / "run"), HF_DIR=str(tmp_path / "hf"),
                      # conftest gives 8 CPU devices: the batch must split over them.
                      OVERRIDES=["stages.pretrain.batch_size=8"])

@@ -151,7 +151,7 @@ def test_qwen2_7b_pretrain_fits_a_v5p_64_slice():
     """One full-size step: Qwen2-7B pretraining on fsdp 32 (its config's mesh over v5p-64's 32
     chips), 131,072 tokens a chip: the whole train state split 32 ways, flash attention's
     Mosaic kernels, and under the chip's 95 GiB (about a minute on 2 cores)."""
-    config = load_config(os.path.join(ROOT, "configs", "qwen2_7b.py"))
+    config = load_config(os.path.join(ROOT, "jaxllm", "configs", "qwen2_7b.py"))
     target = parse_target("v5p-64")
     [r] = compile_stages(config, compile_only_devices(target), target.device_memory,
                          ["pretrain"], eval_step=False)

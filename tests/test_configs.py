@@ -16,12 +16,12 @@ from conftest import xla_flags
 from jaxllm import sharding
 from jaxllm.cli import split_overrides
 from jaxllm.config import ConfigError, base_config, load_config, stage_names, validate
-from jaxllm.config_rules import RULES, walk
+from jaxllm.config_rules import VALUE_RULES, walk
 from jaxllm.model import param_count
 from jaxllm.train.pipeline import check_resumable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "jaxllm", "configs", "[!_]*.py")))
 
 PUBLISHED = {  # parameters, relative tolerance
     "qwen2_0_5b": (494e6, 0.01),
@@ -51,7 +51,7 @@ def test_config_loads_and_validates(path):
 
 
 def test_qwen2_recipe_stages():
-    c = load_config(os.path.join(ROOT, "configs", "qwen2_72b.py"))
+    c = load_config(os.path.join(ROOT, "jaxllm", "configs", "qwen2_72b.py"))
     assert (c.stages.pretrain.seq_len, c.stages.pretrain.rope_theta) == (4096, 1e4)
     assert (c.stages.long_context.seq_len, c.stages.long_context.rope_theta) == (32768, 1e6)
     assert c.stages.anneal.lr.end < c.stages.anneal.lr.peak
@@ -59,11 +59,11 @@ def test_qwen2_recipe_stages():
 
 
 def test_variant_and_overrides():
-    c = load_config(os.path.join(ROOT, "configs", "tiny.py:smoke"),
+    c = load_config(os.path.join(ROOT, "jaxllm", "configs", "tiny.py:smoke"),
                     ["model.num_layers=3", "stages.long_context.seq_len=128", "model.family=llama"])
     assert c.model.num_layers == 3 and c.stages.long_context.seq_len == 128
     assert c.model.family == "llama"
-    c = load_config(os.path.join(ROOT, "configs", "tiny.py:smoke"),
+    c = load_config(os.path.join(ROOT, "jaxllm", "configs", "tiny.py:smoke"),
                     ["model.dca.enabled=true", "model.qkv_bias=False"])
     assert c.model.dca.enabled is True and c.model.qkv_bias is False  # absl's spelling too
 
@@ -82,7 +82,7 @@ def test_variant_and_overrides():
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        load_config(os.path.join(ROOT, "configs", "tiny.py:smoke"),
+        load_config(os.path.join(ROOT, "jaxllm", "configs", "tiny.py:smoke"),
                     ["optimizer.grad_accum=2", override] if "batch_size" not in override
                     else ["optimizer.grad_accum=4", override])
 
@@ -102,12 +102,12 @@ def test_bad_moe_configs_name_the_key(overrides, key):
     """tiny_moe:smoke (2 layers, 4 experts of 32, shared 64) made wrong one way at a time:
     one ConfigError naming the key, from loading or from building the 8-device mesh."""
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        config = load_config(os.path.join(ROOT, "configs", "tiny_moe.py:smoke"), overrides)
+        config = load_config("configs/tiny_moe.py:smoke", overrides)
         sharding.make_mesh(config, jax.devices()[:8])
 
 
 def test_expert_axis_needs_experts():
-    config = load_config(os.path.join(ROOT, "configs", "tiny.py:smoke"),
+    config = load_config(os.path.join(ROOT, "jaxllm", "configs", "tiny.py:smoke"),
                          ["mesh.data=4", "mesh.expert=2"])
     with pytest.raises(ConfigError, match=r"mesh\.expert=2 needs a mixture-of-experts"):
         sharding.make_mesh(config, jax.devices()[:8])
@@ -130,7 +130,7 @@ def test_mixture_must_name_a_source():
 
 def test_a_run_starts_from_one_set_of_weights():
     with pytest.raises(ConfigError, match=r"init\.hf.*init\.checkpoint='b' are both set"):
-        load_config(os.path.join(ROOT, "configs", "tiny.py:smoke"),
+        load_config(os.path.join(ROOT, "jaxllm", "configs", "tiny.py:smoke"),
                     ["init.checkpoint=b", "init.hf=a"])
 
 
@@ -139,21 +139,21 @@ def test_a_run_starts_from_one_set_of_weights():
 def test_every_schema_key_has_a_rule_and_every_rule_a_key():
     schema = base_config()  # three stages, one source, one mixture entry, the model
     assert stage_names(schema) and list(schema.data.sources) and schema.stages.pretrain.mixture
-    leaves = list(walk(RULES, schema))
+    leaves = list(walk(VALUE_RULES, schema))
     assert [".".join(p) for p, _, rule in leaves if rule is None] == [], \
-        "add the new key's rule to RULES in jaxllm/config_rules.py"
+        "add the new key's rule to VALUE_RULES in jaxllm/config_rules.py"
     for path, value, rule in leaves:
         assert rule.error(value) is None, (path, value)  # each default obeys its own rule
-    used = {pattern for pattern in RULES for path, _, _ in leaves
+    used = {pattern for pattern in VALUE_RULES for path, _, _ in leaves
             if re.fullmatch(re.escape(pattern).replace(r"\*", r"[^.]+"), ".".join(path))}
-    assert set(RULES) - used == set(), "a rule for a key the schema no longer has"
+    assert set(VALUE_RULES) - used == set(), "a rule for a key the schema no longer has"
     validate(schema)
 
 
 def _smoke_with(key: str, value) -> mc.ConfigDict:
     """configs/tiny.py:smoke with `key` set to `value`, of any type: as a config file that
     builds its own ConfigDict can (assignment to a typed ConfigDict key would refuse it)."""
-    tree = load_config(os.path.join(ROOT, "configs", "tiny.py:smoke")).to_dict()
+    tree = load_config(os.path.join(ROOT, "jaxllm", "configs", "tiny.py:smoke")).to_dict()
     *parents, leaf = key.split(".")
     node = tree
     for part in parents:
@@ -276,7 +276,7 @@ def test_values_at_the_edges_are_accepted(key, value):
 
 
 def test_override_of_the_wrong_type_names_the_key():
-    smoke = os.path.join(ROOT, "configs", "tiny.py:smoke")
+    smoke = os.path.join(ROOT, "jaxllm", "configs", "tiny.py:smoke")
     with pytest.raises(ConfigError, match=r"^config\.optimizer\.grad_accum: must be an int, "
                        r"got 1\.5 \(float\)"):
         load_config(smoke, ["optimizer.grad_accum=1.5"])
@@ -306,7 +306,7 @@ def test_split_overrides_takes_both_forms_and_leaves_the_rest():
 
 
 def test_a_misspelled_key_names_the_closest_one():
-    smoke = os.path.join(ROOT, "configs", "tiny.py:smoke")
+    smoke = os.path.join(ROOT, "jaxllm", "configs", "tiny.py:smoke")
     with pytest.raises(ConfigError, match=r"^unknown config key 'stages\.pretrain\.step'; did "
                        r"you mean 'stages\.pretrain\.steps'\?$"):
         load_config(smoke, ["stages.pretrain.step=5"])
@@ -337,7 +337,7 @@ def test_cli_gives_one_line_for_a_misspelled_key_a_file_as_workdir_or_missing_da
 
 
 def test_only_a_run_with_a_checkpoint_keeps_its_model_shape(tmp_path):
-    smoke = os.path.join(ROOT, "configs", "tiny.py:smoke")
+    smoke = os.path.join(ROOT, "jaxllm", "configs", "tiny.py:smoke")
     four, two = (load_config(smoke, [f"model.num_layers={n}"]) for n in (4, 2))
     check_resumable(str(tmp_path), four)
     check_resumable(str(tmp_path), two)  # stopped before its first checkpoint: a fresh start
@@ -350,3 +350,17 @@ def test_only_a_run_with_a_checkpoint_keeps_its_model_shape(tmp_path):
     (tmp_path / "config.json").write_text('{"architectures": ["Qwen2ForCausalLM"]}')
     with pytest.raises(ConfigError, match="is not a jaxllm run directory: .* has no 'model'"):
         check_resumable(str(tmp_path), two)  # a Hugging Face model's directory, say
+
+
+def test_configs_slash_name_is_the_shipped_config_from_any_directory(tmp_path, monkeypatch):
+    """`--config=configs/NAME.py` names jaxllm/configs/NAME.py (it ships with the package) from
+    any directory, unless a file of that path is where the command runs."""
+    monkeypatch.chdir(tmp_path)
+    assert load_config("configs/tiny.py:smoke").model.hidden_size == 64
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "tiny.py").write_text(
+        "from jaxllm.config import base_config\n\n\ndef get_config(arg=None):\n"
+        "    c = base_config()\n    c.model.hidden_size = 96\n    return c\n")
+    assert load_config("configs/tiny.py").model.hidden_size == 96
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("configs/nope.py")

@@ -60,7 +60,7 @@ def trained_run(tmp_path_factory):
     from jaxllm.train.step import TrainState, make_train_step
 
     workdir = str(tmp_path_factory.mktemp("run"))
-    config = load_config(str(ROOT / "configs" / "tiny.py") + ":smoke")
+    config = load_config(str(ROOT / "jaxllm" / "configs" / "tiny.py") + ":smoke")
     config.checkpoint["async"] = False
     stage = config.stages.pretrain
     # The pretrain stage's rope base (1e4) differs from config.model's (1e6): the export must
@@ -214,7 +214,7 @@ def _small(tmp_path, tie: bool):
     from jaxllm.model import init_params
     from jaxllm.tokenizer import load_tokenizer
 
-    config = load_config(str(ROOT / "configs" / "tiny.py") + ":smoke",
+    config = load_config(str(ROOT / "jaxllm" / "configs" / "tiny.py") + ":smoke",
                          [f"model.tie_embeddings={tie}"])
     tokenizer = load_tokenizer("qwen2", max_rank=config.tokenizer.max_rank)
     return config.model, init_params(config.model, jax.random.key(1)), tokenizer

@@ -248,7 +248,7 @@ def test_shipped_moe_configs_round_trip(name):
     from jaxllm import load_config
     from jaxllm.convert.hf_config import config_to_hf
 
-    m = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", f"{name}.py")).model
+    m = load_config(f"configs/{name}.py").model
     hf = config_to_hf(m, "bfloat16")
     config = transformers.Qwen2MoeConfig(**hf)
     assert (config.num_experts, config.num_experts_per_tok, config.norm_topk_prob,

@@ -50,7 +50,7 @@ def test_two_processes_export_what_one_process_exports(tmp_path):
     from jaxllm.convert import export_run_checkpoint
     from jaxllm.model import abstract_params
 
-    config_path = str(ROOT / "configs" / "tiny.py") + ":smoke"
+    config_path = str(ROOT / "jaxllm" / "configs" / "tiny.py") + ":smoke"
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=xla_flags(1))
     port = str(20000 + (os.getpid() * 7) % 20000)

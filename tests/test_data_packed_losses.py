@@ -26,7 +26,7 @@ def test_packed_batch_losses_equal_each_documents_own(tmp_path):
     rng = np.random.default_rng(0)
     records = [{"q": f"Q{i}? ", "a": "".join(rng.choice(list("abcdefgh"), rng.integers(3, 50)))}
                for i in range(40)]  # some longer than a row: they carry on in the next
-    cfg = config_lib.load_config(os.path.join(ROOT, "configs", "tiny.py:smoke"))
+    cfg = config_lib.load_config(os.path.join(ROOT, "jaxllm", "configs", "tiny.py:smoke"))
     cfg.data.sources = {"sft": config_lib.data_source(
         "jsonl", write_jsonl(tmp_path / "sft.jsonl", records), text_field="a",
         prompt_field="q", heldout_fraction=0.0)}

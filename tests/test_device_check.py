@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
+from benchmarks.timing import is_number  # a table cell that holds a measurement
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-from timing import is_number  # noqa: E402  (a table cell that holds a measurement)
 
 SCRIPT = os.path.join(ROOT, "benchmarks", "device_check.sh")
 STEPS = ("install", "env", "kernel_tests", "attention", "gmm", "train_step")

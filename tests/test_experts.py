@@ -148,9 +148,9 @@ def layer(impl: str, cf: float):
 
 
 def on_mesh(fn, mesh: Mesh):
-    """fn(params placed by their logical shardings), traced under the mesh and RULES, and its
-    compiled HLO text."""
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+    """fn(params placed by their logical shardings), traced under the mesh and its logical
+    axes, and its compiled HLO text."""
+    with sharding.use_mesh(mesh):
         placed = {k: jax.device_put(v, NamedSharding(mesh, nn.logical_to_mesh_axes(AXES[k])))
                   for k, v in PARAMS.items()}
         return jax.device_get(fn(placed)), fn.lower(placed).compile().as_text()
@@ -197,7 +197,7 @@ def test_capacity_slots_are_per_device_blocks(monkeypatch):
     """The einsum sees [El, ep · C, D]: each device's E/ep experts, C slots from every
     source (8 tokens per device, C = ceil(4 · 8 · 2 / 8) = 8)."""
     seen = record(monkeypatch, "batched_ffn")
-    with jax.set_mesh(mesh_of(expert=4, data=2)), nn.logical_axis_rules(sharding.RULES):
+    with sharding.use_mesh(mesh_of(expert=4, data=2)):
         jax.eval_shape(layer("auto", E / K), PARAMS)
     assert set(seen) == {((2, 4 * 8, D), (2, D, F))}
 
@@ -228,7 +228,7 @@ def test_ragged_exchange_of_gpu_and_tpu(monkeypatch):
     offsets and sizes given give one device's values and gradients (expert4×data2)."""
     monkeypatch.setattr(experts, "EXCHANGE", "ragged")
     mesh = mesh_of(expert=4, data=2)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+    with sharding.use_mesh(mesh):
         text = layer("xla", 0.0).lower(PARAMS).as_text()
     assert text.count("ragged_all_to_all") == 4
     monkeypatch.setattr(jax.lax, "ragged_all_to_all", emulated_ragged_all_to_all)

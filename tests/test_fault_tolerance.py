@@ -14,7 +14,6 @@ import jax
 import numpy as np
 import optax
 import pytest
-from flax import linen as nn
 
 from jaxllm import sharding
 from jaxllm.checkpoint import Checkpointer, abstract_like, save_params
@@ -31,7 +30,7 @@ RUNAWAY = 40  # no run here trains on this many batches: more is a restore loop
 
 def smoke(*overrides):
     """tiny.py:smoke, pretrain only, 8 rows a step, every step logged, synchronous saves."""
-    return load_config(os.path.join(ROOT, "configs", "tiny.py:smoke"), [
+    return load_config(os.path.join(ROOT, "jaxllm", "configs", "tiny.py:smoke"), [
         "checkpoint.async=False", "log_every=1", "eval_every=1000",
         "stages.pretrain.batch_size=8", "stages.long_context.steps=0",
         "stages.anneal.steps=0", *overrides])
@@ -173,7 +172,7 @@ def smoke_weights(config):
     other = config.copy_and_resolve_references()
     other.seed += 1
     mesh = sharding.make_mesh(other)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+    with sharding.use_mesh(mesh):
         state, _ = pipeline.init_train_state(other, mesh)
     return jax.tree.map(lambda p: p * 3, state.params)
 
@@ -240,7 +239,7 @@ def test_reset_optimizer_starts_a_stage_with_fresh_adam_moments(tmp_path):
         workdir = str(tmp_path / f"reset_{reset}")
         pipeline.run(config, workdir)
         mesh = sharding.make_mesh(config)
-        with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+        with sharding.use_mesh(mesh):
             abstract = abstract_like(*pipeline.init_train_state(config, mesh))
         ckpt = Checkpointer(workdir, config)
         saved[reset] = [jax.device_get(ckpt.restore(step, abstract)[0]) for step in (3, 4)]

@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import linen as nn
 
 from jaxllm import sharding
 from jaxllm.config import base_config, load_config
@@ -71,7 +70,7 @@ def test_chunked_loss_and_gradients_equal_the_plain_loss(tied, z_loss):
 def _compiled_step(chunk: int):
     """configs/qwen2_0_5b.py's train step at batch 1 × 4,096, remat full, float32 params,
     compiled on one CPU device from abstract arrays (nothing allocated)."""
-    config = load_config(os.path.join(ROOT, "configs", "qwen2_0_5b.py"), [
+    config = load_config(os.path.join(ROOT, "jaxllm", "configs", "qwen2_0_5b.py"), [
         "mesh.data=1", "mesh.fsdp=1", "model.remat=full", "model.attention_impl=chunked",
         "stages.pretrain.batch_size=1", "stages.pretrain.seq_len=4096",
         "optimizer.grad_accum=1"])
@@ -79,7 +78,7 @@ def _compiled_step(chunk: int):
     step = make_train_step(stage_model_config(config, "pretrain"),
                            make_optimizer(config.optimizer), make_schedule(
                                config.stages.pretrain.lr, 10), 0, 1, 0.0, 0.0, chunk)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+    with sharding.use_mesh(mesh):
         state = jax.eval_shape(lambda: init_train_state(config, mesh)[0])
         batch = {k: jax.ShapeDtypeStruct((1, 4096), jnp.float32 if k == "loss_mask"
                                          else jnp.int32)

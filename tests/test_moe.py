@@ -26,7 +26,7 @@ from jaxllm.model import apply, forward, init_cache, init_params
 from jaxllm.model.moe import router_losses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMOKE = os.path.join(ROOT, "configs", "tiny_moe.py:smoke")
+SMOKE = os.path.join(ROOT, "jaxllm", "configs", "tiny_moe.py:smoke")
 
 
 def smoke(*overrides):
@@ -166,7 +166,7 @@ def test_tiny_upcycled_into_tiny_moe_trains(tmp_path):
     from jaxllm.checkpoint import save_params
     from jaxllm.train.pipeline import run
 
-    dense_cfg = load_config(os.path.join(ROOT, "configs", "tiny.py:smoke")).model
+    dense_cfg = load_config(os.path.join(ROOT, "jaxllm", "configs", "tiny.py:smoke")).model
     dense = init_params(dense_cfg, jax.random.key(7))
     save_params(str(tmp_path / "dense"), dense_cfg, dense)
     config = load_config(SMOKE, [f"init.upcycle_from={tmp_path / 'dense'}", "mesh.data=4",

@@ -11,7 +11,6 @@ import time
 import jax
 import jax.numpy as jnp
 import pytest
-from flax import linen as nn
 
 from jaxllm import sharding
 from jaxllm.config import load_config
@@ -21,7 +20,7 @@ from jaxllm.train.pipeline import init_train_state, stage_model_config
 from jaxllm.train.step import make_train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "jaxllm", "configs", "[!_]*.py")))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
@@ -40,7 +39,7 @@ def test_plan_runs_on_every_config(path):
 
 
 def test_the_mesh_line_names_its_split_axes_or_none():
-    tiny = load_config(os.path.join(ROOT, "configs", "tiny.py"))
+    tiny = load_config(os.path.join(ROOT, "jaxllm", "configs", "tiny.py"))
     assert "mesh            1 device: no axis split\n" in format_plan(make_plan(tiny, 1))
     tiny.mesh.data = 8
     assert "mesh            8 devices: data=8\n" in format_plan(make_plan(tiny, 8))
@@ -49,7 +48,7 @@ def test_the_mesh_line_names_its_split_axes_or_none():
 @pytest.mark.parametrize("variant, devices, chip", [("v5p_256", 128, "v5p"),
                                                      ("h100_64", 64, "h100")])
 def test_qwen2_72b_documented_meshes_fit(variant, devices, chip):
-    config = load_config(os.path.join(ROOT, "configs", f"qwen2_72b.py:{variant}"))
+    config = load_config(os.path.join(ROOT, "jaxllm", "configs", f"qwen2_72b.py:{variant}"))
     plan = make_plan(config, devices)
     assert plan["params_total"] == pytest.approx(72.7e9, rel=0.005)
     shards = plan["mesh"]["fsdp"] * plan["mesh"]["sequence"] * plan["mesh"]["tensor"]
@@ -65,7 +64,7 @@ def test_qwen2_72b_documented_meshes_fit(variant, devices, chip):
 def test_moe_counts_and_documented_meshes(name, variant, devices, total, active):
     """Published total and active parameters (within 0.5 %); FLOPs per token count the active
     ones; the documented meshes fit their chips."""
-    config = load_config(os.path.join(ROOT, "configs", f"{name}.py:{variant}"))
+    config = load_config(os.path.join(ROOT, "jaxllm", "configs", f"{name}.py:{variant}"))
     plan = make_plan(config, devices)
     assert plan["params_total"] == pytest.approx(total, rel=0.005)
     assert plan["params_active"] == pytest.approx(active, rel=0.005)
@@ -83,7 +82,7 @@ def test_plan_shows_qwen2_7b_upcycled_into_57b_a14b(tmp_path):
     and say how the experts are cut."""
     from jaxllm.convert.hf_config import config_to_hf
 
-    dense = load_config(os.path.join(ROOT, "configs", "qwen2_7b.py")).model
+    dense = load_config(os.path.join(ROOT, "jaxllm", "configs", "qwen2_7b.py")).model
     with open(tmp_path / "config.json", "w") as f:
         json.dump(config_to_hf(dense, "bfloat16"), f)
     out = subprocess.run(
@@ -112,7 +111,7 @@ def compiled_peak_bytes(config, stage_name):
     """What XLA allocates for the stage's train step: arguments + temporaries + outputs."""
     mesh = sharding.make_mesh(config, jax.devices()[:1])
     stage = config.stages[stage_name]
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+    with sharding.use_mesh(mesh):
         state, _ = init_train_state(config, mesh)
         step = jax.jit(make_train_step(stage_model_config(config, stage_name),
                                        make_optimizer(config.optimizer),
@@ -128,7 +127,7 @@ def compiled_peak_bytes(config, stage_name):
 
 @pytest.mark.parametrize("stage_name", ["pretrain", "long_context"])
 def test_tiny_memory_estimate_within_25_percent_of_the_compiled_step(stage_name):
-    config = load_config(os.path.join(ROOT, "configs", "tiny.py"), ["mesh.data=1"])
+    config = load_config(os.path.join(ROOT, "jaxllm", "configs", "tiny.py"), ["mesh.data=1"])
     plan = make_plan(config, 1)
     b = plan["bytes_per_device"]
     estimate = (b["params"] + b["optimizer"] + b["gradients"]
@@ -138,7 +137,7 @@ def test_tiny_memory_estimate_within_25_percent_of_the_compiled_step(stage_name)
 
 
 # The compiler's per-device total of each stage's train step, for every mesh variant of the
-# shipped configs (README, "Compiling for your hardware"; benchmarks/compile_table.py,
+# shipped configs (docs/compiling.md; benchmarks/compile_table.py,
 # 2026-12-04): TPU rows from jax 0.12.0.1 with libtpu 0.0.52, GPU rows from jax 0.10.2 with
 # jax-cuda13-plugin 0.10.2, the compilers whose figures agree with their own buffer
 # assignments. Recompile and update them when the step changes.
@@ -160,13 +159,13 @@ COMPILED_GIB = {
 
 @pytest.mark.parametrize("config,devices", COMPILED_GIB, ids=lambda x: str(x))
 def test_plan_is_within_15_percent_of_the_compiler(config, devices):
-    plan = make_plan(load_config(os.path.join(ROOT, config)), devices)
+    plan = make_plan(load_config(config), devices)
     compiled = max(COMPILED_GIB[config, devices].values()) * 2**30
     assert plan["bytes_per_device"]["total"] == pytest.approx(compiled, rel=0.15)
 
 
 def test_every_mesh_variant_has_compiler_figures():
-    """A config's new mesh variant needs its compiled figures above (and a README row)."""
+    """A new mesh variant needs its compiled figures above (and a row in docs/compiling.md)."""
     variants = set()
     for path in CONFIGS:
         spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)

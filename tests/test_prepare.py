@@ -117,20 +117,22 @@ def test_a_run_that_failed_before_its_first_shard_can_be_rerun_with_other_option
 def test_bad_input_names_file_and_line(tmp_path, capsys):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "x.jsonl").write_text('{"text": "a"}\n\n{"txt": "b"}\n')
-    code = prepare.main([f"--input={tmp_path / 'in'}", f"--out={tmp_path / 'out'}",
-                         f"--max_rank={MAX_RANK}", "--workers=1"])
-    assert code == 2
+    with pytest.raises(SystemExit) as e:
+        prepare.main([f"--input={tmp_path / 'in'}", f"--out={tmp_path / 'out'}",
+                      f"--max_rank={MAX_RANK}", "--workers=1"])
+    assert e.value.code == 2
     err = capsys.readouterr().err
     assert "x.jsonl line 3: field 'text' (text_field) is absent" in err
-    assert prepare.main([f"--input={tmp_path / 'none*'}", f"--out={tmp_path / 'o2'}"]) == 2
+    with pytest.raises(SystemExit) as e:
+        prepare.main([f"--input={tmp_path / 'none*'}", f"--out={tmp_path / 'o2'}"])
+    assert e.value.code == 2
     assert "matches no files" in capsys.readouterr().err
 
 
 def test_cli_prints_the_rate(tmp_path, capsys):
     make_inputs(tmp_path / "in")
-    code = prepare.main([f"--input={tmp_path / 'in' / '*.jsonl'}", f"--out={tmp_path / 'o'}",
-                         f"--max_rank={MAX_RANK}", "--workers=2"])
-    assert code == 0
+    prepare.main([f"--input={tmp_path / 'in' / '*.jsonl'}", f"--out={tmp_path / 'o'}",
+                  f"--max_rank={MAX_RANK}", "--workers=2"])
     out = capsys.readouterr().out
     assert "12 documents" in out and "MB/s" in out
     assert np.isfinite(float(out.split("=")[-1].split()[0]))

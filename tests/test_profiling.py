@@ -22,7 +22,7 @@ SHORT = ["stages.pretrain.steps=4", "stages.long_context.steps=0", "stages.annea
 def test_profile_of_steps_2_and_3_opens(tmp_path):
     from jaxllm.train.pipeline import run
 
-    config = load_config(os.path.join(ROOT, "configs", "tiny.py:smoke"),
+    config = load_config(os.path.join(ROOT, "jaxllm", "configs", "tiny.py:smoke"),
                          SHORT + ["stages.pretrain.batch_size=8", "profile.start=2",
                                   "profile.stop=4"])
     run(config, str(tmp_path))
@@ -36,7 +36,7 @@ def test_profile_of_steps_2_and_3_opens(tmp_path):
 
 def test_bad_profile_range_names_the_key():
     with pytest.raises(ConfigError, match=r"profile\.stop"):
-        load_config(os.path.join(ROOT, "configs", "tiny.py:smoke"),
+        load_config(os.path.join(ROOT, "jaxllm", "configs", "tiny.py:smoke"),
                     ["profile.start=5", "profile.stop=3"])
 
 
@@ -50,6 +50,6 @@ def test_a_run_fills_its_compilation_cache(tmp_path):
                     f"--config.compilation_cache_dir={cache}"], cwd=ROOT, env=env, check=True,
                    capture_output=True, timeout=300)
     assert len(os.listdir(cache)) >= 2  # the train step and the eval step at least
-    config = load_config(os.path.join(ROOT, "configs", "tiny.py:smoke"))
+    config = load_config(os.path.join(ROOT, "jaxllm", "configs", "tiny.py:smoke"))
     assert compilation_cache_dir(config) == os.environ.get(
         "JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/jaxllm/xla"))

@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
 from jaxllm import shard_kernels, sharding
@@ -127,7 +126,7 @@ def compiled_train_step(sequence: int, T: int = 32768):
     """tiny:smoke's train step on one row of T tokens over `sequence` devices (remat full, as
     long-context configs run), compiled as training compiles it: rows in row_order, under
     traced_in_row_order. Nothing runs."""
-    config = load_config(os.path.join(ROOT, "configs", "tiny.py:smoke"), [
+    config = load_config(os.path.join(ROOT, "jaxllm", "configs", "tiny.py:smoke"), [
         f"mesh.sequence={sequence}", "mesh.data=1", f"stages.pretrain.seq_len={T}",
         "stages.pretrain.batch_size=1", f"model.max_position_embeddings={T}",
         "model.remat=full", "model.attention_impl=chunked"])
@@ -137,7 +136,7 @@ def compiled_train_step(sequence: int, T: int = 32768):
     step = make_train_step(stage_model_config(config, "pretrain"),
                            make_optimizer(config.optimizer),
                            make_schedule(config.stages.pretrain.lr, 10), 0, 1, 0.0, 0.0)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+    with sharding.use_mesh(mesh):
         state, _ = init_train_state(config, mesh)
         rows = sharding.batch_sharding(mesh)
         batch = {k: jax.ShapeDtypeStruct((1, T), jnp.float32 if k == "loss_mask" else jnp.int32,

@@ -5,7 +5,6 @@ import os
 import jax
 import numpy as np
 import pytest
-from flax import linen as nn
 from jax.sharding import AbstractMesh, AxisType, PartitionSpec
 
 from jaxllm import sharding
@@ -21,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny(*overrides):
-    return load_config(os.path.join(ROOT, "configs", "tiny.py:smoke"),
+    return load_config(os.path.join(ROOT, "jaxllm", "configs", "tiny.py:smoke"),
                        [f"stages.{s}.batch_size=8" for s in ("pretrain", "long_context", "anneal")]
                        + list(overrides))
 
@@ -32,7 +31,7 @@ def train(config, devices, steps=5, hlo=False):
     mesh = sharding.make_mesh(config, devices)
     stage = config.stages.pretrain
     tokenizer = load_tokenizer(config.tokenizer.name, max_rank=config.tokenizer.max_rank)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+    with sharding.use_mesh(mesh):
         state, state_sh = init_train_state(config, mesh)
         step = jax.jit(make_train_step(stage_model_config(config, "pretrain"),
                                        make_optimizer(config.optimizer),
@@ -71,7 +70,7 @@ def test_sharded_training_equals_one_device(mesh, one_device_losses):
 def test_params_are_sharded_not_replicated():
     config = tiny("mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2")
     mesh = sharding.make_mesh(config)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+    with sharding.use_mesh(mesh):
         state, _ = init_train_state(config, mesh)
     q = state.params["layers"]["attn"]["q_proj"]["kernel"]  # [L, D, N, H]
     assert q.sharding.spec == PartitionSpec(None, FS, "tensor", None)
@@ -101,7 +100,7 @@ QWEN2_7B_SPECS = {  # fsdp=4 × tensor=2: pin it so an accidental change of shar
 
 
 def test_qwen2_7b_shardings_are_pinned():
-    config = load_config(os.path.join(ROOT, "configs", "qwen2_7b.py"))
+    config = load_config(os.path.join(ROOT, "jaxllm", "configs", "qwen2_7b.py"))
     mesh = AbstractMesh((1, 4, 2, 1, 1), sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 5)
     specs = sharding.param_shardings(abstract_params(config.model), mesh)
     flat = {tuple(k.key for k in path): tuple(s.spec)

@@ -16,10 +16,10 @@ from flax import traverse_util
 
 from jaxllm.config import ConfigError, base_config, load_config, model_defaults
 from jaxllm.model import abstract_params
-from jaxllm.upcycle import make_plan, permutations, upcycle, upcycled_params
+from jaxllm.upcycle import permutations, upcycle, upcycle_plan, upcycled_params
 
 SEED = 7
-CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "jaxllm", "configs")
 
 
 def dense_config(**overrides):
@@ -81,7 +81,7 @@ def test_experts_are_a_partition_of_shuffled_copies(upcycled):
     c·F + j in the concatenated shuffled copies: its gate and up columns and down row, bitwise."""
     dense_cfg, moe_cfg, dense, by_fraction = upcycled
     F, E, M = 48, 4, 16
-    plan = make_plan(dense_cfg, moe_cfg)
+    plan = upcycle_plan(dense_cfg, moe_cfg)
     assert (plan.copies, plan.discarded) == (math.ceil(E * M / F), 2 * F - E * M)
     for layer in range(4):
         perms = permutations(SEED, layer, F, plan.copies)
@@ -136,7 +136,8 @@ def test_experts_sum_to_the_dense_ffn():
     gated by sigmoid(0) = 0.5 is the dense FFN too."""
     dense_cfg = dense_config()
     moe_cfg = moe_config(dense_cfg, moe_intermediate_size=12, shared_expert_intermediate_size=48)
-    assert (make_plan(dense_cfg, moe_cfg).copies, make_plan(dense_cfg, moe_cfg).discarded) == (1, 0)
+    plan = upcycle_plan(dense_cfg, moe_cfg)
+    assert (plan.copies, plan.discarded) == (1, 0)
     dense = random_params(dense_cfg, seed=1)
     moe = upcycle(dense, dense_cfg, moe_cfg, seed=SEED, reinit_fraction=0.0)
     x_XxD = np.random.default_rng(2).normal(size=(5, 32)).astype(np.float32)
@@ -219,18 +220,18 @@ def test_sparse_step_2_copies_dense_layers():
 def test_config_mismatch_names_the_key(key, value):
     dense_cfg = dense_config()
     with pytest.raises(ConfigError, match=f"config.model.{key}="):
-        make_plan(dense_cfg, moe_config(dense_cfg, **{key: value}))
+        upcycle_plan(dense_cfg, moe_config(dense_cfg, **{key: value}))
 
 
 def test_other_refusals():
     dense_cfg = dense_config()
     moe_cfg = moe_config(dense_cfg)
     with pytest.raises(ConfigError, match="upcycling starts from a dense model"):
-        make_plan(moe_cfg, moe_cfg)
+        upcycle_plan(moe_cfg, moe_cfg)
     with pytest.raises(ConfigError, match="config.model.family='qwen2'"):
-        make_plan(dense_cfg, dense_cfg)
+        upcycle_plan(dense_cfg, dense_cfg)
     with pytest.raises(ConfigError, match="config.init.upcycle_reinit"):
-        make_plan(dense_cfg, moe_cfg, reinit_fraction=1.5)
+        upcycle_plan(dense_cfg, moe_cfg, reinit_fraction=1.5)
     dense = random_params(dense_cfg)
     dense["layers"]["mlp"]["up_proj"]["kernel"] = np.zeros((4, 32, 40), np.float32)
     with pytest.raises(ValueError, match="layers/mlp/up_proj/kernel has shape"):
@@ -242,7 +243,7 @@ def test_qwen2_7b_to_57b_a14b_on_abstract_shapes():
     the 152,064 vocab rows of the 7B are cut to 151,936. Shapes only, nothing allocated."""
     dense_cfg = load_config(os.path.join(CONFIGS, "qwen2_7b.py")).model
     moe_cfg = load_config(os.path.join(CONFIGS, "qwen2_57b_a14b.py")).model
-    plan = make_plan(dense_cfg, moe_cfg)
+    plan = upcycle_plan(dense_cfg, moe_cfg)
     assert plan.copies == math.ceil(64 * 2560 / 18944) == 9
     assert (plan.discarded, plan.reinit_units, plan.vocab_rows_dropped) == (6656, 1280, 128)
     assert plan.sparse_layers == tuple(range(28))
@@ -278,7 +279,7 @@ def test_upcycled_params_from_checkpoint_and_hf_onto_mesh(tmp_path):
     want = traverse_util.flatten_dict(upcycle(dense, dense_cfg, config.model, seed=SEED))
     for source in ("ckpt", "hf"):
         config.init.upcycle_from = str(tmp_path / source)
-        with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):  # as in the pipeline
+        with sharding.use_mesh(mesh):  # as in the pipeline
             got = traverse_util.flatten_dict(upcycled_params(config, shardings))
         for path, sh in traverse_util.flatten_dict(shardings).items():
             assert got[path].sharding.is_equivalent_to(sh, got[path].ndim), (source, path)

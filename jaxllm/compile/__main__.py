@@ -86,12 +86,11 @@ def to_json(target, devices, reports) -> dict:
 
 def main(argv: list[str], overrides: list[str]) -> None:
     from jaxllm import sharding
+    from jaxllm.cli import fail
     from jaxllm.compile.program import compile_stages
     from jaxllm.compile.targets import TargetError, compile_only_devices, parse_target
     from jaxllm.config import ConfigError, load_config, stage_names, validate
 
-    if len(argv) > 1:
-        raise SystemExit(f"unexpected arguments: {argv[1:]}")
     F = flags.FLAGS
     logging.set_verbosity(logging.WARNING)
     say = (lambda _: None) if F.json else (lambda m: print(m, file=sys.stderr, flush=True))
@@ -113,8 +112,7 @@ def main(argv: list[str], overrides: list[str]) -> None:
         reports = compile_stages(config, devices, target.device_memory, names,
                                  eval_step=F.eval, progress=say)
     except (ConfigError, TargetError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(e)
     code, line = verdict(target, reports)
     if F.json:
         print(json.dumps(to_json(target, devices, reports), indent=1))

@@ -19,7 +19,6 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections as mc
-from flax import linen as nn
 
 from jaxllm import sharding
 from jaxllm.checkpoint import abstract_like
@@ -112,7 +111,7 @@ def compile_stages(config: mc.ConfigDict, devices: list, device_memory: int,
     # No array may be created under a mesh of compile-only devices: shapes first, outside it.
     abstract, state_sh, _ = abstract_train_state(config, mesh)
     state = abstract_like(abstract, state_sh)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+    with sharding.use_mesh(mesh):
         for name in names:
             s = config.stages[name]
             train, evaluate, _ = stage_steps(config, spans[name], stage_model_config(config, name),

@@ -12,14 +12,12 @@ directory. hf.py's docstring gives the rules for vocab rows, dtype and shards.
 
 from __future__ import annotations
 
-import argparse
-import sys
-
+from jaxllm.cli import ArgumentParser, run_command
 from jaxllm.convert.shards import parse_size
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m jaxllm.convert")
+def _parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m jaxllm.convert")
     sub = parser.add_subparsers(dest="command", required=True)
     exp = sub.add_parser("export", help="jaxllm checkpoint -> Hugging Face directory")
     exp.add_argument("--workdir", required=True,
@@ -44,29 +42,29 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    try:
-        if args.command == "export":
-            from jaxllm.convert.to_hf import export_checkpoint
+    run_command(lambda: _run(args))
 
-            rows = args.vocab_rows
-            if rows not in ("model", "tokenizer"):
-                if not rows.isdigit():
-                    raise ValueError(f"--vocab_rows={rows!r}: use 'model', 'tokenizer' or a "
-                                     "row count")
-                rows = int(rows)
-            print(export_checkpoint(args.workdir, args.out, args.step, dtype=args.dtype,
-                                    max_shard_bytes=parse_size(args.max_shard_size),
-                                    vocab_rows=rows, tokenizer=args.tokenizer))
-        else:
-            from jaxllm.convert.from_hf import import_hf
 
-            m = import_hf(args.hf, args.out, args.dtype)
-            print(f"imported {args.hf} ({m.family}, {m.num_layers} layers, vocab rows "
-                  f"{m.vocab_size}, rope_theta {m.rope_theta:g}, {m.param_dtype}) to {args.out}; "
-                  f"train from it with --config.init.checkpoint={args.out}")
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+def _run(args) -> None:
+    if args.command == "export":
+        from jaxllm.convert.to_hf import export_checkpoint
+
+        rows = args.vocab_rows
+        if rows not in ("model", "tokenizer"):
+            if not rows.isdigit():
+                raise ValueError(f"--vocab_rows={rows!r}: use 'model', 'tokenizer' or a "
+                                 "row count")
+            rows = int(rows)
+        print(export_checkpoint(args.workdir, args.out, args.step, dtype=args.dtype,
+                                max_shard_bytes=parse_size(args.max_shard_size),
+                                vocab_rows=rows, tokenizer=args.tokenizer))
+    else:
+        from jaxllm.convert.from_hf import import_hf
+
+        m = import_hf(args.hf, args.out, args.dtype)
+        print(f"imported {args.hf} ({m.family}, {m.num_layers} layers, vocab rows "
+              f"{m.vocab_size}, rope_theta {m.rope_theta:g}, {m.param_dtype}) to {args.out}; "
+              f"train from it with --config.init.checkpoint={args.out}")
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ def import_shardings(m: mc.ConfigDict, devices=None) -> dict:
     shape[sharding.MESH_AXES.index("fsdp")] = n
     mesh = Mesh(np.asarray(devices[:n]).reshape(shape), sharding.MESH_AXES,
                 axis_types=(AxisType.Auto,) * len(shape))
-    with nn.logical_axis_rules(sharding.RULES):
+    with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
         return sharding.param_shardings(abstract_params(m), mesh)
 
 

@@ -1,33 +1,17 @@
 """Hugging Face checkpoints (Qwen2, Qwen2-MoE, Llama) <-> jaxllm params, streamed tensor by
-tensor.
+tensor. `rules.py` names every tensor; this module moves them, by these rules:
 
-`rules.py` names every tensor; this module moves them. Decisions, written down once:
-
-* **Vocab rows.** jaxllm's `model.vocab_size` is the number of embedding (and lm_head) rows;
-  it may exceed the tokenizer's ids, as Qwen2 pads its 151,646 ids to 151,936 rows (a
-  multiple of 128, so V splits over tensor-parallel devices). Export keeps the model's rows
-  by default and writes `vocab_size` = rows, as Qwen publishes; `vocab_rows="tokenizer"`
-  trims to exactly the tokenizer's ids and `vocab_rows=N` trims or pads with zero rows (a
-  padded id has a zero embedding and a zero logit). Rows are never cut below the tokenizer's
-  size: those ids would have no embedding. Trimming needs the tokenizer, to know which rows
-  no id uses. Import keeps the Hugging Face rows (config.json's `vocab_size` must equal them).
-* **dtype.** `convert export` and `export_run_checkpoint` write bfloat16 by default (config.json
-  `dtype` and `torch_dtype` say so); `dtype="float32"` keeps float32 master weights exactly.
+* Vocab rows: export writes the model's rows and `vocab_size` = rows, as Qwen publishes;
+  `vocab_rows="tokenizer"` trims to the tokenizer's ids, `vocab_rows=N` trims or pads with zero
+  rows, never below the tokenizer's size. Import keeps the Hugging Face rows.
+* dtype: export writes bfloat16 by default, `dtype="float32"` keeps the master weights;
   `save_hf` and import keep the dtype they are given unless told otherwise.
-* **Shards.** Files of at most `max_shard_bytes` (5 GB, as transformers writes), with
-  `model.safetensors.index.json` when there is more than one. The layout is planned before any
-  data is read, so every tensor streams to disk on its own (see shards.py).
-* **Memory.** Export reads a stacked param a block of consecutive layers at a time, at most
-  `read_bytes` (default: half the shard size, capped at 1 GiB; at least one layer), and
-  converts and writes one tensor at a time. From an Orbax checkpoint each read goes one
-  storage chunk (one device's shard of the param, as saved) at a time. Peak host memory
-  growth is about 1.5 × the read block + 2 × the largest storage chunk + ~30 MB of
-  TensorStore buffers, whatever the model size: under 2 × `max_shard_bytes` for shards of
-  40 MB or more (tests/test_convert_memory.py measures it on a 344 MB checkpoint). Params
-  that are not fully addressable (multi-host) are gathered one block at a time; only
-  process 0 writes.
-  Import builds each param with `jax.make_array_from_callback`, reading from safetensors only
-  the block each device holds, so a full copy never sits on one host.
+* Shards: files of at most `max_shard_bytes` (5 GB), with `model.safetensors.index.json` when
+  there is more than one, planned before any data is read (shards.py).
+* Memory: export reads a stacked param at most `read_bytes` at a time and writes one tensor at
+  a time; import builds each param with `jax.make_array_from_callback`, reading from
+  safetensors only the block each device holds.
+Design notes: docs/conversion.md.
 """
 
 from __future__ import annotations

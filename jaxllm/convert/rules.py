@@ -1,6 +1,6 @@
 """The table that names every tensor: Hugging Face name <-> jaxllm param path <-> layout.
 
-Loading, saving, export and import all walk `RULES` (through `active_rules`), so a new
+Loading, saving, export and import all walk `PARAM_RULES` (through `active_rules`), so a new
 architecture is new rows, not new code paths. A rule's Hugging Face name may hold index
 placeholders: `{i}` is the layer and indexes the param's leading L axis, `{e}` the expert
 and its E axis (`stack_sizes` gives their sizes).
@@ -66,7 +66,7 @@ _X = _L + "mlp.experts.{e}."
 _MOE = lambda m: m.family == "qwen2_moe"
 _SHARED = lambda m: m.family == "qwen2_moe" and m.shared_expert_intermediate_size > 0
 _MLP = ("gate_proj", "up_proj", "down_proj")
-RULES = (
+PARAM_RULES = (
     Rule("model.embed_tokens.weight", ("embed", "embedding"), "copy", vocab=True),
     Rule(_L + "input_layernorm.weight", ("layers", "attn_norm", "scale"), "copy"),
     *(Rule(_L + f"self_attn.{p}.weight", ("layers", "attn", p, "kernel"), "linear")
@@ -109,7 +109,7 @@ def sparse_layers(m: mc.ConfigDict) -> list[int]:
 def active_rules(m: mc.ConfigDict) -> list[Rule]:
     """The rules of `m`, each once per position in a layer group (see the docstring)."""
     k, out = group_size(m), []
-    for r in RULES:
+    for r in PARAM_RULES:
         if not r.when(m):
             continue
         if k == 1:

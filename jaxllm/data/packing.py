@@ -1,36 +1,18 @@
 """Packing documents into batches of B striped rows, with an exact, few-integer state.
 
-B batch (rows of the global batch), T sequence length, R rows this process reads: [lo, hi).
+Dimension letters: docs/glossary.md; here R rows this process reads ([lo, hi)), T1 = T + 1.
 
-Streams. Row b of every batch is the next row of stream b, and stream b packs documents
-d_b, d_{b+B}, d_{b+2B}, ... of the stage's sequence: the rows of a batch come from different
-documents, every document is used once per pass of the sequence, and a process reading rows
-[lo, hi) reads only the documents of those streams (its share; the shares of the processes
-are disjoint and together are the single-process batch).
-
-Packing, per stream. The stream is doc_1, EOS, doc_2, EOS, ... Row r holds the T + 1 stream
-tokens [r·T, r·T + T]: inputs are the first T, targets the last T. Consecutive rows overlap by
-that one token, so every adjacent pair of the stream is trained exactly once, and a document
-longer than a row carries on in the next. Per input token:
-  segment_ids  1, 2, ... for the documents of the row's inputs in order; a document cut by a row
-               boundary carries on in the next row as that row's segment 1.
-  positions    the index within its segment: 0 at every document start and at every row start.
-  loss_mask    1.0 where the target is in the same document as the input (a document's
-               closing EOS included) and the document's own mask allows that target (a
-               prompt's tokens are not); 0.0 where the input is an EOS.
-
-Long documents (a source's `min_tokens`, `align_long`; sources.py). A dropped document (shorter
-than min_tokens) holds no tokens, not even its EOS: the stream goes on to its next one. An
-aligned document that would start part-way into a row and not fit in the rest of it starts the
-next row instead, the rest of this row being padding (segment 0, loss 0; a row that would
-hold only the previous row's closing EOS, which has no target, starts with it). Its rows are then
-windows [j·T, j·T + T] of the document itself: consecutive rows of the stream continue it from
-its first token, with no other document's tokens in between, until its last row.
+Row b of every batch is the next row of stream b, which packs documents d_b, d_{b+B},
+d_{b+2B}, ... of the stage's sequence as doc, EOS, doc, EOS, ...; a process reading rows
+[lo, hi) reads only those streams' documents. Row r holds the T + 1 stream tokens
+[r·T, r·T + T]: inputs are the first T, targets the last T. Per input token: segment_ids
+(1, 2, ... for the row's documents; 0 padding), positions (0 at every document and row start)
+and loss_mask (1.0 where the target is in the input's document and its mask allows it).
 
 State: {"batch_size": B, "rows": [lo, hi], "streams": [[k, offset], ...]}, one pair per row
 read: the sequence index k of the document holding the stream's next row's first token, and
-that token's offset in the document (tokens + EOS). Restoring re-reads one document per stream.
-Documents the next `prefetch` batches will need are loaded in the background meanwhile.
+that token's offset in the document (tokens + EOS).
+Design notes (rules in full, long documents): docs/data.md.
 """
 
 from __future__ import annotations

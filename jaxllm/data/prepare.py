@@ -19,13 +19,11 @@ the new command starts over. Train on DIR with `data_source("arrayrecord", "DIR"
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import hashlib
 import json
 import multiprocessing
 import os
-import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -227,9 +225,11 @@ def prepare(input_glob: str, out: str, *, fmt: str = "auto", text_field: str = "
     return manifest
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jaxllm.data.prepare",
-                                     description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    from jaxllm.cli import ArgumentParser, run_command
+
+    parser = ArgumentParser(prog="python -m jaxllm.data.prepare",
+                            description=__doc__.split("\n")[0])
     parser.add_argument("--input", required=True, help="file, directory or glob of inputs")
     parser.add_argument("--out", required=True, help="directory for the shards and manifest")
     parser.add_argument("--format", default="auto",
@@ -242,20 +242,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=0, help="processes; 0: one per core")
     parser.add_argument("--shard_mb", type=float, default=16.0, help="input MB per shard")
     args = parser.parse_args(argv)
-    try:
-        manifest = prepare(args.input, args.out, fmt=args.format, text_field=args.text_field,
-                           prompt_field=args.prompt_field, tokenizer=args.tokenizer,
-                           max_rank=args.max_rank, workers=args.workers, shard_mb=args.shard_mb)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    manifest = run_command(lambda: prepare(
+        args.input, args.out, fmt=args.format, text_field=args.text_field,
+        prompt_field=args.prompt_field, tokenizer=args.tokenizer, max_rank=args.max_rank,
+        workers=args.workers, shard_mb=args.shard_mb))
     run = manifest["run"]
     print(f"{args.out}: {len(manifest['shards'])} shards, {manifest['documents']:,} documents, "
           f"{manifest['tokens']:,} tokens; this run: {run['shards']} shards, "
           f"{run['input_bytes'] / 2**20:.1f} MB in {run['seconds']:.1f} s = "
           f"{run['mb_per_sec']:.1f} MB/s")
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -48,10 +48,9 @@ def loop_evaluators(config: mc.ConfigDict) -> list:
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workdir", help="run directory (newest checkpoint) or params "
-                                          "checkpoint")
-    parser.add_argument("--hf", help="Hugging Face directory (Qwen2 / Qwen2-MoE / Llama)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step of --workdir")
+    from jaxllm.cli import add_model_source_flags
+
+    add_model_source_flags(parser)
     parser.add_argument("--tokenizer", default="",
                         help="tokenizer name or path, for a params checkpoint without one")
     parser.add_argument("--max_rank", type=int, default=0, help="with --tokenizer: its ranks")
@@ -194,12 +193,11 @@ def write_json(path: str, record: dict) -> None:
 
 
 def run_cli(main_body, argv_parser: argparse.ArgumentParser, argv: list[str] | None) -> None:
-    """Parses flags and runs `main_body(args)`; a user error exits 2 with one line."""
+    """Parses flags and runs `main_body(args)`; a user error (or matplotlib missing) is one
+    `error:` line, exit 2."""
+    from jaxllm.cli import run_command
+
     args = argv_parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("jax").setLevel(logging.WARNING)  # not "Unable to initialize backend"
-    try:
-        main_body(args)
-    except (ValueError, FileNotFoundError, ImportError) as e:  # ConfigError is a ValueError
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_command(lambda: main_body(args), errors=(ImportError,))

@@ -5,33 +5,13 @@
         --tasks TASK[,TASK ...] [--limit N] [any other lm_eval flag]
     python -m jaxllm.eval.harness --model jaxllm --model_args hf=HF_DIR --tasks ...
 
-lm-eval 0.4.13 reads no entry points for models (its registry knows only its own), so this
-module registers the name "jaxllm" and then runs lm_eval's own command line: every `lm_eval`
-flag works, and `--model hf` and the other built-in models still do. From Python,
-`lm_eval.simple_evaluate(model=JaxLLM(...), tasks=[...])` takes an instance directly.
-
-Model arguments: `workdir` (a run directory or params checkpoint, its newest step or `step`) or
-`hf` (a Hugging Face directory); `mesh` ("fsdp:2/tensor:2", since lm_eval splits model_args at
-commas; commas work from Python): the params sharded over it, for a model larger than one
-device; `batch_size` (rows a forward pass, default 8; lm_eval's --batch_size sets it too),
-`max_length` (default the model's max_position_embeddings), `max_gen_toks` (default 256),
-`seed`.
-
-What each request type computes, as lm-eval's `hf` model does (tests/test_harness.py holds
-them to it):
-  loglikelihood          Σ log p(continuation | context) and whether it is the greedy one;
-                         context + continuation cut from the left to max_length + 1 tokens,
-                         an empty context scored after the EOS token (Qwen2 has no BOS).
-  loglikelihood_rolling  a whole text's Σ log p in disjoint windows of max_length tokens,
-                         each after the previous window's last token (the first after EOS).
-  generate_until         greedy, or sampled with `do_sample` and `temperature` (and `top_k`,
-                         `top_p`), up to max_gen_toks tokens after a context cut from the left
-                         to max_length − max_gen_toks, cut at the first stop string.
-
-Batches: requests go longest first in batches of `batch_size` rows (padded with empty rows),
-each row right-padded to a power of two of at least 16 tokens, so a task compiles one program
-per length bucket, not one per request; on a mesh the rows are padded to a multiple of its
-batch ways too. Only per-token scores [B, T] leave the devices.
+This module registers the model name "jaxllm" and runs lm_eval's own command line; from
+Python, `lm_eval.simple_evaluate(model=JaxLLM(...), tasks=[...])` takes an instance. Model
+arguments: `workdir` (and `step`) or `hf`, `mesh`, `batch_size` (default 8), `max_length`
+(default max_position_embeddings), `max_gen_toks` (default 256), `seed`. Each request type
+computes what lm-eval's `hf` model does (tests/test_harness.py). Requests go longest first,
+rows padded to a power of two of at least MIN_BUCKET tokens: one program per length bucket.
+Design notes: docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -48,7 +28,6 @@ import jax
 import jax.numpy as jnp
 import lm_eval.models  # noqa: F401  first: lm_eval loads its own models only into an empty registry
 import numpy as np
-from flax import linen as nn
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import (
@@ -217,7 +196,7 @@ class JaxLLM(TemplateLM):
         if self.mesh is None:
             logp, greedy = run()
         else:
-            with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.RULES):
+            with sharding.use_mesh(self.mesh):
                 logp, greedy = run()
         return sharding.to_host(logp), sharding.to_host(greedy)
 
@@ -313,9 +292,11 @@ def main() -> None:
 
     from lm_eval.__main__ import cli_evaluate
 
+    from jaxllm.cli import run_command
+
     if not any(a.split("=")[0] == "--include_path" for a in sys.argv):
         sys.argv += ["--include_path", TASKS_DIR]
-    cli_evaluate()
+    run_command(cli_evaluate)  # a bad model argument or path: one line, not a traceback
 
 
 if __name__ == "__main__":

@@ -193,7 +193,7 @@ def run(config: mc.ConfigDict, workdir: str, evaluators: Sequence[Evaluator] = (
                           f"the tokenizer's {tokenizer.vocab_size} ids; set tokenizer.max_rank")
     mesh = sharding.make_mesh(config)
     spans = stage_spans(config)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES), PreemptionFlag() as flag:
+    with sharding.use_mesh(mesh), PreemptionFlag() as flag:
         state, state_sh = init_train_state(config, mesh)
         ckpt = Checkpointer(workdir, config, keep_steps=[s.end for s in spans if s.steps])
         restored = ckpt.restore_latest(abstract_like(state, state_sh))

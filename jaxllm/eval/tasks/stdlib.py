@@ -125,4 +125,9 @@ def build(out_dir: str = HERE, seed: int = 0) -> None:
 
 
 if __name__ == "__main__":
-    build()
+    from jaxllm.cli import ArgumentParser
+
+    parser = ArgumentParser(prog="python -m jaxllm.eval.tasks.stdlib",
+                            description="Rebuilds the stdlib tasks' JSONL.")
+    parser.add_argument("--out", default=HERE, help="folder (default: beside the YAML files)")
+    build(parser.parse_args().out)

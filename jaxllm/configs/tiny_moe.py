@@ -30,7 +30,7 @@ def get_config(arg=None):
                    # Qwen's 0.001 over all layers pooled lets a layer of this small model send
                    # every token to one expert (expert_load 4.0, the most it can be, from step
                    # 10 to 50); each layer's own loss at 0.01 brings it to ~2.5 by step 120
-                   # (README, "Mixture of experts").
+                   # (docs/moe.md, "Losses and metrics").
                    router_aux_loss_coef=0.01, router_aux_loss_per_layer=True)
     if arg == "smoke":
         c.model.update(num_experts=4, moe_intermediate_size=32,

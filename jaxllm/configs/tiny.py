@@ -5,7 +5,7 @@ Python standard library's own sources (no download). All three recipe stages run
 pretrain at 128 tokens with rope base 1e4, long_context at 512 with base 1e6, then anneal.
 
 Variants: `configs/tiny.py:smoke` is a still smaller model and a few steps, for tests;
-`configs/tiny.py:bench` is the 18.9M-parameter model of the README's CPU speed comparison
+`configs/tiny.py:bench` is the 18.9M-parameter model of docs/speed.md's CPU speed comparison
 (benchmarks/train_step.py), pretraining 40 steps of 8 × 512 tokens, the other stages off.
 """
 

@@ -3,7 +3,7 @@ three-stage recipe.
 
 Every layer is sparse: 64 routed experts of size 2,560, 8 per token, plus a shared expert of
 size 20,480 gated by a sigmoid. The published model was upcycled from Qwen2-7B
-(`--config.init.upcycle_from=QWEN2_7B_DIR`, see the README's MoE section).
+(`--config.init.upcycle_from=QWEN2_7B_DIR`, see docs/moe.md, "Upcycling").
 
 Variants with a mesh that `python -m jaxllm.compile` compiles and finds to fit, both
 fsdp 2 × tensor 2 × expert 8 × sequence 4 with 8 micro-batches (8,192 tokens a device each):
