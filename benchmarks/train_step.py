@@ -21,8 +21,9 @@ that its peak memory is its own and no side's threads or memory pool slow anothe
 process's peak resident memory (runtime and libraries included), on a GPU the device's peak
 bytes in use. The table gives the median step time after `--warmup` untimed steps (the first
 compiles), tokens per second, MFU (the model's training FLOPs per token, jaxllm.metrics'
-count, times tokens per second, over the FLOP/s of a large matmul measured in this run: the
-faster of jax's and torch's), peak memory, and tokens per second over the best peer's.
+count, times tokens per second, over the chip's rated peak, jaxllm.metrics.RATED_PEAKS; on a
+CPU, which has none, over a large matmul measured in this run, the faster of jax's and
+torch's), peak memory, and tokens per second over the best peer's.
 
 Each side's figures print as it finishes (a run stopped by a time limit keeps them), then
 the table. A side that fails gets a row saying why (`OOM` or the exception's type), the
@@ -248,7 +249,7 @@ def main() -> None:
 
     import jax
 
-    from jaxllm.metrics import flops_per_token
+    from jaxllm.metrics import RATED_PEAKS, chip_of, flops_per_token, rated_peak
 
     peers = [p for p in args.peers.split(",") if p]
     if unknown := set(peers) - {"eager", "compile"}:
@@ -274,14 +275,18 @@ def main() -> None:
                                     f"{tokens_per_step / r['seconds']:.0f} tokens/s, peak "
                                     f"{r['peak_bytes'] / GiB:.2f} GiB"), flush=True)
     done = [r for r in results.values() if "error" not in r]
-    peak = max((r["matmul_flops"] for r in done), default=0.0)
+    measured = max((r["matmul_flops"] for r in done), default=0.0)
+    chip = chip_of(device.device_kind)  # MFU against its rated peak; on CPU the measured one
+    peak = rated_peak(chip, m.dtype) if chip else measured
     best_peer = max((tokens_per_step / results[p]["seconds"] for p in peers
                      if "error" not in results[p]), default=0.0)
-    if peak:
+    if measured:
         each = ", ".join(f"{s} {r['matmul_flops'] / 1e9:.1f}" for s, r in results.items()
                          if "error" not in r)
-        print(f"matmul peak {peak / 1e9:.1f} GFLOP/s ({m.dtype} 2048x2048; {each}); "
-              f"{flops / tokens_per_step / 1e6:.1f} MFLOP per token")
+        print(f"matmul peak {measured / 1e9:.1f} GFLOP/s ({m.dtype} 2048x2048; {each}); "
+              f"{flops / tokens_per_step / 1e6:.1f} MFLOP per token; MFU against "
+              + (f"{RATED_PEAKS[chip].name}'s rated {peak / 1e12:.0f} TFLOP/s" if chip else
+                 "the measured matmul peak (no rated peak for this device)"))
     print("| implementation | step ms | tokens/s | MFU % | peak GiB | ours / best peer | "
           "what ran |")
     print("|---|--:|--:|--:|--:|--:|---|")

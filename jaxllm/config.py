@@ -159,6 +159,9 @@ def base_config() -> mc.ConfigDict:
     c.profile = mc.ConfigDict(dict(start=0, stop=0))
     c.compilation_cache_dir = "auto"
     c.log_every = 10
+    # How mfu counts attention FLOPs: "palm" (every query against every key, as MaxText and
+    # the PaLM paper) or "causal" (half of it, as Megatron); the peak is the chips' rated one.
+    c.mfu_convention = "palm"
     c.eval_every = 500
     c.seed = 0
     return c

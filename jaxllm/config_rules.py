@@ -220,6 +220,7 @@ VALUE_RULES: dict[str, Rule] = {
     "profile.stop": COUNT,  # 0: no profile
     "compilation_cache_dir": TEXT,  # "auto": ~/.cache/jaxllm/xla; "": off
     "log_every": SIZE,
+    "mfu_convention": choice("palm", "causal"),
     "eval_every": SIZE,
     "seed": integer("[0, 2**63)"),  # jax.random.key takes an int64
 }

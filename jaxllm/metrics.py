@@ -1,11 +1,15 @@
 """Training telemetry: FLOPs per token, MFU, metrics.jsonl, TensorBoard and progress.
 
-Only process 0 writes. On a terminal a tqdm bar shows loss, tokens/s and MFU; otherwise one
-plain log line per logged step, which is what a cluster log wants.
+MFU is PaLM's: model FLOPs per token (`flops_per_token`, attention counted in full or, with
+`convention="causal"`, halved) times tokens/s, over the chips' rated dense peak
+(`RATED_PEAKS`, by `device_kind`); where no peak is rated (CPUs) over a measured matmul peak,
+labelled "measured". Only process 0 writes. On a terminal a tqdm bar shows loss, tokens/s and
+MFU; otherwise one plain log line per logged step, which is what a cluster log wants.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -32,16 +36,120 @@ def ffn_widths(model_cfg: mc.ConfigDict) -> tuple[float, float]:
             dense + shared + sparse * m.num_experts_per_tok * m.moe_intermediate_size)
 
 
-def flops_per_token(model_cfg: mc.ConfigDict, seq_len: int) -> float:
-    """Training FLOPs per token, PaLM's count: 6·(matmul params) + 12·L·N·H·T (attention);
-    for MoE models the matmul params a token uses (its K experts, the shared expert, router)."""
+FLOPS_CONVENTIONS = ("palm", "causal")
+
+
+def flops_per_token(model_cfg: mc.ConfigDict, seq_len: int, convention: str = "palm") -> float:
+    """Training FLOPs per token: 6·(matmul params) + 12·L·N·H·T, PaLM's count (every query
+    against every key; MaxText's figures and the PaLM / Chinchilla papers count so), or with
+    `convention="causal"` 6·L·N·H·T (the causal half, as Megatron counts). For MoE models the
+    matmul params a token uses (its experts, the shared expert, the router)."""
+    if convention not in FLOPS_CONVENTIONS:
+        raise ValueError(f"flops convention {convention!r}: use one of {FLOPS_CONVENTIONS}")
     m = model_cfg
     D, L, N, K, H, V = (m.hidden_size, m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim,
                         m.vocab_size)
     router = (L // m.decoder_sparse_step) * D * (m.num_experts + 1) if m.num_experts else 0
     matmul_params = (L * (D * (N + 2 * K) * H + N * H * D) + 3 * D * ffn_widths(m)[1] + router
                      + D * V)  # the output head is a matmul even when tied
-    return 6.0 * matmul_params + 12.0 * L * N * H * seq_len
+    attention = 12.0 * L * N * H * seq_len
+    return 6.0 * matmul_params + (attention / 2 if convention == "causal" else attention)
+
+
+@dataclasses.dataclass(frozen=True)
+class RatedPeak:
+    """A chip's rated dense peak (FLOP/s, without sparsity), from its vendor's data sheet."""
+
+    name: str
+    bf16: float
+    fp8: float | None = None
+
+
+RATED_PEAKS = {
+    "tpu_v4": RatedPeak("TPU v4", 275e12),
+    "tpu_v5e": RatedPeak("TPU v5e", 197e12),
+    "tpu_v5p": RatedPeak("TPU v5p", 459e12),
+    "tpu_v6e": RatedPeak("TPU v6e", 918e12),
+    "a100": RatedPeak("NVIDIA A100", 312e12),
+    "h100_sxm": RatedPeak("NVIDIA H100 SXM", 989e12, 1979e12),
+    "h100_pcie": RatedPeak("NVIDIA H100 PCIe", 756e12, 1513e12),
+    "h100_nvl": RatedPeak("NVIDIA H100 NVL", 835e12, 1671e12),
+    "h200": RatedPeak("NVIDIA H200", 989e12, 1979e12),
+}
+# device_kind as JAX reports it on TPUs (v5e and v6e say "lite", v5p says "TPU v5").
+_TPU_KINDS = {"tpu v4": "tpu_v4", "tpu v5 lite": "tpu_v5e", "tpu v5e": "tpu_v5e",
+              "tpu v5": "tpu_v5p", "tpu v5p": "tpu_v5p", "tpu v6 lite": "tpu_v6e",
+              "tpu v6e": "tpu_v6e"}
+
+
+def chip_of(device_kind: str) -> str | None:
+    """RATED_PEAKS' key for a `jax.Device.device_kind` ("TPU v5 lite", "NVIDIA H100 80GB
+    HBM3", "NVIDIA A100-SXM4-80GB", ...); None for one it does not know (CPUs)."""
+    kind = device_kind.lower().strip()
+    if kind in _TPU_KINDS:
+        return _TPU_KINDS[kind]
+    if "h200" in kind:
+        return "h200"
+    if "h100" in kind:
+        return "h100_pcie" if "pcie" in kind else "h100_nvl" if "nvl" in kind else "h100_sxm"
+    if "a100" in kind:
+        return "a100"
+    return None
+
+
+def rated_peak(chip: str, dtype: str) -> float:
+    """One chip's rated peak for matmuls in `dtype`: fp8's where the chip has it, bf16's for
+    every other dtype (float32 models are measured against it too, as elsewhere)."""
+    peak = RATED_PEAKS[chip]
+    return peak.fp8 if "float8" in dtype and peak.fp8 else peak.bf16
+
+
+def peak_flops(dtype: str, devices: list | None = None) -> tuple[float, str, str]:
+    """(peak FLOP/s of all `devices` (default: the run's), "rated" or "measured", a line
+    saying which): the chips' rated peak, or on a device kind with none a measured one."""
+    devices = devices if devices is not None else jax.devices()
+    chip = chip_of(devices[0].device_kind)
+    if chip is not None:
+        each = rated_peak(chip, dtype)
+        return (each * len(devices), "rated", f"mfu: against the rated peak of {len(devices)} "
+                f"× {RATED_PEAKS[chip].name} ({each / 1e12:.0f} TFLOP/s each)")
+    measured = measure_peak_flops(dtype)
+    return (measured, "measured", f"mfu: {devices[0].device_kind} has no rated peak; against a "
+            f"measured {dtype} matmul peak ({measured / 1e12:.3g} TFLOP/s), raised to any rate "
+            "the run reaches above it, so mfu stays at most 1")
+
+
+PLANNED_MFU = (0.40, 0.55)  # what `plan` and `compile` turn into step times
+
+
+def step_seconds(flops_per_step: float, devices: int, chip: str) -> dict[str, float]:
+    """{"40%": s, "55%": s}: a step of `flops_per_step` model FLOPs on `devices` chips (a
+    RATED_PEAKS key) at each of PLANNED_MFU."""
+    peak = rated_peak(chip, "bfloat16") * devices
+    return {f"{mfu:.0%}": flops_per_step / (mfu * peak) for mfu in PLANNED_MFU}
+
+
+def format_seconds(times: dict[str, float]) -> str:
+    """'1.23 s / 0.891 s' of step_seconds."""
+    return " / ".join(f"{t:.3g} s" if t >= 1e-3 else f"{t * 1e3:.3g} ms" for t in times.values())
+
+
+class Mfu:
+    """achieved FLOP/s → MFU against `peak`; a measured peak rises to any rate achieved above
+    it (the machine showed it can: the measurement ran while something else loaded it)."""
+
+    def __init__(self, peak: float, kind: str):
+        self.peak, self.kind, self.labelled = peak, kind, False
+
+    def __call__(self, achieved: float) -> float:
+        if self.kind == "measured" and achieved > self.peak:
+            self.peak = achieved
+        return achieved / self.peak
+
+    def label_once(self) -> dict[str, str]:
+        """{"mfu_peak": "rated" | "measured"} for the run's first record, then {}."""
+        first, self.labelled = not self.labelled, True
+        return {"mfu_peak": self.kind} if first else {}
 
 
 @functools.cache

@@ -21,11 +21,12 @@ from jax.sharding import AbstractMesh, AxisType
 from jaxllm import sharding
 from jaxllm.config import load_config, stage_names, validate
 from jaxllm.experts import capacity
-from jaxllm.metrics import ffn_widths, flops_per_token
+from jaxllm.metrics import PLANNED_MFU, ffn_widths, flops_per_token, format_seconds, step_seconds
 from jaxllm.model import abstract_params
 from jaxllm.train.loss import num_chunks
 
 ACCELERATORS = {"v5p": 95e9, "v6e": 32e9, "h100": 80e9}  # bytes of memory per chip
+CHIPS = {"v5p": "tpu_v5p", "v6e": "tpu_v6e", "h100": "h100_sxm"}  # their metrics.RATED_PEAKS
 # XLA needs headroom beyond live buffers (fragmentation, collectives' scratch).
 USABLE_FRACTION = 0.9
 
@@ -134,9 +135,12 @@ def make_plan(config: mc.ConfigDict, num_devices: int) -> dict:
         parts = activation_parts(config, name, axes)
         act = peak_activations(parts)
         peak = max(peak, act)
+        flops_per_step = flops_per_token(m, s.seq_len) * s.batch_size * s.seq_len
         stages[name] = {"steps": s.steps, "seq_len": s.seq_len, "batch_size": s.batch_size,
                         "tokens_per_step": s.batch_size * s.seq_len,
                         "flops_per_token": flops_per_token(m, s.seq_len),
+                        "step_seconds": {k: step_seconds(flops_per_step, num_devices, chip)
+                                         for k, chip in CHIPS.items()},
                         "activation_bytes": act, "activation_parts": parts}
     total_bytes = params + optimizer + gradients + peak
     first = next(iter(stages.values()), {"seq_len": 4096})
@@ -196,6 +200,9 @@ def format_plan(plan: dict) -> str:
                      f"{s['flops_per_token'] / 1e9:.2f} GFLOP/token, "
                      f"activations {_gb(s['activation_bytes']).strip()} "
                      f"({_parts(s['activation_parts'])})")
+        lines.append(f"  {'':<13} a step at " + " / ".join(f"{m:.0%}" for m in PLANNED_MFU)
+                     + " MFU (rated peaks): " + ", ".join(
+                         f"{k} {format_seconds(t)}" for k, t in s["step_seconds"].items()))
     if "upcycle" in plan:
         lines.append(f"init            {plan['upcycle']}")
     return "\n".join(lines)

@@ -186,6 +186,9 @@ def test_command_json_on_v5p():
     # where the kernels pad (32 and 64 tokens to TPU blocks of 128: the shorter, the more).
     ratios = [s["flops_per_step"] / s["model_flops_per_step"] for s in out["stages"]]
     assert all(1.0 <= r < 3.0 for r in ratios) and ratios[0] > ratios[1], ratios
+    # What a step would take at 40 % / 55 % of 4 v5p chips' rated 459 TFLOP/s each.
+    assert stage["step_seconds_at_mfu"] == pytest.approx(
+        {f"{m:.0%}": stage["model_flops_per_step"] / (m * 459e12 * 4) for m in (0.4, 0.55)})
 
 
 @needs_tpu

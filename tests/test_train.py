@@ -41,7 +41,8 @@ def test_runs_all_stages_and_writes_the_run_directory(trained):
     assert [r["stage"] for r in train] == ["pretrain"] * 4 + ["long_context", "anneal"]
     for r in train:
         assert {"step", "stage", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu"} <= set(r)
-        assert r["tokens_per_sec"] > 0 and 0 < r["mfu"] < 1.5
+        assert r["tokens_per_sec"] > 0 and 0 < r["mfu"] <= 1
+    assert train[0]["mfu_peak"] == "measured" and "mfu_peak" not in train[1]  # CPU: no rating
     evals = [r["eval_loss"] for r in records if "eval_loss" in r]
     assert train[-1]["loss"] < train[0]["loss"] and evals[-1] < evals[0] - 0.1
     assert glob.glob(os.path.join(workdir, "events.out.tfevents.*"))

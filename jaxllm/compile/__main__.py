@@ -37,11 +37,25 @@ def _counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in counts.items() if v) or "none"
 
 
-def format_step(r) -> list[str]:
+def target_chip(target) -> str:
+    """The metrics.RATED_PEAKS key of a target's chips."""
+    return f"tpu_{target.family}" if target.platform == "tpu" else \
+        {"h100": "h100_sxm", "h200": "h200"}[target.family]
+
+
+def format_step(r, target=None) -> list[str]:
+    from jaxllm.metrics import PLANNED_MFU, RATED_PEAKS, format_seconds, step_seconds
+
     head = f"  {r.step:<5}"
     if r.error:
         return [f"{head} refused by the compiler after {r.compile_seconds:.0f} s: {r.error}"]
     ratio = r.flops_per_step / r.model_flops_per_step if r.model_flops_per_step else 0.0
+    timing = []
+    if target is not None and r.step == "train":
+        chip = target_chip(target)
+        timing = ["        a step at " + " / ".join(f"{m:.0%}" for m in PLANNED_MFU)
+                  + f" MFU of {RATED_PEAKS[chip].name}'s rated peak: " + format_seconds(
+                      step_seconds(r.model_flops_per_step, target.devices, chip))]
     return [
         f"{head} {_gib(r.total)} of {_gib(r.device_memory)} per device "
         f"(arguments {_gib(r.arguments)}, temporaries {_gib(r.temporaries)}): "
@@ -51,6 +65,7 @@ def format_step(r) -> list[str]:
         f"        FLOPs/step {r.flops_per_step:.3e} traced vs {r.model_flops_per_step:.3e} model "
         f"({ratio:.2f}x)" + (f"; {r.uncounted_kernels} kernel calls not counted"
                              if r.uncounted_kernels else ""),
+        *timing,
     ]
 
 
@@ -74,10 +89,14 @@ def verdict(target, reports) -> tuple[int, str]:
 
 
 def to_json(target, devices, reports) -> dict:
+    from jaxllm.metrics import step_seconds
+
     stages = []
     for r in reports:
         if r.step == "train":
             stages.append(r.to_json())
+            stages[-1]["step_seconds_at_mfu"] = step_seconds(
+                r.model_flops_per_step, target.devices, target_chip(target))
         else:
             stages[-1]["eval"] = r.to_json()
     return {"target": target.name, "devices": len(devices),
@@ -124,7 +143,7 @@ def main(argv: list[str], overrides: list[str]) -> None:
                 s = config.stages[stage]
                 print(f"{stage}: seq_len {s.seq_len}, batch {s.batch_size}, grad_accum "
                       f"{config.optimizer.grad_accum}, remat {config.model.remat}")
-            print("\n".join(format_step(r)))
+            print("\n".join(format_step(r, target)))
         print(line)
     if code:
         print(f"error: {line}", file=sys.stderr)

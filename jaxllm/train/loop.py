@@ -27,7 +27,7 @@ from jaxllm import sharding
 from jaxllm.checkpoint import Checkpointer, abstract_like
 from jaxllm.data import eval_batches, make_iterator
 from jaxllm.data.mixture import Position
-from jaxllm.metrics import MetricsWriter, flops_per_token
+from jaxllm.metrics import MetricsWriter, Mfu, flops_per_token
 from jaxllm.optim import make_optimizer, make_schedule
 from jaxllm.profiling import Profiler
 from jaxllm.shard_kernels import row_order, traced_in_row_order
@@ -112,7 +112,7 @@ class Run:
     tokenizer: object
     ckpt: Checkpointer
     writer: MetricsWriter
-    peak_flops: float
+    mfu: Mfu  # achieved FLOP/s → MFU, against the chips' rated (or a measured) peak
     preemption: PreemptionFlag
     evaluators: list[Evaluator] = field(default_factory=list)
     logged: dict[str, set[int]] = field(default_factory=dict)  # prefix → steps in metrics
@@ -154,7 +154,7 @@ def run_stage(run: Run, span, state: TrainState, resume_data: dict | None,
     context = StageContext(span.name, model_cfg, run.mesh, order, run.tokenizer)
     evaluations = [(e, fn) for e in run.evaluators if (fn := e.for_stage(context)) is not None]
     tokens_per_step = stage.batch_size * stage.seq_len
-    flops = flops_per_token(config.model, stage.seq_len)
+    flops = flops_per_token(config.model, stage.seq_len, config.mfu_convention)
     writer.message(f"stage {span.name}: steps {span.start}..{span.end - 1}, seq_len "
                    f"{stage.seq_len}, batch {stage.batch_size}, rope_theta {stage.rope_theta:g}")
 
@@ -215,7 +215,8 @@ def run_stage(run: Run, span, state: TrainState, resume_data: dict | None,
                     epochs[name] = epoch
             writer.write({"step": done, "stage": span.name, "loss": float(metrics["loss"]),
                           "lr": float(metrics["lr"]), "grad_norm": float(metrics["grad_norm"]),
-                          "tokens_per_sec": rate, "mfu": rate * flops / run.peak_flops,
+                          "tokens_per_sec": rate, "mfu": run.mfu(rate * flops),
+                          **run.mfu.label_once(),
                           "skipped": int(metrics["skipped"]), **stats,
                           **{k: float(metrics[k]) for k in MOE_METRICS if k in metrics}})
         paused = done == first + 1  # the first step of a stage compiles: leave it out

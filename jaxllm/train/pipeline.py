@@ -34,7 +34,7 @@ from jaxllm.checkpoint import (
 from jaxllm.config import ConfigError, stage_names, validate
 from jaxllm.data.mixture import Position
 from jaxllm.data.pipeline import positions_after
-from jaxllm.metrics import MetricsWriter, logged_steps, measure_peak_flops
+from jaxllm.metrics import MetricsWriter, Mfu, logged_steps, peak_flops
 from jaxllm.model import Transformer, abstract_params, frozen
 from jaxllm.optim import make_optimizer
 from jaxllm.profiling import use_compilation_cache
@@ -200,10 +200,12 @@ def run(config: mc.ConfigDict, workdir: str, evaluators: Sequence[Evaluator] = (
         state, meta = restored if restored is not None else (
             initial_params(config, state, state_sh), {})
         writer = MetricsWriter(workdir, spans[-1].end, int(state.step))
+        peak = peak_flops(config.model.dtype)
+        writer.message(peak[2])
         if meta:
             writer.message(f"resumed from step {int(state.step)} ({meta['stage']})")
         shared = Run(config, workdir, mesh, state_sh, tokenizer, ckpt, writer,
-                     measure_peak_flops(config.model.dtype), flag, list(evaluators),
+                     Mfu(*peak[:2]), flag, list(evaluators),
                      logged_steps(workdir, [e.prefix for e in evaluators]))
         reset = jax.jit(make_optimizer(config.optimizer).init, out_shardings=state_sh.opt_state)
         # Where the restored checkpoint's stage began each source, and (stage, data state)
