@@ -286,16 +286,21 @@ def _batch_size(value: int | str) -> int:
 
 
 def main() -> None:
-    """lm_eval's command line, with the "jaxllm" model and the shipped tasks (TASKS_DIR;
-    another --include_path replaces them: name theirs by YAML path then)."""
+    """lm_eval's command line, with the "jaxllm" model, the shipped tasks (TASKS_DIR; with
+    another --include_path, name them by their YAML paths) and this model's batch of 8 rows
+    where no --batch_size is given (lm_eval's own default is 1)."""
     import sys
 
     from lm_eval.__main__ import cli_evaluate
 
     from jaxllm.cli import run_command
 
-    if not any(a.split("=")[0] == "--include_path" for a in sys.argv):
+    given = {a.split("=")[0] for a in sys.argv}
+    if "--include_path" not in given:
         sys.argv += ["--include_path", TASKS_DIR]
+    evaluates = sys.argv[1:2] not in (["ls"], ["validate"])  # lm_eval's other subcommands
+    if evaluates and "--batch_size" not in given and "-b" not in given:
+        sys.argv += ["--batch_size", "8"]
     run_command(cli_evaluate)  # a bad model argument or path: one line, not a traceback
 
 
