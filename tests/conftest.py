@@ -52,3 +52,48 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+# ----------------------------------------------------------------------------- shared helpers
+# Imported by test modules (`from conftest import smoke_config`); jaxllm is imported inside
+# them, so that collecting a test that needs none stays cheap.
+
+STAGES = ("pretrain", "long_context", "anneal")
+
+
+def smoke_config(*overrides: str, config: str = "configs/tiny.py:smoke", rows: int | None = 8):
+    """A smoke config with `rows` sequences a step in every stage (None: as the file says; the
+    8 test devices need 8 under data parallelism), then `overrides`."""
+    from jaxllm.config import load_config
+
+    batch = [] if rows is None else [f"stages.{s}.batch_size={rows}" for s in STAGES]
+    return load_config(config, [*batch, *overrides])
+
+
+def mesh_of(**sizes: int):
+    """A mesh of the first devices with jaxllm's axes at these sizes (the others 1)."""
+    import numpy as np
+    from jax.sharding import AxisType, Mesh
+
+    from jaxllm import sharding
+
+    shape = tuple(sizes.get(a, 1) for a in sharding.MESH_AXES)
+    devices = np.asarray(jax.devices()[:int(np.prod(shape))]).reshape(shape)
+    return Mesh(devices, sharding.MESH_AXES, axis_types=(AxisType.Auto,) * len(shape))
+
+
+def records(workdir) -> list[dict]:
+    """Every record of a run's metrics.jsonl, in order."""
+    from jaxllm.metrics import read_metrics
+
+    return list(read_metrics(str(workdir)))
+
+
+def train_records(workdir) -> list[dict]:
+    """The training records (those with a loss), in order; a resumed run logs some twice."""
+    return [r for r in records(workdir) if "loss" in r]
+
+
+def by_step(workdir) -> dict[int, dict]:
+    """The last training record of every step (a resumed run logs the replayed ones again)."""
+    return {r["step"]: r for r in train_records(workdir)}

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import mesh_of
 from jax.sharding import AxisType, Mesh
 from jax.sharding import PartitionSpec as P
 from test_model import small_config  # one small model for the model and attention tests
@@ -43,11 +44,6 @@ def record_kernel_shapes(monkeypatch, impl: str) -> list:
     monkeypatch.setattr(module, KERNELS[impl][1], recorder)
     return seen
 
-
-def mesh_of(**sizes) -> Mesh:
-    shape = tuple(sizes.get(a, 1) for a in sharding.MESH_AXES)
-    devices = np.asarray(jax.devices()[:int(np.prod(shape))]).reshape(shape)
-    return Mesh(devices, sharding.MESH_AXES, axis_types=(AxisType.Auto,) * len(shape))
 
 
 @pytest.fixture(scope="module")

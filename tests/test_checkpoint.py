@@ -7,6 +7,7 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
+from conftest import smoke_config
 
 from jaxllm import sharding
 from jaxllm.checkpoint import (
@@ -16,7 +17,6 @@ from jaxllm.checkpoint import (
     load_params,
     save_params,
 )
-from jaxllm.config import load_config
 from jaxllm.model import frozen
 from jaxllm.optim import make_optimizer, make_schedule
 from jaxllm.train.pipeline import check_resumable, init_train_state
@@ -26,8 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny(*overrides):
-    return load_config(os.path.join(ROOT, "jaxllm", "configs", "tiny.py:smoke"),
-                       ["checkpoint.async=False", *overrides])
+    return smoke_config("checkpoint.async=False", *overrides, rows=None)
 
 
 def batch(B=2, T=8, loss_mask=1.0):

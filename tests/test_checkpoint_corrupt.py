@@ -14,9 +14,9 @@ import sys
 
 import jax.numpy as jnp
 import pytest
-from conftest import xla_flags
+from conftest import by_step, xla_flags
 from test_checkpoint import one_device_state, tiny
-from test_resume import by_step, run
+from test_resume import run
 
 from jaxllm.checkpoint import Checkpointer, _draining_event_loops, abstract_like
 

@@ -8,12 +8,12 @@ the end-to-end tests run `pipeline.run` on the smoke model.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
 import numpy as np
 import pytest
+from conftest import by_step
 from test_data import ByteTokenizer, make_config, write_docs
 from test_fault_tolerance import smoke
 
@@ -176,15 +176,9 @@ def three_stage_run(tmp_path_factory):
     return config, workdir
 
 
-def last_records(workdir: str) -> dict[int, dict]:
-    """The last training record of each step (a resumed run appends)."""
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return {r["step"]: r for r in map(json.loads, f) if "loss" in r}
-
-
 def test_a_three_stage_run_reads_on_into_a_new_epoch(three_stage_run):
     _, workdir = three_stage_run
-    records = last_records(workdir)
+    records = by_step(workdir)
     epochs = {step: r["epoch"]["small"] for step, r in records.items()}
     assert epochs[6] == 0 and epochs[10] == 1, epochs  # anneal alone would still be in epoch 0
 
@@ -198,7 +192,7 @@ def test_resume_across_stages_is_bitwise_exact(three_stage_run, tmp_path, resume
         if step.isdigit() and int(step) > resume_at:
             shutil.rmtree(os.path.join(copy, "checkpoints", step))
     pipeline.run(config, copy)
-    before, after = last_records(workdir), last_records(copy)
+    before, after = by_step(workdir), by_step(copy)
     assert sorted(after) == sorted(before) == list(range(1, 11))
     for step in range(resume_at + 1, 11):
         assert after[step]["loss"] == before[step]["loss"], step

@@ -14,6 +14,7 @@ import logging
 import jax
 import numpy as np
 import pytest
+from conftest import records
 
 import jaxllm
 from jaxllm.checkpoint import save_params
@@ -164,8 +165,7 @@ def test_eval_long_every_logs_during_the_long_context_stage(tmp_path):
         "stages.long_context.batch_size=8", "checkpoint.async=False",
         "eval_long_every=1", "eval_long.num_docs=2", "log_every=1", "eval_every=100"])
     train(config, str(tmp_path))
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    long = [r for r in records if any(k.startswith("long_ppl/") for k in r)]
+    long = [r for r in records(tmp_path) if any(k.startswith("long_ppl/") for k in r)]
     assert [r["step"] for r in long] == [1, 2] and {r["stage"] for r in long} == {"long_context"}
     keys = sorted(k for k in long[0] if k.startswith("long_ppl/"))
     assert keys == sorted(f"long_ppl/{b}" for b in ("0-16", "16-32", "32-48", "48-64"))

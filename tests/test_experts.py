@@ -13,8 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import mesh_of
 from flax import linen as nn
-from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxllm import experts, sharding
@@ -119,10 +120,6 @@ def test_capacity_matches_rule_by_hand(cf):
 
 # --- on a mesh of 8 fake CPU devices ------------------------------------------------------
 
-
-def mesh_of(**sizes) -> Mesh:
-    shape = tuple(sizes.get(a, 1) for a in sharding.MESH_AXES)
-    return jax.make_mesh(shape, sharding.MESH_AXES, axis_types=(AxisType.Auto,) * len(shape))
 
 
 def record(monkeypatch, name: str) -> list:

@@ -6,7 +6,6 @@ The runs are in-process (8 fake devices, so every stage runs 8 rows a step) with
 around the data iterator that numbers each stage's batches from 0, so a test can poison
 chosen batches and see which ones were trained on."""
 
-import json
 import math
 import os
 
@@ -14,10 +13,11 @@ import jax
 import numpy as np
 import optax
 import pytest
+from conftest import smoke_config, train_records
 
 from jaxllm import sharding
 from jaxllm.checkpoint import Checkpointer, abstract_like, save_params
-from jaxllm.config import ConfigError, load_config
+from jaxllm.config import ConfigError
 from jaxllm.convert import save_hf
 from jaxllm.data import make_iterator
 from jaxllm.tokenizer import load_tokenizer
@@ -30,10 +30,8 @@ RUNAWAY = 40  # no run here trains on this many batches: more is a restore loop
 
 def smoke(*overrides):
     """tiny.py:smoke, pretrain only, 8 rows a step, every step logged, synchronous saves."""
-    return load_config(os.path.join(ROOT, "jaxllm", "configs", "tiny.py:smoke"), [
-        "checkpoint.async=False", "log_every=1", "eval_every=1000",
-        "stages.pretrain.batch_size=8", "stages.long_context.steps=0",
-        "stages.anneal.steps=0", *overrides])
+    return smoke_config("checkpoint.async=False", "log_every=1", "eval_every=1000",
+                        "stages.long_context.steps=0", "stages.anneal.steps=0", *overrides)
 
 
 class Numbered:
@@ -90,11 +88,6 @@ def run_numbered(monkeypatch, config, workdir, bad=None, absent=None):
     monkeypatch.setattr(loop, "to_global", to_global)
     state = pipeline.run(config, workdir)
     return jax.device_get(state), trained
-
-
-def train_records(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [r for r in map(json.loads, f) if "loss" in r]
 
 
 # ----------------------------------------------------------------------------- bad steps

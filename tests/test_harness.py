@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import records
 from test_hf import CASES, _hf_config, _trained_scale
 
 import jaxllm
@@ -187,8 +188,7 @@ def test_cli_runs_a_shipped_task_offline(hf_dir, tmp_path):
 # ----------------------------------------------------------------------------- in training
 
 def _scored(workdir, key: str) -> list[dict]:
-    records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in records if key in r]
+    return [r for r in records(workdir) if key in r]
 
 
 def test_eval_tasks_in_training_through_every_stage_and_resume_repeats_none(tmp_path):

@@ -4,9 +4,8 @@ put mfu above 1."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
+from conftest import records
 
 from jaxllm import metrics
 from jaxllm.config import load_config
@@ -68,8 +67,7 @@ def test_mfu_on_cpu_stays_at_most_1_when_the_peak_was_measured_under_load(tmp_pa
         "log_every=1",
         "checkpoint.async=False", "eval_every=100"])
     pipeline.run(config, str(tmp_path))
-    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in records if "mfu" in r]
+    train = [r for r in records(tmp_path) if "mfu" in r]
     assert len(train) == 6 and all(0 < r["mfu"] <= 1 for r in train)
     assert train[0]["mfu_peak"] == "measured" and all("mfu_peak" not in r for r in train[1:])
 

@@ -7,7 +7,6 @@ tests/test_convert_moe.py; upcycling is tests/test_upcycle.py.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import xla_flags
+from conftest import by_step, smoke_config, xla_flags
 from jax.sharding import PartitionSpec
 from test_sharding import train
 
@@ -31,8 +30,7 @@ SMOKE = os.path.join(ROOT, "jaxllm", "configs", "tiny_moe.py:smoke")
 
 def smoke(*overrides):
     """tiny_moe:smoke (2 layers, 4 experts of 32 top-2, shared expert 64) at 8 rows a step."""
-    return load_config(SMOKE, [f"stages.{s}.batch_size=8"
-                               for s in ("pretrain", "long_context", "anneal")] + list(overrides))
+    return smoke_config(*overrides, config=SMOKE)
 
 
 @pytest.mark.parametrize("sparse_step", [1, 2])
@@ -119,12 +117,6 @@ def command(workdir):
 
 def env():
     return {**os.environ, "XLA_FLAGS": xla_flags(1)}
-
-
-def by_step(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        records = [json.loads(line) for line in f]
-    return {r["step"]: r for r in records if "loss" in r}
 
 
 def test_tiny_moe_trains_through_its_stages_and_resumes_exactly_after_a_kill(tmp_path):

@@ -1,12 +1,11 @@
 """Two processes over gloo (launch/local.sh) train exactly like one process with two devices."""
 
-import json
 import os
 import subprocess
 import sys
 import time
 
-from conftest import FAST_COMPILE, xla_flags
+from conftest import FAST_COMPILE, train_records, xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--config=configs/tiny.py:smoke", "--config.mesh.data=2",
@@ -14,8 +13,7 @@ ARGS = ["--config=configs/tiny.py:smoke", "--config.mesh.data=2",
 
 
 def losses(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [(r["step"], r["loss"]) for r in map(json.loads, f) if "loss" in r]
+    return [(r["step"], r["loss"]) for r in train_records(workdir)]
 
 
 def test_two_processes_equal_one_process_with_two_devices(tmp_path):

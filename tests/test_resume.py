@@ -1,7 +1,6 @@
 """Fault tolerance end to end: SIGKILL then resume is bitwise exact; SIGTERM saves and exits
 with PREEMPTED_EXIT_CODE; an interrupted long_context stage resumes in that stage."""
 
-import json
 import os
 import random
 import signal
@@ -10,7 +9,7 @@ import sys
 import time
 
 import pytest
-from conftest import xla_flags
+from conftest import by_step, xla_flags
 
 from jaxllm.train.loop import PREEMPTED_EXIT_CODE
 
@@ -47,13 +46,6 @@ def wait_for_line(proc, prefix):
         if line.startswith(prefix):
             return line
     raise AssertionError(f"the run ended before printing {prefix!r}")
-
-
-def by_step(workdir):
-    """The last record of every step (a resumed run logs the replayed steps again)."""
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        records = [json.loads(line) for line in f]
-    return {r["step"]: r for r in records if "loss" in r}
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ import os
 import jax
 import numpy as np
 import pytest
+from conftest import smoke_config
 from jax.sharding import AbstractMesh, AxisType, PartitionSpec
 
 from jaxllm import sharding
@@ -20,9 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny(*overrides):
-    return load_config(os.path.join(ROOT, "jaxllm", "configs", "tiny.py:smoke"),
-                       [f"stages.{s}.batch_size=8" for s in ("pretrain", "long_context", "anneal")]
-                       + list(overrides))
+    return smoke_config(*overrides)
 
 
 def train(config, devices, steps=5, hlo=False):

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import xla_flags
+from conftest import records, xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,11 +20,6 @@ def run_main(workdir, *overrides, devices=1):
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
-def read_metrics(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("run"))
@@ -35,15 +30,15 @@ def trained(tmp_path_factory):
 
 def test_runs_all_stages_and_writes_the_run_directory(trained):
     workdir, result = trained
-    records = read_metrics(workdir)
-    train = [r for r in records if "loss" in r]
+    logged = records(workdir)
+    train = [r for r in logged if "loss" in r]
     assert [r["step"] for r in train] == [1, 2, 4, 6, 8, 10]
     assert [r["stage"] for r in train] == ["pretrain"] * 4 + ["long_context", "anneal"]
     for r in train:
         assert {"step", "stage", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu"} <= set(r)
         assert r["tokens_per_sec"] > 0 and 0 < r["mfu"] <= 1
     assert train[0]["mfu_peak"] == "measured" and "mfu_peak" not in train[1]  # CPU: no rating
-    evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+    evals = [r["eval_loss"] for r in logged if "eval_loss" in r]
     assert train[-1]["loss"] < train[0]["loss"] and evals[-1] < evals[0] - 0.1
     assert glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
     with open(os.path.join(workdir, "config.json")) as f:
@@ -56,11 +51,11 @@ def test_runs_all_stages_and_writes_the_run_directory(trained):
 
 def test_resume_continues_in_the_last_stage(trained, tmp_path):
     workdir, _ = trained
-    before = read_metrics(workdir)
+    before = records(workdir)
     result = run_main(workdir, "--config.stages.anneal.steps=4")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from step 10 (anneal)" in result.stdout
-    new = read_metrics(workdir)[len(before):]
+    new = records(workdir)[len(before):]
     assert [r["step"] for r in new if "loss" in r] == [12]
     assert all(r["stage"] == "anneal" for r in new)
 
