@@ -19,7 +19,8 @@ from conftest import records
 import jaxllm
 from jaxllm.checkpoint import save_params
 from jaxllm.config import ConfigError, load_config
-from jaxllm.eval import apply_setting, long_ppl, niah
+from jaxllm.eval import long_ppl, niah
+from jaxllm.eval.common import apply_setting
 from jaxllm.model import init_params
 
 pytest.importorskip("matplotlib", reason="the eval plots need matplotlib: pip install -e .[eval]")
@@ -149,7 +150,7 @@ def test_bad_input_gets_a_clear_error(tiny, tmp_path, capsys, caplog):
         niah.main([f"--workdir={tmp_path}", f"--hf={tmp_path}"])
     assert "exactly one of --workdir and --hf" in capsys.readouterr().err
     with caplog.at_level(logging.WARNING):
-        from jaxllm.eval import check_length
+        from jaxllm.eval.common import check_length
 
         check_length(model_config, 2 * model_config.max_position_embeddings, "--lengths")
     assert "exceed model.max_position_embeddings" in caplog.text

@@ -31,7 +31,6 @@ KNOWN_UPWARD = {
 }
 KNOWN_CIRCLES = [
     ["jaxllm.checkpoint", "jaxllm.convert.to_hf"],  # run-directory helpers, both ways
-    ["jaxllm.eval", "jaxllm.eval.long_ppl"],  # shared code in the package's __init__
 ]
 
 

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import ml_collections as mc
 import numpy as np
 
-from jaxllm import eval as common
+from jaxllm.eval import common
 from jaxllm.model.transformer import apply, frozen
 from jaxllm.train.loss import token_losses
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxllm import eval as common
+from jaxllm.eval import common
 
 COLORS = ("blue", "red", "green", "yellow", "purple", "orange", "white", "black", "silver",
           "golden", "brown", "grey")

@@ -15,7 +15,7 @@ import argparse
 import os
 from typing import Any
 
-from jaxllm import eval as common
+from jaxllm.eval import common
 
 PREFIX = "eval/"
 
