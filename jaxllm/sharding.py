@@ -116,10 +116,10 @@ def batch_ways(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
-def to_host(x: jax.Array) -> np.ndarray:
-    """The whole of a global array on this process, also where other processes hold parts
-    of it (an all-gather between them)."""
-    if x.is_fully_addressable:
+def to_host(x) -> np.ndarray:
+    """The whole of a global array (or a host array) on this process, also where other
+    processes hold parts of it (an all-gather between them)."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
         return np.asarray(jax.device_get(x))
     from jax.experimental import multihost_utils
 

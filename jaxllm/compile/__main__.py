@@ -38,9 +38,12 @@ def _counts(counts: dict[str, int]) -> str:
 
 
 def target_chip(target) -> str:
-    """The metrics.RATED_PEAKS key of a target's chips."""
-    return f"tpu_{target.family}" if target.platform == "tpu" else \
-        {"h100": "h100_sxm", "h200": "h200"}[target.family]
+    """The metrics.RATED_PEAKS key of a target's chips, from their device kind."""
+    from jaxllm.compile.targets import GPU_KINDS
+    from jaxllm.metrics import chip_of
+
+    return chip_of(f"TPU {target.family}" if target.platform == "tpu" else
+                   GPU_KINDS[target.family].description)
 
 
 def format_step(r, target=None) -> list[str]:

@@ -32,6 +32,7 @@ import numpy as np
 from flax import traverse_util
 from safetensors import safe_open
 
+from jaxllm import sharding
 from jaxllm.convert import rules
 from jaxllm.convert.hf_config import QWEN_ENDOFTEXT, config_from_hf, config_to_hf, read_hf_config
 from jaxllm.convert.shards import ShardedWriter, tensor_files
@@ -151,12 +152,7 @@ def params_reader(params: dict[str, Any]) -> tuple[Reader, np.dtype]:
         if path not in flat:
             raise ValueError(f"params lack {'/'.join(path)}")
         x = flat[path]
-        part = x if block is None else x[block]
-        if isinstance(part, jax.Array) and not part.is_fully_addressable:
-            from jax.experimental import multihost_utils
-
-            return multihost_utils.process_allgather(part, tiled=True)  # one block at a time
-        return np.asarray(jax.device_get(part))
+        return sharding.to_host(x if block is None else x[block])  # one block at a time
 
     embed = flat.get(("embed", "embedding"))
     if embed is None:

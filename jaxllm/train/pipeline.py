@@ -200,12 +200,12 @@ def run(config: mc.ConfigDict, workdir: str, evaluators: Sequence[Evaluator] = (
         state, meta = restored if restored is not None else (
             initial_params(config, state, state_sh), {})
         writer = MetricsWriter(workdir, spans[-1].end, int(state.step))
-        peak = peak_flops(config.model.dtype)
-        writer.message(peak[2])
+        peak, peak_kind, peak_line = peak_flops(config.model.dtype)
+        writer.message(peak_line)
         if meta:
             writer.message(f"resumed from step {int(state.step)} ({meta['stage']})")
         shared = Run(config, workdir, mesh, state_sh, tokenizer, ckpt, writer,
-                     Mfu(*peak[:2]), flag, list(evaluators),
+                     Mfu(peak, peak_kind), flag, list(evaluators),
                      logged_steps(workdir, [e.prefix for e in evaluators]))
         reset = jax.jit(make_optimizer(config.optimizer).init, out_shardings=state_sh.opt_state)
         # Where the restored checkpoint's stage began each source, and (stage, data state)
