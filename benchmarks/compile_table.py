@@ -56,7 +56,8 @@ def variants() -> list[tuple[str, str]]:
 
 
 def stages_of(config: str) -> list[str]:
-    from jaxllm.config import load_config, stage_names
+    from jaxllm.config.load import load_config
+    from jaxllm.config.schema import stage_names
 
     c = load_config(config)
     return [n for n in stage_names(c) if c.stages[n].steps]

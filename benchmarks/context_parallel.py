@@ -5,11 +5,12 @@ all-gathered K/V, on mesh sequence = 1, 2, 4, 8.
                                           [--config=configs/tiny.py:smoke]
                                           [--attention_impl=chunked] [--warmup=1] [--iters=3]
 
-The step is the one tests/test_ring_attention.py compiles: the config with mesh.sequence=S,
-mesh.data=1, one row of --seq_len tokens (stages.pretrain, model.max_position_embeddings),
-remat full, `init_train_state` and `make_train_step` with AdamW; here it runs, on random
-tokens packed as 4 equal documents (positions restarting at each, loss mask ones). The two
-ways jaxllm.shard_kernels splits causal attention over `sequence`, side by side:
+The step is the one tests/unit/parallel/test_ring_attention.py compiles: the config with
+mesh.sequence=S, mesh.data=1, one row of --seq_len tokens (stages.pretrain,
+model.max_position_embeddings), remat full, `init_train_state` and `make_train_step` with
+AdamW; here it runs, on random tokens packed as 4 equal documents (positions restarting at
+each, loss mask ones). The two ways jaxllm.parallel.blocks splits causal attention over
+`sequence`, side by side:
 
   ring        what training does: the rows in the zigzag layout (`row_order`, permuted as
               `to_global` permutes them) and the step traced under it (`traced_in_row_order`):
@@ -60,7 +61,7 @@ DOCUMENTS = 4  # equal documents packed in the row
 
 
 def load(args, sequence: int):
-    from jaxllm.config import load_config
+    from jaxllm.config.load import load_config
 
     return load_config(args.config, [
         f"mesh.sequence={sequence}", "mesh.data=1", f"stages.pretrain.seq_len={args.seq_len}",
@@ -81,16 +82,16 @@ def make_batch(T: int, vocab_size: int) -> dict[str, np.ndarray]:
 
 def run_variant(args, sequence: int, ring: bool) -> tuple[float, float, int | None, np.ndarray]:
     """(compile s, median step s, temp bytes per device or None, the loss of every step)."""
-    from jaxllm import shard_kernels, sharding
-    from jaxllm.optim import make_optimizer, make_schedule
+    from jaxllm.parallel import blocks, sharding
     from jaxllm.train.loop import to_global
-    from jaxllm.train.pipeline import init_train_state, stage_model_config
+    from jaxllm.train.optim import make_optimizer, make_schedule
+    from jaxllm.train.stages import init_train_state, stage_model_config
     from jaxllm.train.step import make_train_step
 
     config = load(args, sequence)
     T = args.seq_len
     mesh = sharding.make_mesh(config, jax.devices()[:sequence])
-    order = shard_kernels.row_order(mesh, T) if ring else None
+    order = blocks.row_order(mesh, T) if ring else None
     if ring and sequence > 1 and order is None:
         raise ValueError(f"row_order: {T} tokens do not split into 2 × {sequence} chunks")
     step_fn = make_train_step(stage_model_config(config, "pretrain"),
@@ -102,7 +103,7 @@ def run_variant(args, sequence: int, ring: bool) -> tuple[float, float, int | No
         batch = to_global(make_batch(T, config.model.vocab_size),
                           sharding.batch_sharding(mesh), order)
         start = time.perf_counter()
-        compiled = jax.jit(shard_kernels.traced_in_row_order(step_fn, order),
+        compiled = jax.jit(blocks.traced_in_row_order(step_fn, order),
                            donate_argnums=0).lower(state, batch).compile()
         compile_s = time.perf_counter() - start
         memory = compiled.memory_analysis()

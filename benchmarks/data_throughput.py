@@ -25,9 +25,10 @@ import time
 
 import jax
 
-from jaxllm import config as config_lib
+from jaxllm.config.load import load_config
+from jaxllm.config.schema import data_source
 from jaxllm.data import formats, make_iterator, prepare
-from jaxllm.tokenizer import load_tokenizer
+from jaxllm.data.tokenizer import load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,7 +48,7 @@ def pipeline_rate(config, stage: str, tokenizer, batches: int, workers: int) -> 
 def training(config, stage_name: str, tokenizer, steps: int) -> tuple[float, float]:
     """(train-step tokens/s, mean seconds per step that next(data) blocked) on real batches."""
     from jaxllm.model import frozen, init_params
-    from jaxllm.optim import make_optimizer, make_schedule
+    from jaxllm.train.optim import make_optimizer, make_schedule
     from jaxllm.train.step import TrainState, make_train_step
 
     stage = config.stages[stage_name]
@@ -97,7 +98,7 @@ def main() -> None:
     parser.add_argument("--prepare_mb", type=float, default=100.0)
     parser.add_argument("--train_steps", type=int, default=20)
     args = parser.parse_args()
-    config = config_lib.load_config(args.config)
+    config = load_config(args.config)
     tokenizer = load_tokenizer(config.tokenizer.name, max_rank=config.tokenizer.max_rank)
     stage = config.stages[args.stage]
     rows = [("pipeline, threads (workers=0)",
@@ -111,8 +112,8 @@ def main() -> None:
                                        tokenizer=config.tokenizer.name,
                                        max_rank=config.tokenizer.max_rank, progress=False)
             run = manifest["run"]
-            prepared = config_lib.load_config(args.config)
-            prepared.data.sources = {"prepared": config_lib.data_source(
+            prepared = load_config(args.config)
+            prepared.data.sources = {"prepared": data_source(
                 "arrayrecord", os.path.join(tmp, "shards"))}
             for name in prepared.stages.keys():
                 prepared.stages[name].mixture = {"prepared": 1.0}

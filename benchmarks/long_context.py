@@ -41,7 +41,8 @@ import time
 
 import numpy as np
 
-from jaxllm.config import data_source, load_config
+from jaxllm.config.load import load_config
+from jaxllm.config.schema import data_source
 from jaxllm.eval import long_ppl, niah
 
 _TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jaxllm",
@@ -179,10 +180,10 @@ def main() -> None:
     if args.train_len - 100 <= SHORT[1]:
         parser.error(f"--train_len={args.train_len}: the long exercises need at least "
                      f"{SHORT[1] + 101} tokens")
-    from jaxllm.checkpoint import save_params
-    from jaxllm.generate import load_model
-    from jaxllm.tokenizer import load_tokenizer
-    from jaxllm.train.pipeline import run
+    from jaxllm.checkpoint.run_dir import save_params
+    from jaxllm.convert.load import load_model
+    from jaxllm.data.tokenizer import load_tokenizer
+    from jaxllm.train.stages import run
 
     data_dir = os.path.join(args.workdir, "needles")
     run_dir, out = os.path.join(args.workdir, "run"), os.path.join(args.workdir, "eval")

@@ -51,8 +51,8 @@ import sys  # noqa: E402
 import time  # noqa: E402
 
 from jaxllm.compile.targets import parse_target  # noqa: E402
-from jaxllm.config import load_config  # noqa: E402
-from jaxllm.sharding import MESH_AXES, mesh_shape  # noqa: E402
+from jaxllm.config.load import load_config  # noqa: E402
+from jaxllm.parallel.sharding import MESH_AXES, mesh_shape  # noqa: E402
 
 GiB = 2**30
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,5 +1,5 @@
-"""MoE layer throughput: jaxllm.experts dispatch (dropless by gmm, with capacity) vs a dense
-SwiGLU with the same active parameters.
+"""MoE layer throughput: jaxllm.parallel.experts dispatch (dropless by gmm, with capacity) vs a
+dense SwiGLU with the same active parameters.
 
     python -m benchmarks.moe [--tokens=4096] [--hidden=256] [--experts=8] [--top_k=2]
                              [--moe_dim=256] [--capacity_factor=1.25] [--dtype=float32]
@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.timing import Failures, is_number, median_seconds
-from jaxllm import experts
+from jaxllm.parallel import experts
 
 
 def moe_loss(impl: str, capacity_factor: float, top_k: int):

@@ -20,8 +20,8 @@ Each side runs in a process of its own (this script with `--side`), one after th
 that its peak memory is its own and no side's threads or memory pool slow another: on CPU the
 process's peak resident memory (runtime and libraries included), on a GPU the device's peak
 bytes in use. The table gives the median step time after `--warmup` untimed steps (the first
-compiles), tokens per second, MFU (the model's training FLOPs per token, jaxllm.metrics'
-count, times tokens per second, over the chip's rated peak, jaxllm.metrics.RATED_PEAKS; on a
+compiles), tokens per second, MFU (the model's training FLOPs per token, jaxllm.train.metrics'
+count, times tokens per second, over the chip's rated peak, jaxllm.train.metrics.RATED_PEAKS; on a
 CPU, which has none, over a large matmul measured in this run, the faster of jax's and
 torch's), peak memory, and tokens per second over the best peer's.
 
@@ -67,7 +67,7 @@ def jaxllm_step(config, tokens: np.ndarray):
     import jax.numpy as jnp
 
     from jaxllm.model import frozen, init_params
-    from jaxllm.optim import make_optimizer, make_schedule
+    from jaxllm.train.optim import make_optimizer, make_schedule
     from jaxllm.train.step import TrainState, make_train_step
 
     m, stage = config.model, config.stages.pretrain
@@ -249,7 +249,7 @@ def main() -> None:
 
     import jax
 
-    from jaxllm.metrics import RATED_PEAKS, chip_of, flops_per_token, rated_peak
+    from jaxllm.train.metrics import RATED_PEAKS, chip_of, flops_per_token, rated_peak
 
     peers = [p for p in args.peers.split(",") if p]
     if unknown := set(peers) - {"eager", "compile"}:

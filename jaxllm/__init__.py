@@ -10,10 +10,11 @@ from jaxllm._lazy import lazy_exports
 __version__ = "0.1.0"
 
 _API = {
-    "load_config": "jaxllm.config",
+    "load_config": "jaxllm.config.load",
     "forward": "jaxllm.model",
-    "generate": "jaxllm.generate",
-    "load_tokenizer": "jaxllm.tokenizer",
+    "generate": "jaxllm.model.decode",
+    "load_model": "jaxllm.convert.load",
+    "load_tokenizer": "jaxllm.data.tokenizer",
     "load_hf": "jaxllm.convert",
     "save_hf": "jaxllm.convert",
 }

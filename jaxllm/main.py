@@ -15,7 +15,7 @@ from absl import flags, logging
 _TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "tiny.py")
 
 flags.DEFINE_string("config", _TINY, "Config file, optionally with :ARG; then any number of "
-                    "--config.KEY=VALUE overrides (jaxllm/cli.py).")
+                    "--config.KEY=VALUE overrides (jaxllm/config/cli.py).")
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, TensorBoard.")
 flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, where the cluster "
                     "cannot be auto-detected (TPU pods, SLURM and GKE are).")
@@ -58,14 +58,15 @@ def train(config, workdir: str):
     """Every stage of `config` in `workdir` with the evaluators it asks for (eval_tasks,
     eval_long_every): what this command runs; returns the final TrainState."""
     from jaxllm.eval import loop_evaluators
-    from jaxllm.train.pipeline import run
+    from jaxllm.train.stages import run
 
     return run(config, workdir, loop_evaluators(config))
 
 
 def main(argv: list[str], overrides: list[str]) -> None:
-    from jaxllm.cli import fail, run_command
-    from jaxllm.config import ConfigError, load_config
+    from jaxllm.config.cli import fail, run_command
+    from jaxllm.config.load import load_config
+    from jaxllm.config.schema import ConfigError
     from jaxllm.data.formats import DataError
     from jaxllm.train.loop import PREEMPTED_EXIT_CODE, Preempted
 
@@ -92,6 +93,6 @@ def main(argv: list[str], overrides: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from jaxllm.cli import run_with_overrides
+    from jaxllm.config.cli import run_with_overrides
 
     run_with_overrides(main)

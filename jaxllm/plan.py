@@ -18,12 +18,20 @@ import ml_collections as mc
 from flax import linen as nn
 from jax.sharding import AbstractMesh, AxisType
 
-from jaxllm import sharding
-from jaxllm.config import load_config, stage_names, validate
-from jaxllm.experts import capacity
-from jaxllm.metrics import PLANNED_MFU, ffn_widths, flops_per_token, format_seconds, step_seconds
+from jaxllm.config.load import load_config
+from jaxllm.config.schema import stage_names
+from jaxllm.config.validate import validate
 from jaxllm.model import abstract_params
+from jaxllm.parallel import sharding
+from jaxllm.parallel.experts import capacity
 from jaxllm.train.loss import num_chunks
+from jaxllm.train.metrics import (
+    PLANNED_MFU,
+    ffn_widths,
+    flops_per_token,
+    format_seconds,
+    step_seconds,
+)
 
 ACCELERATORS = {"v5p": 95e9, "v6e": 32e9, "h100": 80e9}  # bytes of memory per chip
 CHIPS = {"v5p": "tpu_v5p", "v6e": "tpu_v6e", "h100": "h100_sxm"}  # their metrics.RATED_PEAKS
@@ -146,7 +154,7 @@ def make_plan(config: mc.ConfigDict, num_devices: int) -> dict:
     first = next(iter(stages.values()), {"seq_len": 4096})
     extra = {}
     if config.init.upcycle_from:  # reads the dense source's config only, no weights
-        from jaxllm import upcycle
+        from jaxllm.convert import upcycle
 
         dense, _ = upcycle.read_dense_config(config.init.upcycle_from)
         extra["upcycle"] = upcycle.upcycle_plan(
@@ -211,7 +219,7 @@ def format_plan(plan: dict) -> str:
 def main(argv: list[str], overrides: list[str]) -> None:
     from absl import flags, logging
 
-    from jaxllm.cli import run_command
+    from jaxllm.config.cli import run_command
 
     F = flags.FLAGS  # defined below, only when run as a program (tests import make_plan)
     logging.set_verbosity(logging.WARNING)
@@ -223,7 +231,7 @@ def main(argv: list[str], overrides: list[str]) -> None:
 if __name__ == "__main__":
     from absl import flags
 
-    from jaxllm.cli import run_with_overrides
+    from jaxllm.config.cli import run_with_overrides
 
     flags.DEFINE_string("config", None, "Config file, optionally with :ARG; then any number of "
                         "--config.KEY=VALUE overrides.")

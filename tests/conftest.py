@@ -55,16 +55,17 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 
 # ----------------------------------------------------------------------------- shared helpers
-# Imported by test modules (`from conftest import smoke_config`); jaxllm is imported inside
+# Imported by test modules (`from tests.conftest import smoke_config`); jaxllm is imported inside
 # them, so that collecting a test that needs none stays cheap.
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout
 STAGES = ("pretrain", "long_context", "anneal")
 
 
 def smoke_config(*overrides: str, config: str = "configs/tiny.py:smoke", rows: int | None = 8):
     """A smoke config with `rows` sequences a step in every stage (None: as the file says; the
     8 test devices need 8 under data parallelism), then `overrides`."""
-    from jaxllm.config import load_config
+    from jaxllm.config.load import load_config
 
     batch = [] if rows is None else [f"stages.{s}.batch_size={rows}" for s in STAGES]
     return load_config(config, [*batch, *overrides])
@@ -75,7 +76,7 @@ def mesh_of(**sizes: int):
     import numpy as np
     from jax.sharding import AxisType, Mesh
 
-    from jaxllm import sharding
+    from jaxllm.parallel import sharding
 
     shape = tuple(sizes.get(a, 1) for a in sharding.MESH_AXES)
     devices = np.asarray(jax.devices()[:int(np.prod(shape))]).reshape(shape)
@@ -84,7 +85,7 @@ def mesh_of(**sizes: int):
 
 def records(workdir) -> list[dict]:
     """Every record of a run's metrics.jsonl, in order."""
-    from jaxllm.metrics import read_metrics
+    from jaxllm.train.metrics import read_metrics
 
     return list(read_metrics(str(workdir)))
 

@@ -1,9 +1,8 @@
 """Imports only go down: every import in jaxllm/ (module-level or inside a function) names a
 module of its own layer or of one below it, and no modules import each other in a circle.
 
-LAYERS is the order today's tree keeps; KNOWN_UPWARD and KNOWN_CIRCLES list what still breaks
-it (the package reorganisation removes them, and then both are empty). A new upward import or
-a new circle fails here, and so does a listed one that is gone (the lists only shrink).
+LAYERS is the order of the package's folders (README.md's package tour), bottom to top: a new
+upward import or a new circle fails here.
 """
 
 from __future__ import annotations
@@ -11,26 +10,19 @@ from __future__ import annotations
 import ast
 import os
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import ROOT
 
 # Bottom to top; a module is in the layer of the longest prefix that names it.
 LAYERS = [
-    ["jaxllm._lazy", "jaxllm.kernels"],
-    ["jaxllm.config", "jaxllm.config_rules", "jaxllm.recipes", "jaxllm.configs", "jaxllm.cli"],
-    ["jaxllm.sharding", "jaxllm.shard_kernels", "jaxllm.ring_attention", "jaxllm.experts",
-     "jaxllm.dca"],
-    ["jaxllm.model", "jaxllm.tokenizer", "jaxllm.data", "jaxllm.metrics", "jaxllm.optim",
-     "jaxllm.profiling"],
-    ["jaxllm.checkpoint", "jaxllm.convert", "jaxllm.upcycle"],
-    ["jaxllm.train"],
-    ["jaxllm.generate", "jaxllm.eval"],
-    ["jaxllm.main", "jaxllm.plan", "jaxllm.compile", "jaxllm"],
-]
-KNOWN_UPWARD = {
-    ("jaxllm.config", "jaxllm.tokenizer"),  # the schema checks a tokenizer's vocabulary
-}
-KNOWN_CIRCLES = [
-    ["jaxllm.checkpoint", "jaxllm.convert.to_hf"],  # run-directory helpers, both ways
+    ["jaxllm._lazy", "jaxllm.kernels"],  # Pallas kernels beside their references
+    ["jaxllm.config", "jaxllm.configs"],  # schema, value rules, loading, the command line
+    ["jaxllm.parallel"],  # the mesh and its table, shard_map wrappers, ring, expert exchange
+    ["jaxllm.model", "jaxllm.data"],  # the decoder and decoding; tokenizer, sources, batches
+    ["jaxllm.checkpoint"],  # train state, run directories, params checkpoints
+    ["jaxllm.convert"],  # Hugging Face both ways, upcycling, loading a model
+    ["jaxllm.train"],  # step, loss, optimizer, metrics, the loop, the stages
+    ["jaxllm.eval"],  # long context, lm-eval tasks, the evaluators the loop is handed
+    ["jaxllm.main", "jaxllm.plan", "jaxllm.compile", "jaxllm.generate", "jaxllm"],  # commands
 ]
 
 
@@ -119,15 +111,9 @@ def circles(edges: set[tuple[str, str]]) -> list[list[str]]:
 
 
 def test_imports_only_go_down():
-    edges = imports(modules())
-    upward = {(a, b) for a, b in edges if layer(b) > layer(a)}
-    assert not upward - KNOWN_UPWARD, (
-        f"imports that go up the layers (tests/test_imports.py LAYERS): "
-        f"{sorted(upward - KNOWN_UPWARD)}")
-    assert not KNOWN_UPWARD - upward, f"gone: take {sorted(KNOWN_UPWARD - upward)} off KNOWN_UPWARD"
+    upward = sorted((a, b) for a, b in imports(modules()) if layer(b) > layer(a))
+    assert not upward, f"imports that go up the layers (tests/test_imports.py LAYERS): {upward}"
 
 
-def test_no_import_circles_but_the_known_ones():
-    found = circles(imports(modules()))
-    assert [c for c in found if c not in KNOWN_CIRCLES] == [], "new circles"
-    assert [c for c in KNOWN_CIRCLES if c not in found] == [], "gone: take them off KNOWN_CIRCLES"
+def test_no_import_circles():
+    assert circles(imports(modules())) == []

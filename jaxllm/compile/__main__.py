@@ -40,14 +40,14 @@ def _counts(counts: dict[str, int]) -> str:
 def target_chip(target) -> str:
     """The metrics.RATED_PEAKS key of a target's chips, from their device kind."""
     from jaxllm.compile.targets import GPU_KINDS
-    from jaxllm.metrics import chip_of
+    from jaxllm.train.metrics import chip_of
 
     return chip_of(f"TPU {target.family}" if target.platform == "tpu" else
                    GPU_KINDS[target.family].description)
 
 
 def format_step(r, target=None) -> list[str]:
-    from jaxllm.metrics import PLANNED_MFU, RATED_PEAKS, format_seconds, step_seconds
+    from jaxllm.train.metrics import PLANNED_MFU, RATED_PEAKS, format_seconds, step_seconds
 
     head = f"  {r.step:<5}"
     if r.error:
@@ -92,7 +92,7 @@ def verdict(target, reports) -> tuple[int, str]:
 
 
 def to_json(target, devices, reports) -> dict:
-    from jaxllm.metrics import step_seconds
+    from jaxllm.train.metrics import step_seconds
 
     stages = []
     for r in reports:
@@ -107,11 +107,13 @@ def to_json(target, devices, reports) -> dict:
 
 
 def main(argv: list[str], overrides: list[str]) -> None:
-    from jaxllm import sharding
-    from jaxllm.cli import fail
     from jaxllm.compile.program import compile_stages
     from jaxllm.compile.targets import TargetError, compile_only_devices, parse_target
-    from jaxllm.config import ConfigError, load_config, stage_names, validate
+    from jaxllm.config.cli import fail
+    from jaxllm.config.load import load_config
+    from jaxllm.config.schema import ConfigError, stage_names
+    from jaxllm.config.validate import validate
+    from jaxllm.parallel import sharding
 
     F = flags.FLAGS
     logging.set_verbosity(logging.WARNING)
@@ -154,7 +156,7 @@ def main(argv: list[str], overrides: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from jaxllm.cli import run_with_overrides
+    from jaxllm.config.cli import run_with_overrides
 
     flags.DEFINE_string("config", None, "Config file, optionally with :VARIANT; then any number "
                         "of --config.KEY=VALUE overrides.")

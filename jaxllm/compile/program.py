@@ -1,7 +1,7 @@
 """Compile each stage's train and eval steps for a target's devices, and read the result.
 
 What is compiled is what `jaxllm.main` runs (train/loop.py `stage_steps` over the state of
-train/pipeline.py `abstract_train_state`), on the config's mesh over compile-only devices: the
+train/stages.py `abstract_train_state`), on the config's mesh over compile-only devices: the
 state and batches are abstract (ShapeDtypeStructs with their shardings), nothing is allocated,
 and lowering happens inside `jax.set_mesh`, so the kernels are the target's (Mosaic on TPU,
 Triton on GPU; kernels/platform.py). From the compiled program: per-device memory
@@ -20,13 +20,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections as mc
 
-from jaxllm import sharding
-from jaxllm.checkpoint import abstract_like
+from jaxllm.checkpoint.state import abstract_like
 from jaxllm.compile.flops import jaxpr_flops
-from jaxllm.config import stage_names
-from jaxllm.metrics import flops_per_token
+from jaxllm.config.schema import stage_names
+from jaxllm.parallel import sharding
 from jaxllm.train.loop import stage_steps
-from jaxllm.train.pipeline import abstract_train_state, stage_model_config, stage_spans
+from jaxllm.train.metrics import flops_per_token
+from jaxllm.train.stages import abstract_train_state, stage_model_config, stage_spans
 
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "ragged-all-to-all",
                "collective-permute", "collective-broadcast")

@@ -10,8 +10,7 @@ Variants with a mesh that `python -m jaxllm.plan --config=configs/qwen1_5_moe_a2
   `qwen1_5_moe_a2_7b.py:h100_16`  2 nodes of 8 H100s: expert 4 within a node × fsdp 4
 """
 
-from jaxllm.config import base_config
-from jaxllm.recipes import mesh_variant, qwen2_recipe
+from jaxllm.config import base_config, mesh_variant, qwen2_recipe
 
 # mesh, grad_accum
 MESHES = {

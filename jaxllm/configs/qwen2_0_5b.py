@@ -1,7 +1,6 @@
 """Qwen2-0.5B (≈494M parameters, tied embeddings) with the Qwen2 three-stage recipe."""
 
-from jaxllm.config import base_config
-from jaxllm.recipes import qwen2_recipe
+from jaxllm.config import base_config, qwen2_recipe
 
 
 def get_config(arg=None):

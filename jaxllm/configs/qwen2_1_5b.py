@@ -1,7 +1,6 @@
 """Qwen2-1.5B (≈1.54B parameters, tied embeddings) with the Qwen2 three-stage recipe."""
 
-from jaxllm.config import base_config
-from jaxllm.recipes import qwen2_recipe
+from jaxllm.config import base_config, qwen2_recipe
 
 
 def get_config(arg=None):

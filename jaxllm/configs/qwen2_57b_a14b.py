@@ -15,8 +15,7 @@ The earlier fsdp 8 × tensor 2 × expert 8 with 2 micro-batches (32,768 tokens a
 of the expert group landing on one device, so they grow with the tokens a device holds.
 """
 
-from jaxllm.config import base_config
-from jaxllm.recipes import mesh_variant, qwen2_recipe
+from jaxllm.config import base_config, mesh_variant, qwen2_recipe
 
 # mesh, grad_accum
 MESHES = {

@@ -8,8 +8,7 @@ Variants with a mesh that `python -m jaxllm.plan` shows to fit:
   `qwen2_72b.py:h100_64`  8 nodes of 8 H100s: fsdp 8 across nodes × tensor 4 × sequence 2
 """
 
-from jaxllm.config import base_config
-from jaxllm.recipes import mesh_variant, qwen2_recipe
+from jaxllm.config import base_config, mesh_variant, qwen2_recipe
 
 MESHES = {
     "v5p_256": (dict(data=1, fsdp=32, tensor=1, sequence=4), 4),

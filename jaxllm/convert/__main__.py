@@ -12,7 +12,7 @@ directory. hf.py's docstring gives the rules for vocab rows, dtype and shards.
 
 from __future__ import annotations
 
-from jaxllm.cli import ArgumentParser, run_command
+from jaxllm.config.cli import ArgumentParser, run_command
 from jaxllm.convert.shards import parse_size
 
 

@@ -18,9 +18,9 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import AxisType, Mesh
 
+from jaxllm.checkpoint.run_dir import HF_FILES, check_out_dir
 from jaxllm.convert import hf
 from jaxllm.convert.hf_config import read_hf_config
-from jaxllm.convert.to_hf import HF_FILES, check_out_dir
 
 # Weights and checkpoints of other formats are not worth copying beside the params.
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
@@ -29,8 +29,8 @@ _MAX_COPY_BYTES = 64 << 20
 
 def import_shardings(m: mc.ConfigDict, devices=None) -> dict:
     """Param shardings for import: FSDP over all devices when hidden_size divides."""
-    from jaxllm import sharding
     from jaxllm.model import abstract_params
+    from jaxllm.parallel import sharding
 
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices) if m.hidden_size % len(devices) == 0 else 1
@@ -47,7 +47,7 @@ def import_hf(hf_dir: str, out_dir: str, dtype: str | None = None) -> mc.ConfigD
 
     `dtype` casts the weights (default: keep the dtype on disk, so a round trip is exact).
     """
-    from jaxllm.checkpoint import save_params
+    from jaxllm.checkpoint.run_dir import save_params
 
     check_out_dir(out_dir, hf_dir, "--hf")
     m, _ = read_hf_config(hf_dir)

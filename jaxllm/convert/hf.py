@@ -32,10 +32,10 @@ import numpy as np
 from flax import traverse_util
 from safetensors import safe_open
 
-from jaxllm import sharding
 from jaxllm.convert import rules
 from jaxllm.convert.hf_config import QWEN_ENDOFTEXT, config_from_hf, config_to_hf, read_hf_config
 from jaxllm.convert.shards import ShardedWriter, tensor_files
+from jaxllm.parallel import sharding
 
 __all__ = ["load_hf", "save_hf", "write_hf", "read_hf_params", "config_from_hf", "config_to_hf"]
 
@@ -195,7 +195,7 @@ def save_hf(model_config: mc.ConfigDict, params: dict[str, Any], out_dir: str,
 
 def _save_tokenizer(tokenizer: Any, out_dir: str) -> None:
     try:
-        from jaxllm.tokenizer import save_hf_tokenizer_files
+        from jaxllm.data.tokenizer import save_hf_tokenizer_files
     except ImportError as e:  # the weights are still worth writing without the tokenizer
         warnings.warn(f"tokenizer files not written: {e}", stacklevel=3)
         return

@@ -12,7 +12,9 @@ from typing import Any
 
 import ml_collections as mc
 
-from jaxllm.config import DTYPES, ConfigError, model_defaults, validate_model
+from jaxllm.config.rules import DTYPES
+from jaxllm.config.schema import ConfigError, model_defaults
+from jaxllm.config.validate import validate_model
 
 QWEN_ENDOFTEXT = 151643  # bos and eos of the Qwen2 base models
 ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",

@@ -29,13 +29,15 @@ from etils import epath
 from flax import traverse_util
 from orbax.checkpoint import type_handlers
 
-from jaxllm.checkpoint import checkpoint_steps, read_run_config
-from jaxllm.config import ConfigError, model_defaults
+from jaxllm.checkpoint.run_dir import (
+    HF_FILES,
+    check_out_dir,
+    checkpoint_steps,
+    read_run_config,
+    run_model_config,
+)
 from jaxllm.convert import hf, rules
 from jaxllm.convert.rules import Path
-
-HF_FILES = "hf_files"  # where `convert import` keeps the source's tokenizer and config.json
-
 
 # ----------------------------------------------------------------------------- Orbax on disk
 
@@ -91,51 +93,12 @@ def orbax_reader(item_dir: str, prefix: tuple[str, ...] = ()) -> tuple[hf.Reader
     return read, np.dtype(array(("embed", "embedding")).dtype.numpy_dtype)
 
 
-def check_out_dir(out_dir: str, source: str, source_flag: str) -> None:
-    """Refuses to write into the source, or into a run directory (config.json + checkpoints/):
-    an export would overwrite its config.json, an import or average would put there a
-    model.json that hides its checkpoints."""
-    if os.path.realpath(out_dir) == os.path.realpath(source):
-        raise ValueError(f"--out={out_dir} is the {source_flag} it reads: it would write over "
-                         "its own source; use a new --out")
-    if (os.path.exists(os.path.join(out_dir, "config.json"))
-            and os.path.isdir(os.path.join(out_dir, "checkpoints"))):
-        raise ValueError(f"--out={out_dir} is a jaxllm run directory (config.json + "
-                         "checkpoints/): writing there would leave the run unreadable; use a "
-                         "new --out")
-
-
-def keep_tokenizer_files(tokenizer: Any, ckpt_dir: str) -> None:
-    """Gives a params checkpoint made from a run (`checkpoint average`) the run's tokenizer:
-    its files and special ids in `hf_files/`, where `convert import` keeps its source's, so
-    that generation and export find them."""
-    from jaxllm.tokenizer import save_hf_tokenizer_files
-
-    dest = os.path.join(ckpt_dir, HF_FILES)
-    save_hf_tokenizer_files(tokenizer, dest)
-    with open(os.path.join(dest, "config.json"), "w") as f:  # only the ids export reads
-        json.dump({"bos_token_id": tokenizer.eos_id, "eos_token_id": tokenizer.eos_id}, f)
-
-
-def run_model_config(config: mc.ConfigDict | dict, stage: str | None) -> mc.ConfigDict:
-    """The model a run's stage trained: config.model with that stage's rope base."""
-    config = config if isinstance(config, dict) else config.to_dict()
-    m = model_defaults()
-    m.update(config["model"])
-    if stage is not None:
-        if stage not in config.get("stages", {}):
-            raise ConfigError(f"the checkpoint's stage {stage!r} is not in config.stages "
-                              f"({', '.join(config.get('stages', {}))})")
-        m.rope_theta = float(config["stages"][stage]["rope_theta"])
-    return m
-
-
 def _tokenizer(spec: Any, max_rank: int = 0):
     if spec is None or spec is False or spec == "none":
         return None
     if not isinstance(spec, str | os.PathLike):
         return spec  # already a tokenizer
-    from jaxllm.tokenizer import load_tokenizer
+    from jaxllm.data.tokenizer import load_tokenizer
 
     return load_tokenizer(spec, max_rank=max_rank)
 
@@ -194,7 +157,7 @@ def _checkpoint_stage(step_dir: str) -> str | None:
 
 
 def _open_params_checkpoint(ckpt_dir: str) -> SavedModel:
-    from jaxllm.checkpoint import load_model_config
+    from jaxllm.checkpoint.run_dir import load_model_config
 
     m = load_model_config(ckpt_dir)
     read, source_dtype = orbax_reader(os.path.join(ckpt_dir, "params"))

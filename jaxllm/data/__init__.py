@@ -2,7 +2,8 @@
 
 formats.py (files and records), sources.py (split, order), mixture.py (weights → document
 sequence), loader.py (reading off the training thread), packing.py (striped rows, state),
-pipeline.py (config → iterator), prepare.py (the `python -m jaxllm.data.prepare` CLI).
+iterator.py (config → iterator), tokenizer.py (Qwen2 BPE), prepare.py (the `python -m
+jaxllm.data.prepare` CLI).
 
 Names resolve lazily, so a data worker process imports neither grain nor JAX.
 """
@@ -14,11 +15,11 @@ _API = {
     "EmptySplitError": "jaxllm.data.sources",
     "open_source": "jaxllm.data.sources",
     "StripedBatchIterator": "jaxllm.data.packing",
-    "check_sources": "jaxllm.data.pipeline",
-    "document_sequence": "jaxllm.data.pipeline",
-    "eval_batches": "jaxllm.data.pipeline",
-    "make_iterator": "jaxllm.data.pipeline",
-    "process_share": "jaxllm.data.pipeline",
+    "check_sources": "jaxllm.data.iterator",
+    "document_sequence": "jaxllm.data.iterator",
+    "eval_batches": "jaxllm.data.iterator",
+    "make_iterator": "jaxllm.data.iterator",
+    "process_share": "jaxllm.data.iterator",
 }
 
 __getattr__, __all__ = lazy_exports(__name__, _API)

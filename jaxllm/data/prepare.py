@@ -117,7 +117,7 @@ def read_piece(piece: list, fields: tuple[str, str]) -> Iterator[Text]:
 
 def _init_worker(tokenizer_name: str, max_rank: int) -> None:
     global _TOKENIZER
-    from jaxllm.tokenizer import load_tokenizer
+    from jaxllm.data.tokenizer import load_tokenizer
 
     _TOKENIZER = load_tokenizer(tokenizer_name, max_rank=max_rank)
 
@@ -164,7 +164,7 @@ def prepare(input_glob: str, out: str, *, fmt: str = "auto", text_field: str = "
     new shards, as an interruption would."""
     from tqdm import tqdm
 
-    from jaxllm.tokenizer import load_tokenizer
+    from jaxllm.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer, max_rank=max_rank)
     paths = [p for _, p in formats.list_files("text", input_glob, "--input")]
@@ -226,7 +226,7 @@ def prepare(input_glob: str, out: str, *, fmt: str = "auto", text_field: str = "
 
 
 def main(argv: list[str] | None = None) -> None:
-    from jaxllm.cli import ArgumentParser, run_command
+    from jaxllm.config.cli import ArgumentParser, run_command
 
     parser = ArgumentParser(prog="python -m jaxllm.data.prepare",
                             description=__doc__.split("\n")[0])

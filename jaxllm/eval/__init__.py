@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ml_collections as mc
 
-from jaxllm.config import ConfigError
+from jaxllm.config.schema import ConfigError
 
 
 def loop_evaluators(config: mc.ConfigDict) -> list:

@@ -21,11 +21,13 @@ from typing import Any
 import ml_collections as mc
 import numpy as np
 
-from jaxllm.config import ConfigError, apply_override, data_source, model_defaults, validate_model
+from jaxllm.config.load import apply_override
+from jaxllm.config.schema import ConfigError, data_source, model_defaults
+from jaxllm.config.validate import validate_model
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
-    from jaxllm.cli import add_model_source_flags
+    from jaxllm.config.cli import add_model_source_flags
 
     add_model_source_flags(parser)
     parser.add_argument("--tokenizer", default="",
@@ -41,7 +43,7 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
 def load(args: argparse.Namespace) -> tuple[mc.ConfigDict, dict, Any]:
     """(model config, params, tokenizer) for the parsed flags, with one clear error for a
     missing or ambiguous model."""
-    from jaxllm.generate import load_model
+    from jaxllm.convert.load import load_model
 
     if (args.workdir is None) == (args.hf is None):
         raise ValueError("give exactly one of --workdir and --hf")
@@ -51,7 +53,7 @@ def load(args: argparse.Namespace) -> tuple[mc.ConfigDict, dict, Any]:
                                 "directory")
     if args.tokenizer:  # a params checkpoint (save_params, average) has no tokenizer
         from jaxllm.convert import load_checkpoint
-        from jaxllm.tokenizer import load_tokenizer
+        from jaxllm.data.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(args.tokenizer, max_rank=args.max_rank)
         if args.hf:
@@ -172,7 +174,7 @@ def write_json(path: str, record: dict) -> None:
 def run_cli(main_body, argv_parser: argparse.ArgumentParser, argv: list[str] | None) -> None:
     """Parses flags and runs `main_body(args)`; a user error (or matplotlib missing) is one
     `error:` line, exit 2."""
-    from jaxllm.cli import run_command
+    from jaxllm.config.cli import run_command
 
     args = argv_parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -9,8 +9,8 @@ This module registers the model name "jaxllm" and runs lm_eval's own command lin
 Python, `lm_eval.simple_evaluate(model=JaxLLM(...), tasks=[...])` takes an instance. Model
 arguments: `workdir` (and `step`) or `hf`, `mesh`, `batch_size` (default 8), `max_length`
 (default max_position_embeddings), `max_gen_toks` (default 256), `seed`. Each request type
-computes what lm-eval's `hf` model does (tests/test_harness.py). Requests go longest first,
-rows padded to a power of two of at least MIN_BUCKET tokens: one program per length bucket.
+computes what lm-eval's `hf` model does (tests/unit/eval/test_harness.py). Requests go longest
+first, rows padded to a power of two of at least MIN_BUCKET tokens: one program per length bucket.
 Design notes: docs/evaluation.md.
 """
 
@@ -37,9 +37,10 @@ from lm_eval.models.utils import (
 )
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from jaxllm import sharding
-from jaxllm.generate import _mesh_of, generate_ids, load_model
+from jaxllm.convert.load import load_model
+from jaxllm.model.decode import generate_ids, mesh_of
 from jaxllm.model.transformer import apply, frozen
+from jaxllm.parallel import sharding
 from jaxllm.train.loss import token_losses
 
 MIN_BUCKET = 16  # the shortest padded length: tiny requests share one program
@@ -85,7 +86,7 @@ class JaxLLM(TemplateLM):
             self.model_config, self.params, self.tokenizer = load_model(
                 workdir, hf, step, mesh.replace("/", ","))
         self.cfg = frozen(self.model_config)
-        self.mesh = _mesh_of(self.params)
+        self.mesh = mesh_of(self.params)
         self.batch_size = _batch_size(batch_size)
         self.max_length = int(max_length or self.cfg.max_position_embeddings)
         self.max_gen_toks = int(max_gen_toks)
@@ -233,7 +234,7 @@ class LoopTasks:
 def load_tasks(manager, names: list[str], where: str) -> list:
     """The lm-eval Task / Group objects of task names or YAML paths, with one clear error for
     an unknown name (and the closest known ones) or data that cannot be had offline."""
-    from jaxllm.config import ConfigError
+    from jaxllm.config.schema import ConfigError
 
     known = set(manager.all_tasks)
     loaded = []
@@ -293,7 +294,7 @@ def main() -> None:
 
     from lm_eval.__main__ import cli_evaluate
 
-    from jaxllm.cli import run_command
+    from jaxllm.config.cli import run_command
 
     given = {a.split("=")[0] for a in sys.argv}
     if "--include_path" not in given:

@@ -78,7 +78,7 @@ def perplexity(model_config: Any, params: dict, docs_BxT: np.ndarray, bucket_siz
     tokens: T predictions).
 
     `place` puts a host array onto the devices (default: as is); `order` (training's ring
-    attention layout, shard_kernels.row_order) permutes each row's tokens first: every
+    attention layout, blocks.row_order) permutes each row's tokens first: every
     token's loss is its own, so neither changes a number."""
     docs_BxT = np.asarray(docs_BxT, np.int32)
     T = docs_BxT.shape[1] - 1
@@ -128,8 +128,8 @@ class LongPplEvaluator:
         self.config, self.every, self.max_scan = config, int(config.eval_long_every), max_scan
 
     def for_stage(self, stage: Any):
-        from jaxllm import sharding
-        from jaxllm.data.pipeline import document_sequence
+        from jaxllm.data.iterator import document_sequence
+        from jaxllm.parallel import sharding
 
         if stage.name != "long_context":
             return None

@@ -116,7 +116,7 @@ def evaluate(model_config: Any, params: dict, tokenizer: Any, lengths: list[int]
              data: str = "python_stdlib", seed: int = 0, setting: str = "base:"
              ) -> dict[str, Any]:
     """The JSON record of `python -m jaxllm.eval.niah` (see the module docstring)."""
-    from jaxllm.generate import generate_ids
+    from jaxllm.model.decode import generate_ids
 
     name, overrides = common.parse_setting(setting)
     model_config = common.apply_setting(model_config, overrides, name)

@@ -37,7 +37,7 @@ def tokens_at(step: int, stages: list[tuple[str, int, int, int]]) -> int:
 
 def read_scores(workdir: str) -> dict[str, dict[int, float]]:
     """{"<task>/<metric>": {step: value}} of a run's metrics.jsonl."""
-    from jaxllm.metrics import read_metrics
+    from jaxllm.train.metrics import read_metrics
 
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="", help="PNG path (default DIR/eval/tasks.png)")
 
     def body(args):
-        from jaxllm.checkpoint import read_run_config
+        from jaxllm.checkpoint.run_dir import read_run_config
 
         stages = stage_tokens(read_run_config(args.workdir))
         scores = read_scores(args.workdir)

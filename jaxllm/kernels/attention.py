@@ -13,7 +13,7 @@ G = N / K, H head dim.
 |         | the mesh being compiled for: kernels/platform.py)      |             |
 
 These functions see whatever arrays they are given. On a mesh, call them through
-jaxllm/shard_kernels.py (the model does): XLA cannot partition a Pallas call, so without
+jaxllm/parallel/blocks.py (the model does): XLA cannot partition a Pallas call, so without
 that wrapper every device would run the kernel on the gathered global batch.
 """
 

@@ -4,19 +4,19 @@ Dimension letters: B batch, T query length, S key length, D model dim, N query h
 K kv heads, G = N / K query heads per kv head, H head dim.
 Query head n uses kv head n // G, the Hugging Face `repeat_kv` order. The score computation
 is chosen by `model.attention_impl` (auto, xla, chunked, pallas; see jaxllm/kernels), and
-runs per device on a mesh (jaxllm/shard_kernels.py); this layer only names logical axes.
+runs per device on a mesh (jaxllm/parallel/blocks.py); this layer only names logical axes.
 
-Decoding (jaxllm/generate.py) passes this layer's KV cache, k and v [B, S, K, H], and what all
+Decoding (jaxllm/model/decode.py) passes this layer's KV cache, k and v [B, S, K, H], and what all
 layers share: the cache's segment ids [B, S] with this call's tokens already written (0 marks
 padding and unwritten slots) and the slot `index` the tokens go to. Several tokens are a
 prefill of the empty cache: they attend to each other, by `attention_impl`. One token is a
 decode step: it attends to every written slot of the same segment, so no causal mask is needed
 (later slots are not written yet), and its [1, S] scores are small enough for plain jnp.
 
-With `model.dca.enabled` (dual chunk attention, jaxllm/dca.py) rope is applied inside the
+With `model.dca.enabled` (dual chunk attention, jaxllm/model/dca.py) rope is applied inside the
 attention at DCA's position indices: q and k go in before rope, and the cache holds keys
 before rope. A cache slot's position is the number of written slots before it (prompts are
-left-padded, one document per row, as jaxllm/generate.py lays them out).
+left-padded, one document per row, as jaxllm/model/decode.py lays them out).
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ import jax.numpy as jnp
 import ml_collections as mc
 from flax import linen as nn
 
-from jaxllm.dca import dca_attention
+from jaxllm.model.dca import dca_attention
 from jaxllm.model.layers import Linear, rope
-from jaxllm.shard_kernels import attention
+from jaxllm.parallel.blocks import attention
 
 
 def dot_product_attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array,

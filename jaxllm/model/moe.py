@@ -12,7 +12,7 @@ F an expert's ffn dim, G scanned layer groups.
 
 The routing runs here in plain XLA; sorting the token-copies by expert, the grouped matmuls and
 expert parallelism (all-to-all over the `expert` mesh axis, inside `jax.shard_map`) are
-jaxllm/experts.py. Parameters: `router/kernel` [D, E], `experts/{gate,up}_proj` [E, D, F],
+jaxllm/parallel/experts.py. Parameters: `router/kernel` [D, E], `experts/{gate,up}_proj` [E, D, F],
 `experts/down_proj` [E, F, D], `shared_expert/{gate,up,down}_proj/kernel`,
 `shared_expert_gate/kernel` [D, 1]; logical axes `expert` (split over the expert mesh axis)
 and `expert_mlp` (over tensor).
@@ -30,12 +30,12 @@ import jax.numpy as jnp
 import ml_collections as mc
 from flax import linen as nn
 
-from jaxllm import experts
 from jaxllm.model.layers import MLP, Linear, dtype_of, init_normal
+from jaxllm.parallel import experts
 
 
 class Experts(nn.Module):
-    """E routed SwiGLU experts, stored stacked; dispatch in jaxllm/experts.py."""
+    """E routed SwiGLU experts, stored stacked; dispatch in jaxllm/parallel/experts.py."""
 
     cfg: mc.FrozenConfigDict
 

@@ -23,14 +23,14 @@ import ml_collections as mc
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jaxllm import sharding
-from jaxllm.checkpoint import Checkpointer, abstract_like
+from jaxllm.checkpoint.state import Checkpointer, abstract_like
 from jaxllm.data import eval_batches, make_iterator
 from jaxllm.data.mixture import Position
-from jaxllm.metrics import MetricsWriter, Mfu, flops_per_token
-from jaxllm.optim import make_optimizer, make_schedule
-from jaxllm.profiling import Profiler
-from jaxllm.shard_kernels import row_order, traced_in_row_order
+from jaxllm.parallel import sharding
+from jaxllm.parallel.blocks import row_order, traced_in_row_order
+from jaxllm.train.metrics import MetricsWriter, Mfu, flops_per_token
+from jaxllm.train.optim import make_optimizer, make_schedule
+from jaxllm.train.profiling import Profiler
 from jaxllm.train.step import MOE_METRICS, TrainState, make_eval_step, make_train_step
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later", what a scheduler should do
@@ -83,7 +83,7 @@ class StageContext:
     name: str
     model_cfg: mc.FrozenConfigDict  # the stage's (its rope_theta)
     mesh: jax.sharding.Mesh
-    order: np.ndarray | None  # row order of the stage's batches (shard_kernels.row_order)
+    order: np.ndarray | None  # row order of the stage's batches (blocks.row_order)
     tokenizer: Any
 
 
@@ -291,7 +291,7 @@ def to_global(batch: dict[str, np.ndarray], batch_sh, order: np.ndarray | None =
               ) -> dict[str, jax.Array]:
     """This process's rows of the batch (`make_iterator(..., sharding=batch_sh)` reads exactly
     the rows its devices hold) → global arrays over the mesh's batch axes; with `order`
-    (shard_kernels.row_order), each row's tokens in that order. Every token's loss is its
+    (blocks.row_order), each row's tokens in that order. Every token's loss is its
     own, so the order changes no loss or gradient, only which device holds which token."""
     if order is not None:
         batch = {k: v[:, order] for k, v in batch.items()}

@@ -24,8 +24,8 @@ import optax
 
 from jaxllm.model import apply
 from jaxllm.model.transformer import head_weight
-from jaxllm.optim import Schedule
 from jaxllm.train.loss import summed_losses
+from jaxllm.train.optim import Schedule
 
 Batch = dict[str, jax.Array]
 

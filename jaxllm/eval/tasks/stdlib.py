@@ -76,7 +76,7 @@ def _candidates(lines: list[str]) -> list[int]:
 
 
 def build(out_dir: str = HERE, seed: int = 0) -> None:
-    from jaxllm.config import data_source
+    from jaxllm.config.schema import data_source
     from jaxllm.data.sources import open_source
 
     source = open_source(data_source("python_stdlib", ""), "heldout", "eval", seed)
@@ -125,7 +125,7 @@ def build(out_dir: str = HERE, seed: int = 0) -> None:
 
 
 if __name__ == "__main__":
-    from jaxllm.cli import ArgumentParser
+    from jaxllm.config.cli import ArgumentParser
 
     parser = ArgumentParser(prog="python -m jaxllm.eval.tasks.stdlib",
                             description="Rebuilds the stdlib tasks' JSONL.")

@@ -1,0 +1,5 @@
+"""`python -m jaxllm.checkpoint average ...` (checkpoint/average.py)."""
+
+from jaxllm.checkpoint.average import main
+
+main()
