@@ -117,6 +117,7 @@ REMAT = ("none", "full", "dots")
 ATTENTION_IMPLS = ("auto", "xla", "chunked", "pallas")
 MOE_IMPLS = ("auto", "xla", "pallas")
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
+OBJECTIVES = ("lm", "distill")  # stage objectives (train/step.py)
 ROPE_SCALINGS = ("none", "yarn", "dynamic_ntk")
 SOURCE_FORMATS = ("python_stdlib", "text", "jsonl", "parquet", "arrayrecord")
 
@@ -175,6 +176,7 @@ VALUE_RULES: dict[str, Rule] = {
     "stages.*.rope_theta": POSITIVE,
     "stages.*.mixture.*": RATE,
     "stages.*.reset_optimizer": BOOL,
+    "stages.*.objective": choice(*OBJECTIVES),
     "stages.*.lr.peak": POSITIVE,
     "stages.*.lr.end": RATE,
     "stages.*.lr.warmup_steps": COUNT,
@@ -209,6 +211,9 @@ VALUE_RULES: dict[str, Rule] = {
     "init.hf": TEXT,
     "init.upcycle_from": TEXT,
     "init.upcycle_reinit": number("[0, 1]"),  # share of each expert's units re-drawn
+    "distill.teacher": TEXT,
+    "distill.temperature": POSITIVE,
+    "distill.alpha": number("[0, 1]"),
     "export_hf_every": COUNT,  # 0: off
     "eval_long_every": COUNT,  # 0: off
     "eval_long.num_docs": SIZE,

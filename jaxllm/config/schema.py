@@ -18,6 +18,7 @@ QWEN2_NUM_RANKS = 151_643  # BPE ranks of the Qwen2 tokenizer; its specials come
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the key."""
 
+
 def model_defaults() -> mc.ConfigDict:
     return mc.ConfigDict(
         dict(
@@ -77,6 +78,7 @@ def stage(steps: int, seq_len: int, batch_size: int, rope_theta: float, peak: fl
             rope_theta=float(rope_theta),
             mixture=mixture or {"stdlib": 1.0},
             reset_optimizer=False,  # True: fresh Adam moments at this stage's first step
+            objective="lm",  # lm: next-token loss; distill: learn config.distill.teacher's
             lr=dict(peak=peak, end=end, warmup_steps=warmup_steps, schedule=schedule,
                     decay_fraction=0.2),
         )
@@ -131,6 +133,10 @@ def base_config() -> mc.ConfigDict:
     # upcycle_from: a dense params checkpoint or HF dir made into this MoE (convert/upcycle.py);
     # upcycle_reinit: the share of each expert's units re-drawn from the init (Qwen2: 0.5).
     c.init = mc.ConfigDict(dict(checkpoint="", hf="", upcycle_from="", upcycle_reinit=0.5))
+    # The teacher of `distill` stages (a run directory, params checkpoint or HF directory
+    # sharing the tokenizer), the softmax temperature, and the KL's weight alpha in
+    # (1 − alpha)·cross entropy + alpha·τ²·KL (jaxllm/train/loss.py); 1: distillation only.
+    c.distill = mc.ConfigDict(dict(teacher="", temperature=1.0, alpha=1.0))
     c.export_hf_every = 0  # >0: also write <workdir>/hf/<step>/ every this many steps
     # >0: in the long_context stage, every this many steps, perplexity by position bucket
     # (jaxllm/eval/long_ppl.py) over eval_long.num_docs held-out documents of seq_len tokens,
@@ -154,8 +160,6 @@ def base_config() -> mc.ConfigDict:
     c.eval_every = 500
     c.seed = 0
     return c
-
-
 
 
 def stage_names(config: mc.ConfigDict) -> list[str]:

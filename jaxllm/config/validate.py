@@ -147,6 +147,9 @@ def _check_stages(config: mc.ConfigDict) -> None:
                       f"{', '.join(sorted(sources.keys()))}")
         if not any(w > 0 for w in s.mixture.values()):
             _fail(f"{key}.mixture", "needs at least one source with a positive weight")
+        if s.steps and s.objective == "distill" and not config.distill.teacher:
+            _fail(f"{key}.objective", "distill needs a teacher: set config.distill.teacher to "
+                  "a run directory, params checkpoint or Hugging Face directory")
 
 
 def validate(config: mc.ConfigDict) -> None:

@@ -31,7 +31,13 @@ from jaxllm.parallel.blocks import row_order, traced_in_row_order
 from jaxllm.train.metrics import MetricsWriter, Mfu, flops_per_token
 from jaxllm.train.optim import make_optimizer, make_schedule
 from jaxllm.train.profiling import Profiler
-from jaxllm.train.step import MOE_METRICS, TrainState, make_eval_step, make_train_step
+from jaxllm.train.step import (
+    MOE_METRICS,
+    Distillation,
+    TrainState,
+    make_eval_step,
+    make_train_step,
+)
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later", what a scheduler should do
 
@@ -116,18 +122,21 @@ class Run:
     preemption: PreemptionFlag
     evaluators: list[Evaluator] = field(default_factory=list)
     logged: dict[str, set[int]] = field(default_factory=dict)  # prefix → steps in metrics
+    teacher: tuple[Distillation, dict] | None = None  # of distill stages (train/teacher.py)
 
 
 def stage_steps(config: mc.ConfigDict, span, model_cfg: mc.FrozenConfigDict, mesh,
-                state_sh: TrainState) -> tuple[Callable, Callable, np.ndarray | None]:
-    """The jitted train step (state donated) and eval step of a stage on `mesh`, and the row
-    order its batches take (`row_order`: split over `sequence`, rows are laid out for ring
-    attention, and `to_global` permutes them); jaxllm.compile compiles exactly these."""
+                state_sh: TrainState, distill: Distillation | None = None
+                ) -> tuple[Callable, Callable, np.ndarray | None]:
+    """The jitted train step (state donated; with `distill` it also takes the teacher's
+    params) and eval step of a stage on `mesh`, and the row order its batches take
+    (`row_order`: split over `sequence`, rows are laid out for ring attention, and
+    `to_global` permutes them); jaxllm.compile compiles exactly these."""
     stage = config.stages[span.name]
     step_fn = make_train_step(model_cfg, make_optimizer(config.optimizer),
                               make_schedule(stage.lr, span.steps), span.start,
                               config.optimizer.grad_accum, config.loss.z_loss,
-                              config.bad_steps.spike_factor, config.loss.chunk_size)
+                              config.bad_steps.spike_factor, config.loss.chunk_size, distill)
     order = row_order(mesh, stage.seq_len)
     train_step = jax.jit(traced_in_row_order(step_fn, order), donate_argnums=0,
                          out_shardings=(state_sh, None))
@@ -143,7 +152,10 @@ def run_stage(run: Run, span, state: TrainState, resume_data: dict | None,
     `positions`; returns the state and the data iterator's state at the stage's end."""
     config, writer = run.config, run.writer
     stage = config.stages[span.name]
-    train_step, eval_step, order = stage_steps(config, span, model_cfg, run.mesh, run.state_sh)
+    distill, teacher_params = run.teacher if stage.objective == "distill" else (None, None)
+    train_step, eval_step, order = stage_steps(config, span, model_cfg, run.mesh, run.state_sh,
+                                               distill)
+    teacher_args = () if distill is None else (teacher_params,)
     batch_sh = sharding.batch_sharding(run.mesh)
     data = make_iterator(config, span.name, run.tokenizer, split="train", sharding=batch_sh,
                          positions=positions)
@@ -156,7 +168,10 @@ def run_stage(run: Run, span, state: TrainState, resume_data: dict | None,
     tokens_per_step = stage.batch_size * stage.seq_len
     flops = flops_per_token(config.model, stage.seq_len, config.mfu_convention)
     writer.message(f"stage {span.name}: steps {span.start}..{span.end - 1}, seq_len "
-                   f"{stage.seq_len}, batch {stage.batch_size}, rope_theta {stage.rope_theta:g}")
+                   f"{stage.seq_len}, batch {stage.batch_size}, rope_theta {stage.rope_theta:g}"
+                   + (f", distilling from {config.distill.teacher} (temperature "
+                      f"{config.distill.temperature:g}, alpha {config.distill.alpha:g})"
+                      if distill else ""))
 
     # Batches are numbered by when they were drawn from `data` (0: its first); `saved` maps a
     # checkpoint step to the number of batches drawn before it, so that a restore knows which
@@ -184,7 +199,7 @@ def run_stage(run: Run, span, state: TrainState, resume_data: dict | None,
             writer.message(f"step {step}: dropping a batch that caused bad steps")
             continue
         with profiler.step(step):
-            state, metrics = train_step(state, to_global(batch, batch_sh, order))
+            state, metrics = train_step(state, to_global(batch, batch_sh, order), *teacher_args)
         done, step = step + 1, step + 1
         profiler.after(done, state)
         writer.advance()
@@ -218,7 +233,8 @@ def run_stage(run: Run, span, state: TrainState, resume_data: dict | None,
                           "tokens_per_sec": rate, "mfu": run.mfu(rate * flops),
                           **run.mfu.label_once(),
                           "skipped": int(metrics["skipped"]), **stats,
-                          **{k: float(metrics[k]) for k in MOE_METRICS if k in metrics}})
+                          **{k: float(metrics[k]) for k in (*MOE_METRICS, "distill_kl")
+                             if k in metrics}})
         paused = done == first + 1  # the first step of a stage compiles: leave it out
         if done % config.eval_every == 0 or done == span.end:
             sums = [jax.device_get(eval_step(state.params, b)) for b in held_out]

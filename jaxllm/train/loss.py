@@ -1,6 +1,8 @@
-"""The next-token loss over the vocabulary, a chunk of tokens at a time, with its gradient.
+"""The next-token loss over the vocabulary, a chunk of tokens at a time, with its gradient;
+and the distillation loss, a teacher's next-token distribution learned the same way.
 
-Dimension letters: B batch, T length, D model dim, V vocab, n chunks of a row, C = T / n.
+Dimension letters: B batch, T length, D model dim, V vocab, n chunks of a row, C = T / n
+([glossary](../../docs/glossary.md)).
 
 At Qwen2's vocabulary (151,936) the float32 logits of one 4,096-token row are 2.5 GB, and their
 gradient as much again; a loss that first builds all of them needs that memory on top of the
@@ -10,8 +12,15 @@ forms the logits, the log-partition logz, the target logits, and d objective / d
 mask·(softmax·(1 + 2·z_loss·logz) − onehot(target)), then multiplies that back through the
 head at once (dx for the chunk's hidden states, dW summed over chunks). So at most one
 chunk's logits exist at a time, nothing is recomputed, and the backward pass only scales dx
-and dW by the objective's cotangent. Only the objective carries a gradient; Σ nll and Σ logz²
-come out beside it as values (metrics).
+and dW by the objective's cotangent. Only the objective carries a gradient; Σ nll, Σ logz²
+and Σ KL come out beside it as values (metrics).
+
+With a teacher (its final hidden states and head, no gradient) the objective is
+(1 − α)·Σ nll + α·τ²·Σ KL(p_τ ‖ q_τ) + z_loss·Σ logz², where p_τ and q_τ are the teacher's and
+the student's softmax at temperature τ, and d/d logits of α·τ²·KL is α·τ·(q_τ − p_τ). The
+teacher's logits are formed chunk by chunk beside the student's, so neither model's [B, T, V]
+is ever whole. The two vocabularies may have different padding rows: the teacher's extra
+rows are cut, the student's extra rows get no teacher probability.
 
 Chunk i holds tokens i, i + n, i + 2n, ... of every row (strided, not contiguous): the loss is
 a sum over tokens, so any partition gives the same value, and a strided one keeps every chunk
@@ -26,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +46,17 @@ from jaxllm.model.transformer import vocab_logits
 HEAD_AXES = {True: ("vocab", "embed"), False: ("embed", "vocab")}  # tied: the embedding [V, D]
 
 
+class Teacher(NamedTuple):
+    """What the distillation loss needs of the teacher: its model config, the head weight
+    (`transformer.head_weight`), its final hidden states [B, T, D_teacher], and the loss's
+    temperature τ and weight α."""
+    model_cfg: object
+    head: jax.Array
+    x_BxTxD: jax.Array
+    temperature: float
+    alpha: float
+
+
 def token_losses(logits_BxTxV: jax.Array, targets_BxT: jax.Array
                  ) -> tuple[jax.Array, jax.Array]:
     """Per-token negative log-likelihood and log-partition, both float32."""
@@ -43,6 +64,27 @@ def token_losses(logits_BxTxV: jax.Array, targets_BxT: jax.Array
     logz_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
     target_logit_BxT = jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
     return logz_BxT - target_logit_BxT, logz_BxT
+
+
+def fit_vocab(teacher_logits_BxTxV: jax.Array, V: int) -> jax.Array:
+    """The teacher's logits over the student's V rows: extra rows cut, missing ones −inf."""
+    Vt = teacher_logits_BxTxV.shape[-1]
+    if Vt >= V:
+        return teacher_logits_BxTxV[..., :V]
+    pad = [(0, 0)] * (teacher_logits_BxTxV.ndim - 1) + [(0, V - Vt)]
+    return jnp.pad(teacher_logits_BxTxV, pad, constant_values=-jnp.inf)
+
+
+def token_kl(student_logits_BxTxV: jax.Array, teacher_logits_BxTxV: jax.Array,
+             temperature: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(KL(p_τ ‖ q_τ) per token, q_τ, p_τ): the teacher's (p) and the student's (q)
+    softmax at temperature τ, both float32, the teacher's logits already on the student's
+    rows (`fit_vocab`)."""
+    log_q = jax.nn.log_softmax(student_logits_BxTxV.astype(jnp.float32) / temperature, axis=-1)
+    log_p = jax.nn.log_softmax(teacher_logits_BxTxV.astype(jnp.float32) / temperature, axis=-1)
+    p = jnp.exp(log_p)
+    kl_BxT = jnp.sum(jnp.where(p > 0, p * (log_p - log_q), 0.0), axis=-1)
+    return kl_BxT, jnp.exp(log_q), p
 
 
 def num_chunks(T: int, chunk_size: int) -> int:
@@ -56,20 +98,40 @@ def num_chunks(T: int, chunk_size: int) -> int:
 
 
 def summed_losses(model_cfg, head: jax.Array, x_BxTxD: jax.Array, targets_BxT: jax.Array,
-                  mask_BxT: jax.Array, chunk_size: int, z_loss: float = 0.0
-                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(objective Σ nll + z_loss·Σ logz², Σ nll, Σ logz²) over the tokens where `mask` is 1,
-    from the final hidden states and the head weight (`transformer.head_weight`). Only the
-    objective carries a gradient."""
+                  mask_BxT: jax.Array, chunk_size: int, z_loss: float = 0.0,
+                  teacher: Teacher | None = None
+                  ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """(objective, Σ nll, Σ logz², Σ KL) over the tokens where `mask` is 1, from the final
+    hidden states and the head weight (`transformer.head_weight`). The objective is
+    Σ nll + z_loss·Σ logz², or with a teacher (1 − α)·Σ nll + α·τ²·Σ KL + z_loss·Σ logz²
+    (Σ KL is 0 without one). Only the objective carries a gradient."""
     mask_BxT = mask_BxT.astype(jnp.float32)
     if chunk_size <= 0:
-        nll_BxT, logz_BxT = token_losses(vocab_logits(model_cfg, head, x_BxTxD), targets_BxT)
+        logits_BxTxV = vocab_logits(model_cfg, head, x_BxTxD)
+        nll_BxT, logz_BxT = token_losses(logits_BxTxV, targets_BxT)
         nll, logz2 = jnp.sum(nll_BxT * mask_BxT), jnp.sum(jnp.square(logz_BxT) * mask_BxT)
-        return (nll + z_loss * logz2 if z_loss else nll, jax.lax.stop_gradient(nll),
-                jax.lax.stop_gradient(logz2))
+        objective, kl = nll + z_loss * logz2, jnp.float32(0)
+        if teacher is not None:
+            t_logits_BxTxV = jax.lax.stop_gradient(fit_vocab(
+                vocab_logits(teacher.model_cfg, teacher.head, teacher.x_BxTxD),
+                logits_BxTxV.shape[-1]))
+            kl_BxT, _, _ = token_kl(logits_BxTxV, t_logits_BxTxV, teacher.temperature)
+            kl = jnp.sum(kl_BxT * mask_BxT)
+            objective = ((1 - teacher.alpha) * nll + z_loss * logz2
+                         + teacher.alpha * teacher.temperature ** 2 * kl)
+        stop = jax.lax.stop_gradient
+        return objective, stop(nll), stop(logz2), stop(kl)
     n = num_chunks(x_BxTxD.shape[1], chunk_size)
-    return _fused_loss(_HeadSpec(bool(model_cfg.tie_embeddings), str(model_cfg.dtype), n,
-                                 float(z_loss)), head, x_BxTxD, targets_BxT, mask_BxT)
+    spec = _HeadSpec(bool(model_cfg.tie_embeddings), str(model_cfg.dtype), n, float(z_loss))
+    t_head = t_x = None
+    if teacher is not None:
+        spec = dataclasses.replace(
+            spec, teacher_tied=bool(teacher.model_cfg.tie_embeddings),
+            teacher_dtype=str(teacher.model_cfg.dtype),
+            temperature=float(teacher.temperature), alpha=float(teacher.alpha))
+        t_head = jax.lax.stop_gradient(teacher.head)
+        t_x = jax.lax.stop_gradient(teacher.x_BxTxD)
+    return _fused_loss(spec, head, x_BxTxD, targets_BxT, mask_BxT, t_head, t_x)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,50 +140,72 @@ class _HeadSpec:
     dtype: str  # compute dtype of the head's matmuls
     n: int  # chunks per row
     z_loss: float
+    teacher_tied: bool = False  # the same three of the teacher's head, when there is one
+    teacher_dtype: str = "float32"
+    temperature: float = 1.0
+    alpha: float = 0.0  # the KL's weight; the nll's is 1 − alpha
 
 
-def _chunk(spec: _HeadSpec, head, x_BxCxD, targets_BxC, mask_BxC, with_grad: bool):
-    """([Σ objective, Σ nll, Σ logz²] of one chunk, and with_grad: (dx [B, C, D] in x's
-    dtype, dW in the compute dtype in head's layout) of the objective)."""
-    w = head.astype(spec.dtype)
-    x = x_BxCxD.astype(spec.dtype)
-    d_of_w = 1 if spec.tied else 0  # head is [V, D] tied, [D, V] untied
-    logits_BxCxV = jax.lax.dot_general(x, w, (((2,), (d_of_w,)), ((), ())),
-                                       preferred_element_type=jnp.float32)
+def _logits(x_BxCxD, head, tied: bool, dtype: str):
+    """float32 logits of a chunk and the head in its compute dtype (V is axis 0 when tied)."""
+    w = head.astype(dtype)
+    d_of_w = 1 if tied else 0
+    return jax.lax.dot_general(x_BxCxD.astype(dtype), w, (((2,), (d_of_w,)), ((), ())),
+                               preferred_element_type=jnp.float32), w
+
+
+def _chunk(spec: _HeadSpec, head, x_BxCxD, targets_BxC, mask_BxC, t_head, t_x_BxCxD,
+           with_grad: bool):
+    """([Σ objective, Σ nll, Σ logz², Σ KL] of one chunk, and with_grad: (dx [B, C, D] in
+    x's dtype, dW in the compute dtype in head's layout) of the objective)."""
+    logits_BxCxV, w = _logits(x_BxCxD, head, spec.tied, spec.dtype)
     logz_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
     target_logit_BxC = jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
     nll = jnp.sum((logz_BxC - target_logit_BxC) * mask_BxC)
     logz2 = jnp.sum(logz_BxC ** 2 * mask_BxC)
-    sums = jnp.stack([nll + spec.z_loss * logz2, nll, logz2])
+    kl, tau, alpha = jnp.float32(0), spec.temperature, spec.alpha
+    if t_head is not None:
+        t_logits_BxCxV, _ = _logits(t_x_BxCxD, t_head, spec.teacher_tied, spec.teacher_dtype)
+        kl_BxC, q_BxCxV, p_BxCxV = token_kl(
+            logits_BxCxV, fit_vocab(t_logits_BxCxV, logits_BxCxV.shape[-1]), tau)
+        kl = jnp.sum(kl_BxC * mask_BxC)
+    sums = jnp.stack([(1 - alpha) * nll + spec.z_loss * logz2 + alpha * tau ** 2 * kl,
+                      nll, logz2, kl])
     if not with_grad:
         return sums, None
-    p_BxCxV = jnp.exp(logits_BxCxV - logz_BxC[..., None])
-    scale_BxC = (1.0 + 2.0 * spec.z_loss * logz_BxC) * mask_BxC
+    softmax_BxCxV = jnp.exp(logits_BxCxV - logz_BxC[..., None])
+    scale_BxC = ((1 - alpha) + 2.0 * spec.z_loss * logz_BxC) * mask_BxC
     is_target_BxCxV = jnp.arange(logits_BxCxV.shape[-1]) == targets_BxC[..., None]
-    dlogits_BxCxV = (p_BxCxV * scale_BxC[..., None]
-                     - jnp.where(is_target_BxCxV, mask_BxC[..., None], 0.0)).astype(spec.dtype)
+    dlogits_BxCxV = (softmax_BxCxV * scale_BxC[..., None]
+                     - jnp.where(is_target_BxCxV, (1 - alpha) * mask_BxC[..., None], 0.0))
+    if t_head is not None:
+        dlogits_BxCxV += (alpha * tau * mask_BxC)[..., None] * (q_BxCxV - p_BxCxV)
+    dlogits_BxCxV = dlogits_BxCxV.astype(spec.dtype)
+    d_of_w = 1 if spec.tied else 0
     # dx = dlogits · W (contracting V); dW contracts the chunk's B and C tokens of dlogits, x.
     dx_BxCxD = jax.lax.dot_general(dlogits_BxCxV, w, (((2,), (1 - d_of_w,)), ((), ())),
                                    preferred_element_type=jnp.float32).astype(x_BxCxD.dtype)
     # A chunk's dW in the compute dtype, as every layer's: the device's partial sum is a whole
     # [V, D] before it is reduce-scattered onto the head's split (4.6 GiB in float32 at 72B).
+    x = x_BxCxD.astype(spec.dtype)
     tokens = (((0, 1), (0, 1)), ((), ()))
     dw = (jax.lax.dot_general(dlogits_BxCxV, x, tokens) if spec.tied else
           jax.lax.dot_general(x, dlogits_BxCxV, tokens))
     return sums, (dx_BxCxD, dw)
 
 
-def _over_chunks(spec: _HeadSpec, head, x_BxTxD, targets_BxT, mask_BxT, with_grad: bool):
+def _over_chunks(spec: _HeadSpec, head, x_BxTxD, targets_BxT, mask_BxT, t_head, t_x_BxTxD,
+                 with_grad: bool):
     """Sums over every chunk, and with_grad (dx [B, T, D], dW float32)."""
     B, T, D = x_BxTxD.shape
     n = spec.n
     # [B, T] → [n, B, C]: chunk i is tokens i, i + n, ... of every row.
-    strided = lambda a: jnp.moveaxis(  # noqa: E731
+    strided = lambda a: None if a is None else jnp.moveaxis(  # noqa: E731
         a.reshape(B, T // n, n, *a.shape[2:]), 2, 0)
 
     def body(carry, chunk):
         total, dw = carry
-        sums, grads = _chunk(spec, head, *chunk, with_grad)
+        sums, grads = _chunk(spec, head, *chunk[:3], t_head, chunk[3], with_grad)
         if not with_grad:
             return (total + sums, dw), None
         # The float32 sum of dW stays split like the head (each chunk's part reduce-scattered
@@ -132,8 +216,8 @@ def _over_chunks(spec: _HeadSpec, head, x_BxTxD, targets_BxT, mask_BxT, with_gra
     dw0 = (nn.with_logical_constraint(jnp.zeros(head.shape, jnp.float32), HEAD_AXES[spec.tied])
            if with_grad else None)
     (total, dw), dx_nxBxCxD = jax.lax.scan(
-        body, (jnp.zeros(3, jnp.float32), dw0),
-        (strided(x_BxTxD), strided(targets_BxT), strided(mask_BxT)))
+        body, (jnp.zeros(4, jnp.float32), dw0),
+        (strided(x_BxTxD), strided(targets_BxT), strided(mask_BxT), strided(t_x_BxTxD)))
     if not with_grad:
         return total, None
     dx_BxTxD = jnp.moveaxis(dx_nxBxCxD, 0, 2).reshape(B, T, D)
@@ -141,20 +225,22 @@ def _over_chunks(spec: _HeadSpec, head, x_BxTxD, targets_BxT, mask_BxT, with_gra
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _fused_loss(spec: _HeadSpec, head, x_BxTxD, targets_BxT, mask_BxT):
-    total, _ = _over_chunks(spec, head, x_BxTxD, targets_BxT, mask_BxT, False)
-    return total[0], total[1], total[2]
+def _fused_loss(spec: _HeadSpec, head, x_BxTxD, targets_BxT, mask_BxT, t_head, t_x_BxTxD):
+    total, _ = _over_chunks(spec, head, x_BxTxD, targets_BxT, mask_BxT, t_head, t_x_BxTxD,
+                            False)
+    return tuple(total)
 
 
-def _fused_loss_fwd(spec: _HeadSpec, head, x_BxTxD, targets_BxT, mask_BxT):
-    total, (dx_BxTxD, dw) = _over_chunks(spec, head, x_BxTxD, targets_BxT, mask_BxT, True)
-    return (total[0], total[1], total[2]), (dx_BxTxD, dw.astype(head.dtype))
+def _fused_loss_fwd(spec: _HeadSpec, head, x_BxTxD, targets_BxT, mask_BxT, t_head, t_x_BxTxD):
+    total, (dx_BxTxD, dw) = _over_chunks(spec, head, x_BxTxD, targets_BxT, mask_BxT, t_head,
+                                         t_x_BxTxD, True)
+    return tuple(total), (dx_BxTxD, dw.astype(head.dtype))
 
 
 def _fused_loss_bwd(spec: _HeadSpec, residuals, cotangents):
     dx_BxTxD, dw = residuals
-    g = cotangents[0]  # Σ nll and Σ logz² are values only
-    return (g.astype(dw.dtype) * dw, g.astype(dx_BxTxD.dtype) * dx_BxTxD, None, None)
+    g = cotangents[0]  # Σ nll, Σ logz² and Σ KL are values only; the teacher has no gradient
+    return (g.astype(dw.dtype) * dw, g.astype(dx_BxTxD.dtype) * dx_BxTxD, None, None, None, None)
 
 
 _fused_loss.defvjp(_fused_loss_fwd, _fused_loss_bwd)

@@ -175,11 +175,11 @@ def run(config: mc.ConfigDict, workdir: str, evaluators: Sequence[Evaluator] = (
                               "jaxllm.train.stages.run: call jaxllm.main.train(config, "
                               "workdir), which builds them, or pass "
                               "evaluators=jaxllm.eval.loop_evaluators(config)")
-    for key in ("checkpoint", "hf", "upcycle_from"):
-        source = config.init[key]
+    for key, source in [(f"init.{k}", config.init[k]) for k in ("checkpoint", "hf", "upcycle_from")
+                        ] + [("distill.teacher", config.distill.teacher)]:
         if source and os.path.abspath(source) == os.path.abspath(workdir):
-            raise ConfigError(f"config.init.{key} is the --workdir ({workdir}): the run would "
-                              "write into the weights it starts from; use a new --workdir")
+            raise ConfigError(f"config.{key} is the --workdir ({workdir}): the run would "
+                              "write into the weights it reads; use a new --workdir")
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ConfigError(f"--workdir={workdir} is a file; give a directory (new or a run's)")
     try:
@@ -194,6 +194,14 @@ def run(config: mc.ConfigDict, workdir: str, evaluators: Sequence[Evaluator] = (
                           f"the tokenizer's {tokenizer.vocab_size} ids; set tokenizer.max_rank")
     mesh = sharding.make_mesh(config)
     spans = stage_spans(config)
+    teacher = None  # loaded (and its tokenizer checked) before anything compiles
+    done = max(checkpoint_steps(workdir), default=0)
+    if any(config.stages[s.name].objective == "distill" and s.end > done for s in spans
+           if s.steps):
+        from jaxllm.train.teacher import load_teacher
+
+        with sharding.use_mesh(mesh):
+            teacher = load_teacher(config, mesh, tokenizer)
     with sharding.use_mesh(mesh), PreemptionFlag() as flag:
         state, state_sh = init_train_state(config, mesh)
         ckpt = Checkpointer(workdir, config, keep_steps=[s.end for s in spans if s.steps])
@@ -207,7 +215,7 @@ def run(config: mc.ConfigDict, workdir: str, evaluators: Sequence[Evaluator] = (
             writer.message(f"resumed from step {int(state.step)} ({meta['stage']})")
         shared = Run(config, workdir, mesh, state_sh, tokenizer, ckpt, writer,
                      Mfu(peak, peak_kind), flag, list(evaluators),
-                     logged_steps(workdir, [e.prefix for e in evaluators]))
+                     logged_steps(workdir, [e.prefix for e in evaluators]), teacher)
         reset = jax.jit(make_optimizer(config.optimizer).init, out_shardings=state_sh.opt_state)
         # Where the restored checkpoint's stage began each source, and (stage, data state)
         # of the last stage trained or restored at its end: the next stage goes on from there.

@@ -10,10 +10,15 @@ Mixture-of-experts models add their router losses (jaxllm/model/moe.py `router_l
 each computed per micro-batch and weighted by its tokens like the cross entropy. The step's
 metrics then carry `aux_loss`, `router_z_loss`, `expert_load` and `dropped_frac`, averaged
 the same way.
+
+A distillation stage (`objective` distill) runs the teacher's forward pass on each micro-batch
+beside the student's, without gradients, and learns its distribution (jaxllm/train/loss.py);
+`loss` stays the cross entropy on the data, and `distill_kl` is the KL per token.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import flax
@@ -24,7 +29,7 @@ import optax
 
 from jaxllm.model import apply
 from jaxllm.model.transformer import head_weight
-from jaxllm.train.loss import summed_losses
+from jaxllm.train.loss import Teacher, summed_losses
 from jaxllm.train.optim import Schedule
 
 Batch = dict[str, jax.Array]
@@ -48,26 +53,49 @@ MOE_METRICS = ("aux_loss", "router_z_loss", "expert_load", "dropped_frac")
 EMA_DECAY = 0.99  # the loss average spans ~100 steps: slow enough that a spike stands out
 
 
+@dataclasses.dataclass(frozen=True)
+class Distillation:
+    """A distillation stage's teacher model and loss settings (config.distill)."""
+    model_cfg: mc.FrozenConfigDict
+    temperature: float
+    alpha: float  # the KL's weight; the cross entropy's is 1 − alpha
+
+    def teacher(self, teacher_params: dict, batch: Batch) -> Teacher:
+        """The teacher's final hidden states on `batch` (no gradient) and its head."""
+        x_BxTxD, _ = apply(self.model_cfg, teacher_params, batch["inputs"], batch["positions"],
+                           batch["segment_ids"], head_out=False)
+        return Teacher(self.model_cfg, head_weight(self.model_cfg, teacher_params),
+                       jax.lax.stop_gradient(x_BxTxD), self.temperature, self.alpha)
+
+
 def summed_loss(params: dict, model_cfg: mc.FrozenConfigDict, batch: Batch, z_loss: float,
-                chunk_size: int = 0) -> tuple[jax.Array, tuple[jax.Array, jax.Array, dict]]:
-    """(Σ nll + z_loss·Σ logz² + count·(MoE router losses), (Σ nll, token count, the MoE
-    metrics × count)) over the masked tokens."""
+                chunk_size: int = 0, teacher: Teacher | None = None
+                ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, dict]]:
+    """(the objective over the masked tokens: Σ nll + z_loss·Σ logz² + count·(MoE router
+    losses), or with a teacher its distillation objective, (Σ nll, token count, sums of the
+    metrics: the MoE ones × count, `distill_kl` Σ KL))."""
     x_BxTxD, aux = apply(model_cfg, params, batch["inputs"], batch["positions"],
                          batch["segment_ids"], head_out=False)
-    objective, nll, _ = summed_losses(model_cfg, head_weight(model_cfg, params), x_BxTxD,
-                                      batch["targets"], batch["loss_mask"], chunk_size, z_loss)
+    objective, nll, _, kl = summed_losses(model_cfg, head_weight(model_cfg, params), x_BxTxD,
+                                          batch["targets"], batch["loss_mask"], chunk_size,
+                                          z_loss, teacher)
     count = jnp.sum(batch["loss_mask"].astype(jnp.float32))
     if aux:
         objective += count * (model_cfg.router_aux_loss_coef * aux["aux_loss"]
                               + model_cfg.router_z_loss_coef * aux["router_z_loss"])
-    return objective, (nll, count, jax.tree.map(lambda x: x * count, aux))
+    sums = jax.tree.map(lambda x: x * count, aux)
+    if teacher is not None:
+        sums["distill_kl"] = kl
+    return objective, (nll, count, sums)
 
 
 def make_train_step(model_cfg: mc.FrozenConfigDict, tx: optax.GradientTransformation,
                     schedule: Schedule, stage_start: int, grad_accum: int, z_loss: float,
-                    spike_factor: float = 0.0, loss_chunk: int = 0
-                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-    """The step of one stage; `schedule` runs on the step within the stage.
+                    spike_factor: float = 0.0, loss_chunk: int = 0,
+                    distill: Distillation | None = None) -> Callable[..., tuple[TrainState, dict]]:
+    """The step of one stage, (state, batch) → (state, metrics), or with `distill`
+    (state, batch, teacher params) → (state, metrics); `schedule` runs on the step within
+    the stage.
 
     A step whose loss or gradient norm is not finite, or whose loss is above `spike_factor`
     times the running average (when spike_factor > 0), leaves params and optimizer state as
@@ -75,20 +103,24 @@ def make_train_step(model_cfg: mc.FrozenConfigDict, tx: optax.GradientTransforma
     """
     grad_fn = jax.grad(summed_loss, has_aux=True)
 
-    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+    def train_step(state: TrainState, batch: Batch, teacher_params: dict | None = None
+                   ) -> tuple[TrainState, dict]:
         micro_AxB = jax.tree.map(
             lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
 
         def accumulate(carry, micro_batch):
             grads, nll, count, aux = carry
+            teacher = distill.teacher(teacher_params, micro_batch) if distill else None
             g, (nll_i, count_i, aux_i) = grad_fn(state.params, model_cfg, micro_batch, z_loss,
-                                                 loss_chunk)
+                                                 loss_chunk, teacher)
             grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
             aux = jax.tree.map(jnp.add, aux, aux_i)
             return (grads, nll + nll_i, count + count_i, aux), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-        no_aux = {k: jnp.float32(0) for k in MOE_METRICS} if model_cfg.num_experts else {}
+        names = (*(MOE_METRICS if model_cfg.num_experts else ()),
+                 *(("distill_kl",) if distill else ()))
+        no_aux = {k: jnp.float32(0) for k in names}
         (grads, nll, count, aux), _ = jax.lax.scan(
             accumulate, (zeros, jnp.float32(0), jnp.float32(0), no_aux), micro_AxB)
         count = jnp.maximum(count, 1.0)

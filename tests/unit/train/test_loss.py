@@ -43,8 +43,8 @@ def test_chunked_loss_and_gradients_equal_the_plain_loss(tied, z_loss):
     mask_BxT = (jax.random.uniform(k[3], (B, T)) > 0.3).astype(jnp.float32)
 
     def objective(x, head, chunk):
-        objective, nll, logz2 = summed_losses(cfg, head, x, targets_BxT, mask_BxT, chunk,
-                                              z_loss)
+        objective, nll, logz2, _ = summed_losses(cfg, head, x, targets_BxT, mask_BxT, chunk,
+                                                 z_loss)
         return objective, (nll, logz2)
 
     grad = jax.jit(jax.grad(objective, argnums=(0, 1), has_aux=True), static_argnums=2)
