@@ -45,7 +45,7 @@ def load_teacher(config: mc.ConfigDict, mesh, tokenizer) -> tuple[Distillation, 
         return sharding.param_shardings(abstract_params(model_cfg), mesh)
 
     if is_hf_dir(path):
-        from jaxllm.convert.hf import load_hf
+        from jaxllm.convert.hf import load_hf, read_hf_config  # safetensors: only here
         from jaxllm.data.tokenizer import load_tokenizer
 
         try:
@@ -53,8 +53,6 @@ def load_teacher(config: mc.ConfigDict, mesh, tokenizer) -> tuple[Distillation, 
         except (OSError, ValueError) as e:
             raise ConfigError(f"{where}: its tokenizer cannot be read ({e})") from None
         check_tokenizer(teacher_tokenizer, tokenizer, where)
-        from jaxllm.convert.hf_config import read_hf_config
-
         model_cfg, params = load_hf(path, shardings(read_hf_config(path)[0]))
     else:
         from jaxllm.convert.to_hf import load_checkpoint

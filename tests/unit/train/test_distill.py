@@ -162,3 +162,59 @@ def test_bad_distill_settings_stop_before_compiling_with_one_line(teacher_run, t
     with pytest.raises(ConfigError, match="distill.teacher=.*: no such directory"):
         stages.run(one_stage("stages.pretrain.objective=distill",
                              f"distill.teacher={tmp_path / 'nowhere'}"), str(tmp_path / "d"))
+
+
+def test_a_distill_step_on_8_devices_equals_one_device(teacher_run):
+    """The same distill step (student and teacher each sharded by their own axes) on one
+    device and on data 2 × fsdp 2 × tensor 2: the same loss, KL and gradient norm."""
+    from jaxllm.data import make_iterator
+    from jaxllm.data.tokenizer import load_tokenizer
+    from jaxllm.parallel import sharding
+    from jaxllm.train.loop import stage_steps, to_global
+    from jaxllm.train.stages import init_train_state, stage_model_config, stage_spans
+    from jaxllm.train.teacher import load_teacher
+    from tests.conftest import mesh_of
+
+    config = one_stage("model.hidden_size=32", "model.num_layers=1", "model.intermediate_size=64",
+                       "stages.pretrain.objective=distill", f"distill.teacher={teacher_run}",
+                       "distill.temperature=2.0", "distill.alpha=0.5")
+    tokenizer = load_tokenizer(config.tokenizer.name, max_rank=config.tokenizer.max_rank)
+    data = make_iterator(config, "pretrain", tokenizer)
+    batch = next(data)
+    data.close()
+    results = []
+    for sizes in ({}, dict(data=2, fsdp=2, tensor=2)):
+        mesh = mesh_of(**sizes)
+        with sharding.use_mesh(mesh):
+            state, state_sh = init_train_state(config, mesh)
+            distill, teacher_params = load_teacher(config, mesh, tokenizer)
+            train_step, _, order = stage_steps(config, stage_spans(config)[0],
+                                               stage_model_config(config, "pretrain"), mesh,
+                                               state_sh, distill)
+            _, metrics = train_step(state, to_global(batch, sharding.batch_sharding(mesh), order),
+                                    teacher_params)
+            results.append(jax.device_get(metrics))
+    one, eight = results
+    for key in ("loss", "distill_kl", "grad_norm"):
+        np.testing.assert_allclose(eight[key], one[key], rtol=2e-5, err_msg=key)
+
+
+def test_a_hugging_face_teacher_is_the_run_it_was_exported_from(teacher_run, tmp_path):
+    """The teacher run exported to HF (float32) loads as the same teacher: model, params."""
+    from jaxllm.convert.to_hf import export_checkpoint
+    from jaxllm.data.tokenizer import load_tokenizer
+    from jaxllm.train.teacher import is_hf_dir, load_teacher
+    from tests.conftest import mesh_of
+
+    export_checkpoint(teacher_run, str(tmp_path / "hf"), dtype="float32")
+    assert is_hf_dir(str(tmp_path / "hf")) and not is_hf_dir(teacher_run)
+    mesh = mesh_of(fsdp=2)
+    loaded = []
+    for teacher in (teacher_run, str(tmp_path / "hf")):
+        config = one_stage("stages.pretrain.objective=distill", f"distill.teacher={teacher}")
+        tokenizer = load_tokenizer(config.tokenizer.name, max_rank=config.tokenizer.max_rank)
+        loaded.append(load_teacher(config, mesh, tokenizer))
+    (run_distill, run_params), (hf_distill, hf_params) = loaded
+    for key in ("hidden_size", "num_layers", "vocab_size", "rope_theta", "tie_embeddings"):
+        assert run_distill.model_cfg[key] == hf_distill.model_cfg[key], key
+    jax.tree.map(np.testing.assert_array_equal, run_params, hf_params)
