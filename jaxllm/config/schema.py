@@ -78,7 +78,7 @@ def stage(steps: int, seq_len: int, batch_size: int, rope_theta: float, peak: fl
             rope_theta=float(rope_theta),
             mixture=mixture or {"stdlib": 1.0},
             reset_optimizer=False,  # True: fresh Adam moments at this stage's first step
-            objective="lm",  # lm: next-token loss; distill: learn config.distill.teacher's
+            objective="lm",  # lm: next-token loss; distill: config.distill.teacher's distribution
             lr=dict(peak=peak, end=end, warmup_steps=warmup_steps, schedule=schedule,
                     decay_fraction=0.2),
         )
