@@ -71,6 +71,12 @@ def smoke_config(*overrides: str, config: str = "configs/tiny.py:smoke", rows: i
     return load_config(config, [*batch, *overrides])
 
 
+def pretrain_smoke(*overrides: str):
+    """tiny.py:smoke, pretrain only, 8 rows a step, every step logged, synchronous saves."""
+    return smoke_config("checkpoint.async=False", "log_every=1", "eval_every=1000",
+                        "stages.long_context.steps=0", "stages.anneal.steps=0", *overrides)
+
+
 def mesh_of(**sizes: int):
     """A mesh of the first devices with jaxllm's axes at these sizes (the others 1)."""
     import numpy as np

@@ -62,4 +62,3 @@ def main(argv: list[str] | None = None) -> None:
     steps = run_command(lambda: average_checkpoints(args.workdir, args.last, args.out))
     print(f"averaged steps {steps} of {args.workdir} into {args.out}; generate or export from "
           f"it with --workdir={args.out}, train from it with --config.init.checkpoint={args.out}")
-

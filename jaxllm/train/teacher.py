@@ -6,12 +6,10 @@ from __future__ import annotations
 import json
 import os
 
-import jax
 import ml_collections as mc
 
 from jaxllm.config.schema import ConfigError
-from jaxllm.model import abstract_params, frozen
-from jaxllm.parallel import sharding
+from jaxllm.model import frozen
 from jaxllm.train.step import Distillation
 
 # Text whose ids tell two tokenizers apart: code, accents, CJK, digits, a special token.
@@ -41,31 +39,14 @@ def load_teacher(config: mc.ConfigDict, mesh, tokenizer) -> tuple[Distillation, 
         raise ConfigError(f"{where}: no such directory (give a run directory, a params "
                           "checkpoint or a Hugging Face directory)")
 
-    def shardings(model_cfg):
-        return sharding.param_shardings(abstract_params(model_cfg), mesh)
+    from jaxllm.convert.load import load_model  # safetensors: only here
 
-    if is_hf_dir(path):
-        from jaxllm.convert.hf import load_hf, read_hf_config  # safetensors: only here
-        from jaxllm.data.tokenizer import load_tokenizer
-
-        try:
-            teacher_tokenizer = load_tokenizer(path)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"{where}: its tokenizer cannot be read ({e})") from None
-        check_tokenizer(teacher_tokenizer, tokenizer, where)
-        model_cfg, params = load_hf(path, shardings(read_hf_config(path)[0]))
-    else:
-        from jaxllm.convert.to_hf import load_checkpoint
-
-        try:
-            model_cfg, params, teacher_tokenizer = load_checkpoint(path)
-        except (FileNotFoundError, ValueError) as e:
-            raise ConfigError(f"{where}: {e}") from None
-        if teacher_tokenizer is None:
-            raise ConfigError(f"{where}: a params checkpoint without a tokenizer; distill from "
-                              "its run directory or an HF export, whose tokenizer can be checked")
-        check_tokenizer(teacher_tokenizer, tokenizer, where)
-        params = jax.device_put(params, shardings(model_cfg))
+    source = {"hf": path} if is_hf_dir(path) else {"workdir": path}
+    try:
+        model_cfg, params, teacher_tokenizer = load_model(**source, mesh=mesh)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+    check_tokenizer(teacher_tokenizer, tokenizer, where)
     return Distillation(frozen(model_cfg), float(config.distill.temperature),
                         float(config.distill.alpha)), params
 

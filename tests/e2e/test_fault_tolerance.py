@@ -23,15 +23,9 @@ from jaxllm.data.tokenizer import load_tokenizer
 from jaxllm.parallel import sharding
 from jaxllm.train import loop, stages
 from jaxllm.train.step import make_eval_step
-from tests.conftest import smoke_config, train_records
+from tests.conftest import pretrain_smoke, train_records
 
 RUNAWAY = 40  # no run here trains on this many batches: more is a restore loop
-
-
-def smoke(*overrides):
-    """tiny.py:smoke, pretrain only, 8 rows a step, every step logged, synchronous saves."""
-    return smoke_config("checkpoint.async=False", "log_every=1", "eval_every=1000",
-                        "stages.long_context.steps=0", "stages.anneal.steps=0", *overrides)
 
 
 class Numbered:
@@ -115,7 +109,7 @@ BAD_RUN = ["stages.pretrain.steps=12", "checkpoint.every_steps=4", "bad_steps.ma
 ], ids=["max_in_row", "longer", "twice", "at_the_end"])
 def test_bad_steps_restore_and_drop_their_batches(monkeypatch, tmp_path, capsys, bad,
                                                   trained_expected, restores, skipped_logged):
-    config = smoke(*BAD_RUN)
+    config = pretrain_smoke(*BAD_RUN)
     state, trained = run_numbered(monkeypatch, config, str(tmp_path / "bad"),
                                   bad={"pretrain": bad})
     out = capsys.readouterr().out
@@ -150,7 +144,7 @@ def test_bad_steps_restore_and_drop_their_batches(monkeypatch, tmp_path, capsys,
 ], ids=["no_checkpoint", "previous_stage"])
 def test_bad_steps_without_a_checkpoint_of_the_stage_stop_the_run(monkeypatch, tmp_path,
                                                                   stage, bad, steps):
-    config = smoke("checkpoint.every_steps=5", "bad_steps.max_in_row=2",
+    config = pretrain_smoke("checkpoint.every_steps=5", "bad_steps.max_in_row=2",
                    "stages.long_context.steps=3", "stages.long_context.batch_size=8")
     with pytest.raises(RuntimeError, match=rf"{steps} were all skipped .*stage '{stage}' has "
                        r"no checkpoint to go back to; lower the learning rate"):
@@ -182,7 +176,7 @@ def first_batch_loss(config, params):
 
 
 def test_init_checkpoint_and_init_hf_start_from_those_weights(tmp_path):
-    config = smoke("stages.pretrain.steps=2")
+    config = pretrain_smoke("stages.pretrain.steps=2")
     weights = smoke_weights(config)
     save_params(str(tmp_path / "params"), config.model, weights)
     save_hf(config.model, weights, str(tmp_path / "hf"))
@@ -201,13 +195,13 @@ def test_init_checkpoint_and_init_hf_start_from_those_weights(tmp_path):
 
 @pytest.mark.parametrize("key", ["checkpoint", "hf"])
 def test_init_weights_of_another_shape_are_refused(tmp_path, key):
-    other = smoke("model.intermediate_size=96")
+    other = pretrain_smoke("model.intermediate_size=96")
     path = str(tmp_path / "weights")
     if key == "checkpoint":
         save_params(path, other.model, smoke_weights(other))
     else:
         save_hf(other.model, smoke_weights(other), path)
-    config = smoke(f"init.{key}={path}")
+    config = pretrain_smoke(f"init.{key}={path}")
     with pytest.raises(ConfigError, match=r"config\.model\.intermediate_size=128, but .*weights "
                        "has 96"):
         stages.run(config, str(tmp_path / "run"))
@@ -226,7 +220,7 @@ def test_reset_optimizer_starts_a_stage_with_fresh_adam_moments(tmp_path):
     # pretrain: steps 0..2; long_context: step 3. Checkpoints 3 (pretrain's end) and 4.
     saved = {}
     for reset in (False, True):
-        config = smoke("stages.pretrain.steps=3", "stages.long_context.steps=1",
+        config = pretrain_smoke("stages.pretrain.steps=3", "stages.long_context.steps=1",
                        "stages.long_context.batch_size=8",
                        f"stages.long_context.reset_optimizer={reset}")
         workdir = str(tmp_path / f"reset_{reset}")

@@ -20,8 +20,7 @@ from jaxllm.data import iterator as data_iterator
 from jaxllm.data.iterator import positions_after
 from jaxllm.data.mixture import Position
 from jaxllm.train import stages
-from tests.conftest import by_step
-from tests.e2e.test_fault_tolerance import smoke
+from tests.conftest import by_step, pretrain_smoke
 from tests.unit.data.test_data import ByteTokenizer, make_config, write_docs
 
 STAGES = (("pretrain", 4, 16, 2), ("long_context", 2, 24, 3), ("anneal", 3, 20, 3))  # B, T, steps
@@ -164,7 +163,7 @@ def three_stage_run(tmp_path_factory):
     words = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]
     docs = [" ".join(rng.choice(words, size=10)) + f" {i}" for i in range(60)]
     pattern = write_docs(root / "docs", docs)
-    config = smoke("checkpoint.every_steps=1", "checkpoint.keep=100",
+    config = pretrain_smoke("checkpoint.every_steps=1", "checkpoint.keep=100",
                    "stages.long_context.steps=2", "stages.anneal.steps=2",
                    "stages.long_context.batch_size=8", "stages.anneal.batch_size=8")
     config.data.sources = {"small": data_source("text", pattern,

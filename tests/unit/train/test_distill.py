@@ -114,12 +114,10 @@ def test_a_teacher_equal_to_the_student_gives_zero_kl_and_no_gradient(chunk):
 # ----------------------------------------------------------------------------- through the pipeline
 
 def one_stage(*overrides: str):
-    """The smoke model, pretrain only (8 steps), every step logged, no evaluation."""
-    from tests.conftest import smoke_config
+    """The smoke model, pretrain only, 8 steps, every step logged, no evaluation."""
+    from tests.conftest import pretrain_smoke
 
-    return smoke_config("checkpoint.async=False", "log_every=1", "eval_every=1000",
-                        "stages.pretrain.steps=8", "stages.long_context.steps=0",
-                        "stages.anneal.steps=0", *overrides)
+    return pretrain_smoke("stages.pretrain.steps=8", *overrides)
 
 
 @pytest.fixture(scope="module")
