@@ -10,7 +10,7 @@ from __future__ import annotations
 import ast
 import os
 
-from tests.conftest import ROOT
+from tests.helpers.runs import ROOT
 
 # Bottom to top; a module is in the layer of the longest prefix that names it.
 LAYERS = [

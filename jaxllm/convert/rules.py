@@ -7,18 +7,19 @@ and its E axis (`stack_sizes` gives their sizes).
 
 Qwen2-MoE: layer i is sparse when (i + 1) % decoder_sparse_step == 0, as in transformers.
 With a step of 1 every layer is sparse and the MoE rows replace the dense MLP rows. With a
-step k > 1 jaxllm scans over G = L / k groups of k layers (jaxllm/model/transformer.py):
+step > 1 jaxllm scans over Lg = L / step groups of `step` layers (jaxllm/model/transformer.py):
 `active_rules` gives every layer rule once per position j in the group, its path under
-`layers/layer_{j}` and Hugging Face layer i = k·g + j for the param's index g; the sparse
-rows go to j = k - 1 and the dense MLP rows to the others. transformers 5 holds a layer's
-experts fused in memory (`experts.gate_up_proj` [E, 2F, D], `experts.down_proj` [E, D, F]);
+`layers/layer_{j}` and Hugging Face layer i = step·g + j for the param's index g; the sparse
+rows go to j = step - 1 and the dense MLP rows to the others. transformers 5 holds a layer's
+experts fused in memory (`experts.gate_up_proj` [E, 2Fe, D], `experts.down_proj` [E, D, Fe]);
 its `save_pretrained` writes the per-expert names published checkpoints use, and so does
 export. Import reads either (`Rule.fused`).
 
-Dimension letters: L layers, G layer groups, E experts, D model dim, N query heads, K kv
-heads, H head dim, F ffn dim, V vocab rows. Hugging Face Linear weights are [out, in]; jaxllm
-kernels are [in..., out...] (q_proj [D, N, H], o_proj [N, H, D]), so a Linear is a transpose
-plus a reshape. RoPE uses the same rotate-half layout on both sides: q/k need no permutation.
+Dimension letters (docs/glossary.md): L layers, Lg layer groups, E experts, D model dim, N
+query heads, K kv heads, H head dim, F ffn dim, Fe an expert's, V vocab rows. Hugging Face
+Linear weights are [out, in]; jaxllm kernels are [in..., out...] (q_proj [D, N, H], o_proj
+[N, H, D]), so a Linear is a transpose plus a reshape. RoPE uses the same rotate-half layout
+on both sides: q/k need no permutation.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ PARAM_RULES = (
 
 
 def group_size(m: mc.ConfigDict) -> int:
-    """Layers per scanned step (k), as jaxllm/model/transformer.py `layer_groups` has it."""
+    """Layers per scanned step, as jaxllm/model/transformer.py `layer_groups` has it."""
     return m.decoder_sparse_step if m.num_experts and m.decoder_sparse_step > 1 else 1
 
 
@@ -108,21 +109,21 @@ def sparse_layers(m: mc.ConfigDict) -> list[int]:
 
 def active_rules(m: mc.ConfigDict) -> list[Rule]:
     """The rules of `m`, each once per position in a layer group (see the docstring)."""
-    k, out = group_size(m), []
+    step, out = group_size(m), []
     for r in PARAM_RULES:
         if not r.when(m):
             continue
-        if k == 1:
+        if step == 1:
             if r.mlp != ("dense" if m.num_experts else "sparse"):
                 out.append(r)
             continue
         if r.path[0] != "layers":
             out.append(r)
             continue
-        for j in range(k):
-            if r.mlp != ("dense" if j == k - 1 else "sparse"):
+        for j in range(step):
+            if r.mlp != ("dense" if j == step - 1 else "sparse"):
                 out.append(dataclasses.replace(r, path=("layers", f"layer_{j}", *r.path[1:]),
-                                               stride=k, offset=j, shape_key=r.path))
+                                               stride=step, offset=j, shape_key=r.path))
     return out
 
 

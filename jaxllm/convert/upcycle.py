@@ -1,17 +1,18 @@
 """Upcycling a dense model into a Qwen2-MoE's initial weights (`config.init.upcycle_from`).
 
-Dimension letters: docs/glossary.md; here G the sparse layers of the MoE, F the dense FFN's
-intermediate size, M an expert's size (moe_intermediate_size), S the shared expert's size,
-C = ⌈E·M / F⌉ shuffled copies of a dense FFN.
+Dimension letters (docs/glossary.md): Ls the sparse layers of the MoE, F the dense FFN's
+intermediate size, Fe an expert's (moe_intermediate_size), Fs the shared expert's; copies =
+⌈E·Fe / F⌉ shuffled copies of a dense FFN.
 
 The Qwen2 report's recipe, per sparse layer (the MoE's dense layers copy the dense FFN). A unit
 is a gate_proj column, the up_proj column and the down_proj row of the same index.
-* Experts: C copies of the dense FFN, each one's units shuffled by its own seeded permutation
-  (`permutations`), concatenated and cut into E experts of M units (the rest discarded).
-* Re-initialisation: a seeded round(`reinit_fraction` · M) of each expert's units re-drawn
+* Experts: `copies` copies of the dense FFN, each one's units shuffled by its own seeded
+  permutation (`permutations`), concatenated and cut into E experts of Fe units (the rest
+  discarded).
+* Re-initialisation: a seeded round(`reinit_fraction` · Fe) of each expert's units re-drawn
   from the model's init (normal, init_std), whole units.
-* Shared expert: units 0..S-1 of the dense FFN (past F, extra units with zero down rows), its
-  gate zero and its down rows doubled, so with S ≥ F it equals the dense FFN.
+* Shared expert: units 0..Fs-1 of the dense FFN (past F, extra units with zero down rows), its
+  gate zero and its down rows doubled, so with Fs ≥ F it equals the dense FFN.
 * Router: normal(init_std), so routing starts near uniform.
 * Everything else is copied (`upcycle_plan` names a key that differs); vocab rows past the
   MoE's vocab_size are dropped.
@@ -52,13 +53,13 @@ class Plan:
 
     dense_size: int  # F
     num_experts: int  # E
-    expert_size: int  # M
-    copies: int  # C = ⌈E·M / F⌉
-    discarded: int  # C·F − E·M units no expert gets, per layer
-    reinit_units: int  # units re-drawn per expert and layer: round(fraction·M)
-    shared_size: int  # S (0: no shared expert)
+    expert_size: int  # Fe
+    copies: int  # ⌈E·Fe / F⌉
+    discarded: int  # copies·F − E·Fe units no expert gets, per layer
+    reinit_units: int  # units re-drawn per expert and layer: round(fraction·Fe)
+    shared_size: int  # Fs (0: no shared expert)
     sparse_layers: tuple[int, ...]  # dense layer indices that become MoE layers
-    group: int  # k = layers per scanned group of the MoE (decoder_sparse_step, or 1)
+    group: int  # layers per scanned group of the MoE (decoder_sparse_step, or 1)
     vocab_rows_dropped: int
 
     def describe(self) -> str:
@@ -92,13 +93,13 @@ def upcycle_plan(dense: mc.ConfigDict, moe: mc.ConfigDict, reinit_fraction: floa
                           f"{dense.vocab_size} rows; upcycling may drop padding rows, not add")
     if not 0.0 <= reinit_fraction <= 1.0:
         raise ConfigError(f"config.init.upcycle_reinit: {reinit_fraction!r} is outside [0, 1]")
-    E, M, F = moe.num_experts, moe.moe_intermediate_size, dense.intermediate_size
-    copies = math.ceil(E * M / F)
-    groups, k = layer_groups(moe)
-    return Plan(dense_size=F, num_experts=E, expert_size=M, copies=copies,
-                discarded=copies * F - E * M, reinit_units=int(round(reinit_fraction * M)),
+    E, Fe, F = moe.num_experts, moe.moe_intermediate_size, dense.intermediate_size
+    copies = math.ceil(E * Fe / F)
+    groups, step = layer_groups(moe)
+    return Plan(dense_size=F, num_experts=E, expert_size=Fe, copies=copies,
+                discarded=copies * F - E * Fe, reinit_units=int(round(reinit_fraction * Fe)),
                 shared_size=moe.shared_expert_intermediate_size,
-                sparse_layers=tuple(g * k + k - 1 for g in range(groups)), group=k,
+                sparse_layers=tuple(g * step + step - 1 for g in range(groups)), group=step,
                 vocab_rows_dropped=dense.vocab_size - moe.vocab_size)
 
 
@@ -109,7 +110,7 @@ def _rng(seed: int, layer: int, stream: int) -> np.random.Generator:
 
 
 def permutations(seed: int, layer: int, dense_size: int, copies: int) -> np.ndarray:
-    """[C, F] int: copy c of dense layer `layer`'s FFN puts its unit perm[c, j] at place j."""
+    """[copies, F] int: copy c of dense layer `layer`'s FFN puts its unit perm[c, j] at place j."""
     rng = _rng(seed, layer, 0)
     return np.stack([rng.permutation(dense_size) for _ in range(copies)])
 
@@ -117,26 +118,26 @@ def permutations(seed: int, layer: int, dense_size: int, copies: int) -> np.ndar
 def unit_sources(plan: Plan, seed: int) -> dict[str, np.ndarray]:
     """Per sparse layer, which dense unit each expert / shared unit copies (host-side ints):
 
-    experts_GxExM  the dense unit behind unit m of expert e
-    reinit_GxExM   True where that unit is re-drawn instead
-    shared_GxS     the dense unit behind shared unit s (its down row is zero for s ≥ F)
+    experts_LsxExFe  the dense unit behind unit m of expert e
+    reinit_LsxExFe   True where that unit is re-drawn instead
+    shared_LsxFs     the dense unit behind shared unit s (its down row is zero for s ≥ F)
     """
-    E, M, F, S = plan.num_experts, plan.expert_size, plan.dense_size, plan.shared_size
+    E, Fe, F, Fs = plan.num_experts, plan.expert_size, plan.dense_size, plan.shared_size
     experts, reinit, shared = [], [], []
     for layer in plan.sparse_layers:
-        units = permutations(seed, layer, F, plan.copies).reshape(-1)[:E * M]
-        experts.append(units.reshape(E, M))
+        units = permutations(seed, layer, F, plan.copies).reshape(-1)[:E * Fe]
+        experts.append(units.reshape(E, Fe))
         rng = _rng(seed, layer, 1)
-        mask_ExM = np.zeros((E, M), bool)
+        mask_ExFe = np.zeros((E, Fe), bool)
         for e in range(E):
-            mask_ExM[e, rng.permutation(M)[:plan.reinit_units]] = True
-        reinit.append(mask_ExM)
-        extra = max(0, S - F)
+            mask_ExFe[e, rng.permutation(Fe)[:plan.reinit_units]] = True
+        reinit.append(mask_ExFe)
+        extra = max(0, Fs - F)
         rng = _rng(seed, layer, 2)
         shuffled = [rng.permutation(F) for _ in range(math.ceil(extra / F))]
-        shared.append(np.concatenate([np.arange(F), *shuffled])[:S])
-    return {"experts_GxExM": np.stack(experts).astype(np.int32),
-            "reinit_GxExM": np.stack(reinit), "shared_GxS": np.stack(shared).astype(np.int32)}
+        shared.append(np.concatenate([np.arange(F), *shuffled])[:Fs])
+    return {"experts_LsxExFe": np.stack(experts).astype(np.int32),
+            "reinit_LsxExFe": np.stack(reinit), "shared_LsxFs": np.stack(shared).astype(np.int32)}
 
 
 def param_shapes(model_cfg: mc.ConfigDict) -> dict:
@@ -166,7 +167,7 @@ def _place(x: jax.Array, sharding) -> jax.Array:
 
 
 def _layer_sharding(sharding):
-    """One layer's slice of a stacked [G, ...] param's sharding (None: let XLA choose)."""
+    """One layer's slice of a stacked [Ls, ...] param's sharding (None: let XLA choose)."""
     if not isinstance(sharding, jax.sharding.NamedSharding):
         return None
     return jax.sharding.NamedSharding(sharding.mesh,
@@ -174,46 +175,46 @@ def _layer_sharding(sharding):
 
 
 @functools.partial(jax.jit, static_argnames=("down", "dtype", "layers", "sharding"))
-def _experts(dense, units_GxExM, reinit_GxExM, sparse_G, key, std, *, down: bool, dtype,
+def _experts(dense, units_LsxExFe, reinit_LsxExFe, sparse_Ls, key, std, *, down: bool, dtype,
              layers: tuple[int, int], sharding):
-    """dense [L, D, F] (gate, up) or [L, F, D] (down) → experts [G, E, D, M] / [G, E, M, D],
+    """dense [L, D, F] (gate, up) or [L, F, D] (down) → experts [Ls, E, D, Fe] / [Ls, E, Fe, D],
     one layer at a time; `layers` = (first sparse layer, step)."""
     layer_sh = _layer_sharding(sharding)
 
     def one(args):
-        w, units_ExM, reinit_ExM, layer = args
+        w, units_ExFe, reinit_ExFe, layer = args
         w = w.astype(dtype)
         if down:
-            copy, mask = w[units_ExM], reinit_ExM[:, :, None]  # [E, M, D]
+            copy, mask = w[units_ExFe], reinit_ExFe[:, :, None]  # [E, Fe, D]
         else:
-            copy, mask = jnp.moveaxis(w[:, units_ExM], 0, 1), reinit_ExM[:, None, :]
+            copy, mask = jnp.moveaxis(w[:, units_ExFe], 0, 1), reinit_ExFe[:, None, :]
         copy = _place(copy, layer_sh)
         noise = _normal(jax.random.fold_in(key, layer), copy.shape, dtype)
         return jnp.where(mask, (std * noise).astype(dtype), copy)
 
     start, step = layers
-    out = jax.lax.map(one, (dense[start::step], units_GxExM, reinit_GxExM, sparse_G))
+    out = jax.lax.map(one, (dense[start::step], units_LsxExFe, reinit_LsxExFe, sparse_Ls))
     return _place(out, sharding)
 
 
 @functools.partial(jax.jit, static_argnames=("down", "dtype", "dense_size", "layers",
                                              "sharding"))
-def _shared(dense, shared_GxS, *, down: bool, dtype, dense_size: int, layers: tuple[int, int],
+def _shared(dense, shared_LsxFs, *, down: bool, dtype, dense_size: int, layers: tuple[int, int],
             sharding):
-    """dense [L, D, F] / [L, F, D] → shared expert [G, D, S] / [G, S, D]; down rows ×2, and 0
+    """dense [L, D, F] / [L, F, D] → shared expert [Ls, D, Fs] / [Ls, Fs, D]; down rows ×2, and 0
     past the first F units (duplicates)."""
 
     def one(args):
-        w, units_S = args
+        w, units_Fs = args
         w = w.astype(dtype)
         if not down:
-            return _place(w[:, units_S], _layer_sharding(sharding))
-        first_Sx1 = (jnp.arange(units_S.shape[0]) < dense_size)[:, None]
-        return _place(jnp.where(first_Sx1, w[units_S] * 2, 0).astype(dtype),
+            return _place(w[:, units_Fs], _layer_sharding(sharding))
+        first_Fsx1 = (jnp.arange(units_Fs.shape[0]) < dense_size)[:, None]
+        return _place(jnp.where(first_Fsx1, w[units_Fs] * 2, 0).astype(dtype),
                       _layer_sharding(sharding))
 
     start, step = layers
-    return _place(jax.lax.map(one, (dense[start::step], shared_GxS)), sharding)
+    return _place(jax.lax.map(one, (dense[start::step], shared_LsxFs)), sharding)
 
 
 @functools.partial(jax.jit, static_argnames=("specs", "dtype", "shardings"))
@@ -259,28 +260,28 @@ def upcycle(dense_params: dict, dense_model_cfg: mc.ConfigDict, moe_model_cfg: m
     target = traverse_util.flatten_dict(param_shapes(moe_model_cfg))
     flat_sh = traverse_util.flatten_dict(shardings) if shardings is not None else {}
     src = unit_sources(plan, seed)
-    sparse_G = np.asarray(plan.sparse_layers, np.int32)
-    k, rows = plan.group, moe_model_cfg.vocab_size if plan.vocab_rows_dropped else -1
+    sparse_Ls = np.asarray(plan.sparse_layers, np.int32)
+    step, rows = plan.group, moe_model_cfg.vocab_size if plan.vocab_rows_dropped else -1
 
     light, out = {}, {}
     for path in target:
         if path[0] != "layers":
             light[path] = ("copy", path, 0, 1, rows if path[0] in ("embed", "lm_head") else -1)
             continue
-        j, rest = (0, path[1:]) if k == 1 else (int(path[1].removeprefix("layer_")), path[2:])
-        if rest[0] != "mlp" or j != k - 1:  # attention, norms, a dense layer's FFN
-            light[path] = ("copy", ("layers", *rest), j, k, -1)
+        j, rest = (0, path[1:]) if step == 1 else (int(path[1].removeprefix("layer_")), path[2:])
+        if rest[0] != "mlp" or j != step - 1:  # attention, norms, a dense layer's FFN
+            light[path] = ("copy", ("layers", *rest), j, step, -1)
         elif rest[1] in ("router", "shared_expert_gate"):
             light[path] = ("normal",) if rest[1] == "router" else ("zeros",)
         elif rest[1] in ("experts", "shared_expert"):
             w = dense[("layers", "mlp", rest[2], "kernel")]
-            static = dict(down=rest[2] == "down_proj", dtype=dtype, layers=(j, k),
+            static = dict(down=rest[2] == "down_proj", dtype=dtype, layers=(j, step),
                           sharding=flat_sh.get(path))
             # One param per jit: only its own temporaries are ever live.
-            out[path] = (_experts(w, src["experts_GxExM"], src["reinit_GxExM"], sparse_G,
+            out[path] = (_experts(w, src["experts_LsxExFe"], src["reinit_LsxExFe"], sparse_Ls,
                                   _key(seed, path), std, **static)
                          if rest[1] == "experts" else
-                         _shared(w, src["shared_GxS"], dense_size=plan.dense_size, **static))
+                         _shared(w, src["shared_LsxFs"], dense_size=plan.dense_size, **static))
         else:
             raise ValueError(f"upcycle: no rule for the MoE param {'/'.join(path)}")
     sources = {how[1]: dense[how[1]] for how in light.values() if how[0] == "copy"}

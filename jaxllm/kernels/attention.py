@@ -1,7 +1,7 @@
 """`attention`: one entry point for every attention implementation, picked by name.
 
-Dimension letters: B batch, T query length, S key length, N query heads, K kv heads,
-G = N / K, H head dim.
+Dimension letters (docs/glossary.md): B batch, T query length, S key length, N query heads, K kv
+heads, G = N / K, H head dim.
 
 | impl    | what runs                                              | memory      |
 |---------|--------------------------------------------------------|-------------|
@@ -19,6 +19,7 @@ that wrapper every device would run the kernel on the gathered global batch.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -86,10 +87,9 @@ def merge_partial_attentions(parts: Sequence[tuple[jax.Array, jax.Array]]
 
     A part whose row saw no key (lse -inf) has weight 0; a row no part saw stays out 0, lse
     -inf; every derivative stays finite (the shift m cancels and carries no gradient)."""
-    lse_PxBxTxN = jnp.stack([lse for _, lse in parts])
-    m_BxTxN = jax.lax.stop_gradient(jnp.max(lse_PxBxTxN, axis=0))
+    m_BxTxN = jax.lax.stop_gradient(functools.reduce(jnp.maximum, [lse for _, lse in parts]))
     m_BxTxN = jnp.where(jnp.isneginf(m_BxTxN), 0.0, m_BxTxN)
-    total_BxTxN = jnp.sum(jnp.exp(lse_PxBxTxN - m_BxTxN), axis=0)
+    total_BxTxN = sum(jnp.exp(lse - m_BxTxN) for _, lse in parts)
     seen_BxTxN = total_BxTxN > 0
     lse_BxTxN = jnp.where(seen_BxTxN, m_BxTxN + jnp.log(jnp.where(seen_BxTxN, total_BxTxN, 1.0)),
                           -jnp.inf)

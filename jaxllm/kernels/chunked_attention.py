@@ -1,7 +1,8 @@
 """Blockwise online-softmax attention in plain jnp: memory linear in sequence length.
 
-Dimension letters: B batch, T query length, S key length, N query heads, K kv heads,
-G = N / K, H head dim; Q and C are the query and key block sizes; R = Q·G rows of a block.
+Dimension letters (docs/glossary.md): B batch, T query length, S key length, N query heads, K kv
+heads, G = N / K, H head dim; Q and C are the query and key block sizes; R = Q·G rows of a
+block.
 
 The CPU path of `attention_impl='auto'`. Queries are laid out [B, K, T·G, H]: the G query
 heads of a kv head become extra rows, so every product is a plain batched matmul against

@@ -1,7 +1,7 @@
 """Flash attention with Pallas kernels: the public, differentiable entry point.
 
-Dimension letters: B batch, T query length, S key length, N query heads, K kv heads,
-G = N / K, H head dim.
+Dimension letters (docs/glossary.md): B batch, T query length, S key length, N query heads, K kv
+heads, G = N / K, H head dim.
 
 `flash_attention` pads lengths to whole blocks (padded keys are masked, padded queries
 dropped), picks the kernel for the platform traced for (kernels/platform.py:

@@ -1,8 +1,8 @@
 """Flash attention forward and backward as Pallas kernels for NVIDIA GPUs (Triton lowering).
 
-Dimension letters: B batch, T query length (padded to the query block), S key length
-(padded to the key block), N query heads, K kv heads, G = N / K, H head dim (a power of two
-≥ 16, padded by the caller); Q and C are query and key block sizes.
+Dimension letters (docs/glossary.md): B batch, T query length (padded to the query block), S key
+length (padded to the key block), N query heads, K kv heads, G = N / K, H head dim (a power of
+two ≥ 16, padded by the caller); Q and C are query and key block sizes.
 
 Layout is the model's [B, T, N, H] / [B, S, K, H]: no transposes. Grouped-query attention is
 an index map: the forward and dQ programs of query head n take kv head n // G as their K/V

@@ -1,7 +1,7 @@
 """Reference attention in plain jnp: the whole [T, S] score matrix, float32 softmax.
 
-Dimension letters: B batch, T query length, S key length, N query heads, K kv heads,
-G = N / K query heads per kv head, H head dim. Query head n uses kv head n // G.
+Dimension letters (docs/glossary.md): B batch, T query length, S key length, N query heads, K kv
+heads, G = N / K query heads per kv head, H head dim. Query head n uses kv head n // G.
 
 This is the definition every fast path (chunked jnp, Pallas GPU, Pallas TPU) is tested
 against, and it is what `attention_impl='xla'` runs. Memory is O(B·N·T·S): at T = 32K that is

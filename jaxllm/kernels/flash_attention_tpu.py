@@ -1,8 +1,8 @@
 """Flash attention forward and backward as Pallas kernels for TPU (Mosaic).
 
-Dimension letters: B batch, T query length, S key length (both padded to the blocks, which
-are multiples of 128), N query heads, K kv heads, G = N / K, H head dim; Q and C are query
-and key block sizes; L = 128 lanes.
+Dimension letters (docs/glossary.md): B batch, T query length, S key length (both padded to the
+blocks, which are multiples of 128), N query heads, K kv heads, G = N / K, H head dim; Q and C
+are query and key block sizes; 128 the lanes of a vector register (`LANES`).
 
 Kernels see [B, N, T, H] / [B, K, S, H] (the caller's layout, transposed here) because a
 TPU block's last two dims must be (8, 128)-tiled. The key-block axis is the innermost,
@@ -28,13 +28,13 @@ from jaxllm.kernels.cost import attention_cost
 from jaxllm.kernels.mask import MASK_VALUE
 from jaxllm.kernels.platform import mxu_dot
 
-L = 128  # lanes
+LANES = 128  # of a TPU vector register
 TRANS_B = (((1,), (1,)), ((), ()))
 
 
-def _lanes(x_QxL, width: int):
+def _lanes(x_Qx128, width: int):
     """Widens a lane-broadcast [Q, 128] statistic to [Q, width]."""
-    return jnp.tile(x_QxL, (1, width // L)) if width >= L else x_QxL[:, :width]
+    return jnp.tile(x_Qx128, (1, width // LANES)) if width >= LANES else x_Qx128[:, :width]
 
 
 def _scores(cfg, q_QxH, k_CxH, i, j, q_seg_ref, kv_seg_ref):
@@ -95,12 +95,12 @@ def _forward_kernel(*refs, cfg, num_k_blocks, has_segments):
 
 
 def _segment_args(q_seg_BxT, kv_seg_BxS, bq, bk, q_map, kv_map):
-    """Lane-broadcast query ids [B, T, L] and sublane-broadcast key ids [B, 8, S]."""
+    """Lane-broadcast query ids [B, T, 128] and sublane-broadcast key ids [B, 8, S]."""
     B, T = q_seg_BxT.shape
     S = kv_seg_BxS.shape[1]
-    args = [jax.lax.broadcast_in_dim(q_seg_BxT, (B, T, L), (0, 1)),
+    args = [jax.lax.broadcast_in_dim(q_seg_BxT, (B, T, LANES), (0, 1)),
             jax.lax.broadcast_in_dim(kv_seg_BxS, (B, 8, S), (0, 2))]
-    specs = [pl.BlockSpec((None, bq, L), lambda *g: (q_map(*g)[0], q_map(*g)[2], 0)),
+    specs = [pl.BlockSpec((None, bq, LANES), lambda *g: (q_map(*g)[0], q_map(*g)[2], 0)),
              pl.BlockSpec((None, 8, bk), lambda *g: (kv_map(*g)[0], 0, kv_map(*g)[2]))]
     return args, specs
 
@@ -135,10 +135,10 @@ def forward(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_seg_BxT, kv_seg_BxS, cfg, blocks,
                           has_segments=has_segments),
         grid=(B, N, T // bq, nk), in_specs=in_specs,
         out_specs=[pl.BlockSpec((None, None, bq, H), q_map),
-                   pl.BlockSpec((None, None, bq, L), q_map)],
+                   pl.BlockSpec((None, None, bq, LANES), q_map)],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                   jax.ShapeDtypeStruct((B, N, T, L), jnp.float32)],
-        scratch_shapes=[pltpu.VMEM((bq, L), jnp.float32), pltpu.VMEM((bq, L), jnp.float32),
+                   jax.ShapeDtypeStruct((B, N, T, LANES), jnp.float32)],
+        scratch_shapes=[pltpu.VMEM((bq, LANES), jnp.float32), pltpu.VMEM((bq, LANES), jnp.float32),
                         pltpu.VMEM((bq, H), jnp.float32)],
         **_params(interpret, ("parallel", "parallel", "parallel", "arbitrary")),
         cost_estimate=attention_cost(q_BxTxNxH, k_BxSxKxH, 2, *args),
@@ -212,7 +212,7 @@ def backward(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_seg_BxT, kv_seg_BxS, do_BxTxNxH,
     G = N // K
     q, k, v, do = (x.transpose(0, 2, 1, 3) for x in (q_BxTxNxH, k_BxSxKxH, v_BxSxKxH,
                                                      do_BxTxNxH))
-    lse, delta = (jax.lax.broadcast_in_dim(x, (B, N, T, L), (0, 1, 2))
+    lse, delta = (jax.lax.broadcast_in_dim(x, (B, N, T, LANES), (0, 1, 2))
                   for x in (lse_BxNxT, delta_BxNxT))
     has_segments = q_seg_BxT is not None
 
@@ -222,7 +222,7 @@ def backward(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_seg_BxT, kv_seg_BxS, do_BxTxNxH,
         they differ in their grids, so in the index maps."""
         q_spec = pl.BlockSpec((None, None, bq, H), q_map)
         kv_spec = pl.BlockSpec((None, None, bk, H), kv_map)
-        row_spec = pl.BlockSpec((None, None, bq, L), q_map)
+        row_spec = pl.BlockSpec((None, None, bq, LANES), q_map)
         args = [q, k, v, do, lse, delta]
         in_specs = [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec]
         if has_segments:

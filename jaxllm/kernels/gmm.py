@@ -1,11 +1,11 @@
 """Grouped matmul for mixture-of-experts layers: `gmm`, `tgmm`, differentiable, by impl.
 
-Dimension letters: M rows (tokens sorted by expert), K contracted dim, N output dim,
-E groups (experts). Rows [start_e, end_e) belong to group e (running sums of group_sizes);
-rows in no group give 0.
+Dimension letters (docs/glossary.md): M rows (tokens sorted by expert), I contracted dim, O
+output dim, E groups (experts). Rows [start_e, end_e) belong to group e (running sums of
+group_sizes); rows in no group give 0.
 
-    gmm(lhs_MxK, rhs_ExKxN, group_sizes_E)  -> out_MxN,   out[m] = lhs[m] @ rhs[group(m)]
-    tgmm(lhs_MxK, rhs_MxN, group_sizes_E)   -> out_ExKxN, out[e] = lhs[e's rows]ᵀ @ rhs[e's rows]
+    gmm(lhs_MxI, rhs_ExIxO, group_sizes_E)  -> out_MxO,   out[m] = lhs[m] @ rhs[group(m)]
+    tgmm(lhs_MxI, rhs_MxO, group_sizes_E)   -> out_ExIxO, out[e] = lhs[e's rows]ᵀ @ rhs[e's rows]
 
 Backward of gmm: d lhs = gmm(d out, rhs, transposed), d rhs = tgmm(lhs, d out) (the weight
 gradient); tgmm's backward is two gmm calls. `impl` (config `model.moe_impl`): 'pallas' runs
@@ -42,7 +42,7 @@ def resolve_moe_impl(impl: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class _Static:
-    tiling: tuple[int, int, int]  # (tm, tk, tn)
+    tiling: tuple[int, int, int]  # (tm, ti, to)
     backend: str  # "gpu" or "tpu" kernels
     interpret: bool
 
@@ -74,26 +74,26 @@ def _kernels(backend: str):
 
 
 def _gmm_pallas(lhs, rhs, group_sizes, transpose_rhs: bool, st: _Static):
-    M, K = lhs.shape
-    N = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-    tm, tk, tn = (_fit(d, t, st.backend) for d, t in zip((M, K, N), st.tiling, strict=True))
+    M, I = lhs.shape
+    O = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    tm, ti, to = (_fit(d, t, st.backend) for d, t in zip((M, I, O), st.tiling, strict=True))
     starts, ends = gmm_ref.group_bounds(group_sizes, M)
-    lhs_p = pad_to(pad_to(lhs, 0, tm), 1, tk)
-    rhs_p = pad_to(pad_to(rhs, 1, tn if transpose_rhs else tk), 2, tk if transpose_rhs else tn)
-    out = _kernels(st.backend).gmm(lhs_p, rhs_p, starts, ends, tiling=(tm, tk, tn),
+    lhs_p = pad_to(pad_to(lhs, 0, tm), 1, ti)
+    rhs_p = pad_to(pad_to(rhs, 1, to if transpose_rhs else ti), 2, ti if transpose_rhs else to)
+    out = _kernels(st.backend).gmm(lhs_p, rhs_p, starts, ends, tiling=(tm, ti, to),
                                    transpose_rhs=transpose_rhs, out_dtype=lhs.dtype,
-                                   interpret=st.interpret)[:M, :N]
+                                   interpret=st.interpret)[:M, :O]
     # Rows in no group: tiles past the last group are never written on TPU.
     return jnp.where((jnp.arange(M) < ends[-1])[:, None], out, jnp.zeros_like(out))
 
 
 def _tgmm_pallas(lhs, rhs, group_sizes, st: _Static):
-    (M, K), N = lhs.shape, rhs.shape[1]
-    tm, tk, tn = (_fit(d, t, st.backend) for d, t in zip((M, K, N), st.tiling, strict=True))
+    (M, I), O = lhs.shape, rhs.shape[1]
+    tm, ti, to = (_fit(d, t, st.backend) for d, t in zip((M, I, O), st.tiling, strict=True))
     starts, ends = gmm_ref.group_bounds(group_sizes, M)
-    lhs_p, rhs_p = pad_to(pad_to(lhs, 0, tm), 1, tk), pad_to(pad_to(rhs, 0, tm), 1, tn)
-    out = _kernels(st.backend).tgmm(lhs_p, rhs_p, starts, ends, tiling=(tm, tk, tn),
-                                    out_dtype=lhs.dtype, interpret=st.interpret)[:, :K, :N]
+    lhs_p, rhs_p = pad_to(pad_to(lhs, 0, tm), 1, ti), pad_to(pad_to(rhs, 0, tm), 1, to)
+    out = _kernels(st.backend).tgmm(lhs_p, rhs_p, starts, ends, tiling=(tm, ti, to),
+                                    out_dtype=lhs.dtype, interpret=st.interpret)[:, :I, :O]
     return jnp.where((ends > starts)[:, None, None], out, jnp.zeros_like(out))
 
 
@@ -109,7 +109,7 @@ def _gmm_fwd(lhs, rhs, group_sizes, transpose_rhs, st):
 def _gmm_bwd(transpose_rhs, st, residuals, d_out):
     lhs, rhs, group_sizes = residuals
     d_lhs = _gmm(d_out.astype(lhs.dtype), rhs, group_sizes, not transpose_rhs, st)
-    if transpose_rhs:  # rhs is [E, N, K]: its gradient is the transposed product the other way
+    if transpose_rhs:  # rhs is [E, O, I]: its gradient is the transposed product the other way
         d_rhs = _tgmm(d_out.astype(lhs.dtype), lhs, group_sizes, st)
     else:
         d_rhs = _tgmm(lhs, d_out.astype(lhs.dtype), group_sizes, st)
@@ -128,9 +128,9 @@ def _tgmm_fwd(lhs, rhs, group_sizes, st):
     return _tgmm(lhs, rhs, group_sizes, st), (lhs, rhs, group_sizes)
 
 
-def _tgmm_bwd(st, residuals, d_out_ExKxN):
+def _tgmm_bwd(st, residuals, d_out_ExIxO):
     lhs, rhs, group_sizes = residuals
-    d_out = d_out_ExKxN.astype(lhs.dtype)
+    d_out = d_out_ExIxO.astype(lhs.dtype)
     d_lhs = _gmm(rhs, d_out, group_sizes, True, st)  # d lhs[m] = rhs[m] @ d out[g]ᵀ
     d_rhs = _gmm(lhs, d_out, group_sizes, False, st)  # d rhs[m] = lhs[m] @ d out[g]
     return d_lhs, d_rhs.astype(rhs.dtype), None
@@ -139,23 +139,23 @@ def _tgmm_bwd(st, residuals, d_out_ExKxN):
 _tgmm.defvjp(_tgmm_fwd, _tgmm_bwd)
 
 
-def gmm(lhs_MxK: jax.Array, rhs_ExKxN: jax.Array, group_sizes_E: jax.Array, *,
+def gmm(lhs_MxI: jax.Array, rhs_ExIxO: jax.Array, group_sizes_E: jax.Array, *,
         impl: str = "auto", transpose_rhs: bool = False,
         tiling: tuple[int, int, int] | None = None, backend: str | None = None,
         interpret: bool | None = None) -> jax.Array:
-    """out[m] = lhs[m] @ rhs[group(m)]; `transpose_rhs` takes rhs as [E, N, K]."""
+    """out[m] = lhs[m] @ rhs[group(m)]; `transpose_rhs` takes rhs as [E, O, I]."""
     group_sizes_E = group_sizes_E.astype(jnp.int32)
     if resolve_moe_impl(impl) == "xla":
-        return gmm_ref.gmm_ragged_dot(lhs_MxK, rhs_ExKxN, group_sizes_E, transpose_rhs)
-    return _gmm(lhs_MxK, rhs_ExKxN, group_sizes_E, transpose_rhs,
+        return gmm_ref.gmm_ragged_dot(lhs_MxI, rhs_ExIxO, group_sizes_E, transpose_rhs)
+    return _gmm(lhs_MxI, rhs_ExIxO, group_sizes_E, transpose_rhs,
                 _static(backend, interpret, tiling))
 
 
-def tgmm(lhs_MxK: jax.Array, rhs_MxN: jax.Array, group_sizes_E: jax.Array, *,
+def tgmm(lhs_MxI: jax.Array, rhs_MxO: jax.Array, group_sizes_E: jax.Array, *,
          impl: str = "auto", tiling: tuple[int, int, int] | None = None,
          backend: str | None = None, interpret: bool | None = None) -> jax.Array:
     """out[e] = lhs[rows of e]ᵀ @ rhs[rows of e] (zeros for an empty group)."""
     group_sizes_E = group_sizes_E.astype(jnp.int32)
     if resolve_moe_impl(impl) == "xla":
-        return gmm_ref.tgmm_ragged_dot(lhs_MxK, rhs_MxN, group_sizes_E)
-    return _tgmm(lhs_MxK, rhs_MxN, group_sizes_E, _static(backend, interpret, tiling))
+        return gmm_ref.tgmm_ragged_dot(lhs_MxI, rhs_MxO, group_sizes_E)
+    return _tgmm(lhs_MxI, rhs_MxO, group_sizes_E, _static(backend, interpret, tiling))

@@ -1,14 +1,14 @@
 """Grouped matmul (gmm) and its transposed product (tgmm) as Pallas kernels for TPU (Mosaic).
 
-Dimension letters: M rows, K contracted dim, N output dim, E groups, W work items;
-tm, tk, tn tile sizes (multiples of 128). Inputs arrive padded to whole tiles.
+Dimension letters (docs/glossary.md): M rows, I contracted dim, O output dim, E groups, W work
+items; tm, ti, to tile sizes (multiples of 128). Inputs arrive padded to whole tiles.
 
 A work item is one (row tile, group) pair with a non-empty overlap, in row order, so a row
 tile that straddles a group boundary is visited once per group it meets (W ≤ M/tm + E - 1).
 The work list is computed on device from group_sizes and reaches the index maps through
 scalar prefetch, which is how a block's position can depend on data on TPU. gmm: grid
-(N tiles, W, K tiles); consecutive items of one row tile keep the output block resident, the
-first zeroes it and each adds its own group's rows. tgmm: grid (K tiles, N tiles, W); the
+(O tiles, W, I tiles); consecutive items of one row tile keep the output block resident, the
+first zeroes it and each adds its own group's rows. tgmm: grid (I tiles, O tiles, W); the
 items of one group are consecutive, so its weight-gradient block is accumulated in VMEM and
 written after its last item. Padding items past the real W add nothing (inactive).
 """
@@ -57,16 +57,16 @@ def _rows_in_group(w, group_ref, tile_ref, active_ref, starts_ref, ends_ref, tm)
 
 def _gmm_kernel(group_ref, tile_ref, active_ref, starts_ref, ends_ref, lhs_ref, rhs_ref,
                 out_ref, acc_ref, *, tm, transpose_rhs):
-    w, kk = pl.program_id(1), pl.program_id(2)
+    w, it = pl.program_id(1), pl.program_id(2)
 
-    @pl.when(kk == 0)
+    @pl.when(it == 0)
     def _init():
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
     dims = TRANS_B if transpose_rhs else (((1,), (0,)), ((), ()))
     acc_ref[...] += mxu_dot(lhs_ref[...], rhs_ref[...], dims)
 
-    @pl.when(kk == pl.num_programs(2) - 1)
+    @pl.when(it == pl.num_programs(2) - 1)
     def _store():
         mask = _rows_in_group(w, group_ref, tile_ref, active_ref, starts_ref, ends_ref, tm)
         mine = jnp.where(mask, acc_ref[...], 0.0)
@@ -81,28 +81,28 @@ def _gmm_kernel(group_ref, tile_ref, active_ref, starts_ref, ends_ref, lhs_ref, 
             out_ref[...] = (out_ref[...].astype(jnp.float32) + mine).astype(out_ref.dtype)
 
 
-def gmm(lhs_MxK, rhs_ExKxN, starts_E, ends_E, *, tiling, transpose_rhs, out_dtype, interpret):
-    M, K = lhs_MxK.shape
-    N = rhs_ExKxN.shape[1] if transpose_rhs else rhs_ExKxN.shape[2]
-    tm, tk, tn = tiling
+def gmm(lhs_MxI, rhs_ExIxO, starts_E, ends_E, *, tiling, transpose_rhs, out_dtype, interpret):
+    M, I = lhs_MxI.shape
+    O = rhs_ExIxO.shape[1] if transpose_rhs else rhs_ExIxO.shape[2]
+    tm, ti, to = tiling
     group, tile, active = work_items(starts_E, ends_E, tm, M // tm)
     if transpose_rhs:
-        rhs_spec = pl.BlockSpec((None, tn, tk), lambda n, w, kk, g, t, *_: (g[w], n, kk))
+        rhs_spec = pl.BlockSpec((None, to, ti), lambda n, w, it, g, t, *_: (g[w], n, it))
     else:
-        rhs_spec = pl.BlockSpec((None, tk, tn), lambda n, w, kk, g, t, *_: (g[w], kk, n))
+        rhs_spec = pl.BlockSpec((None, ti, to), lambda n, w, it, g, t, *_: (g[w], it, n))
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=5, grid=(N // tn, group.shape[0], K // tk),
-        in_specs=[pl.BlockSpec((tm, tk), lambda n, w, kk, g, t, *_: (t[w], kk)), rhs_spec],
-        out_specs=pl.BlockSpec((tm, tn), lambda n, w, kk, g, t, *_: (t[w], n)),
-        scratch_shapes=[pltpu.VMEM((tm, tn), jnp.float32)])
+        num_scalar_prefetch=5, grid=(O // to, group.shape[0], I // ti),
+        in_specs=[pl.BlockSpec((tm, ti), lambda n, w, it, g, t, *_: (t[w], it)), rhs_spec],
+        out_specs=pl.BlockSpec((tm, to), lambda n, w, it, g, t, *_: (t[w], n)),
+        scratch_shapes=[pltpu.VMEM((tm, to), jnp.float32)])
     return pl.pallas_call(
         functools.partial(_gmm_kernel, tm=tm, transpose_rhs=transpose_rhs),
-        grid_spec=grid_spec, out_shape=jax.ShapeDtypeStruct((M, N), out_dtype),
+        grid_spec=grid_spec, out_shape=jax.ShapeDtypeStruct((M, O), out_dtype),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "arbitrary", "arbitrary")),
-        cost_estimate=matmul_cost(M, K, N, lhs_MxK, rhs_ExKxN),
+        cost_estimate=matmul_cost(M, I, O, lhs_MxI, rhs_ExIxO),
         interpret=pltpu.InterpretParams() if interpret else False, name="gmm_tpu",
-    )(group, tile, active, starts_E, ends_E, lhs_MxK, rhs_ExKxN)
+    )(group, tile, active, starts_E, ends_E, lhs_MxI, rhs_ExIxO)
 
 
 def _tgmm_kernel(group_ref, tile_ref, active_ref, starts_ref, ends_ref, lhs_ref, rhs_ref,
@@ -123,23 +123,23 @@ def _tgmm_kernel(group_ref, tile_ref, active_ref, starts_ref, ends_ref, lhs_ref,
         out_ref[...] = acc_ref[...].astype(out_ref.dtype)
 
 
-def tgmm(lhs_MxK, rhs_MxN, starts_E, ends_E, *, tiling, out_dtype, interpret):
+def tgmm(lhs_MxI, rhs_MxO, starts_E, ends_E, *, tiling, out_dtype, interpret):
     """Groups with no rows are never visited: the caller zeroes them."""
-    M, K = lhs_MxK.shape
-    N, E = rhs_MxN.shape[1], starts_E.shape[0]
-    tm, tk, tn = tiling
+    M, I = lhs_MxI.shape
+    O, E = rhs_MxO.shape[1], starts_E.shape[0]
+    tm, ti, to = tiling
     group, tile, active = work_items(starts_E, ends_E, tm, M // tm)
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=5, grid=(K // tk, N // tn, group.shape[0]),
-        in_specs=[pl.BlockSpec((tm, tk), lambda kk, n, w, g, t, *_: (t[w], kk)),
-                  pl.BlockSpec((tm, tn), lambda kk, n, w, g, t, *_: (t[w], n))],
-        out_specs=pl.BlockSpec((None, tk, tn), lambda kk, n, w, g, t, *_: (g[w], kk, n)),
-        scratch_shapes=[pltpu.VMEM((tk, tn), jnp.float32)])
+        num_scalar_prefetch=5, grid=(I // ti, O // to, group.shape[0]),
+        in_specs=[pl.BlockSpec((tm, ti), lambda it, n, w, g, t, *_: (t[w], it)),
+                  pl.BlockSpec((tm, to), lambda it, n, w, g, t, *_: (t[w], n))],
+        out_specs=pl.BlockSpec((None, ti, to), lambda it, n, w, g, t, *_: (g[w], it, n)),
+        scratch_shapes=[pltpu.VMEM((ti, to), jnp.float32)])
     return pl.pallas_call(
         functools.partial(_tgmm_kernel, tm=tm), grid_spec=grid_spec,
-        out_shape=jax.ShapeDtypeStruct((E, K, N), out_dtype),
+        out_shape=jax.ShapeDtypeStruct((E, I, O), out_dtype),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary")),
-        cost_estimate=matmul_cost(M, K, N, lhs_MxK, rhs_MxN),
+        cost_estimate=matmul_cost(M, I, O, lhs_MxI, rhs_MxO),
         interpret=pltpu.InterpretParams() if interpret else False, name="tgmm_tpu",
-    )(group, tile, active, starts_E, ends_E, lhs_MxK, rhs_MxN)
+    )(group, tile, active, starts_E, ends_E, lhs_MxI, rhs_MxO)

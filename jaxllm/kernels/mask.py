@@ -1,6 +1,6 @@
 """Which keys a query may see, shared by every attention implementation.
 
-Dimension letters: B batch, T query length, S key length.
+Dimension letters (docs/glossary.md): B batch, T query length, S key length.
 A query at index t sits at key position t + (S - T) (queries are the last T positions, as in
 decoding with a cache; for self-attention T == S and the offset is 0). Key s is visible to
 query t when all of these hold:

@@ -1,10 +1,10 @@
 """Grouped-query self-attention with RoPE, causal and document (segment id) masking.
 
-Dimension letters: B batch, T query length, S key length, D model dim, N query heads,
-K kv heads, G = N / K query heads per kv head, H head dim.
-Query head n uses kv head n // G, the Hugging Face `repeat_kv` order. The score computation
-is chosen by `model.attention_impl` (auto, xla, chunked, pallas; see jaxllm/kernels), and
-runs per device on a mesh (jaxllm/parallel/blocks.py); this layer only names logical axes.
+Dimension letters (docs/glossary.md): B batch, T query length, S key length, D model dim, N
+query heads, K kv heads, G = N / K query heads per kv head, H head dim. Query head n uses kv
+head n // G, the Hugging Face `repeat_kv` order. The score computation is chosen by
+`model.attention_impl` (auto, xla, chunked, pallas; see jaxllm/kernels), and runs per device on
+a mesh (jaxllm/parallel/blocks.py); this layer only names logical axes.
 
 Decoding (jaxllm/model/decode.py) passes this layer's KV cache, k and v [B, S, K, H], and what all
 layers share: the cache's segment ids [B, S] with this call's tokens already written (0 marks

@@ -1,7 +1,7 @@
 """Dual Chunk Attention (DCA): attention past the trained length with relative positions kept
 inside it, as Qwen2 runs 128K-token inputs without training on them.
 
-Dimension letters: docs/glossary.md; here c = chunk_size - local_size, DCA's chunk.
+Dimension letters (docs/glossary.md): c = chunk_size - local_size, DCA's chunk.
 
 A token at position p (counted from its document's first token) is in chunk p // c; keys are
 rotated at p mod c. A query attends to the keys of its own document in three parts, each with

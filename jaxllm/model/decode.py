@@ -45,18 +45,18 @@ def sample(logits_BxV: jax.Array, rng: jax.Array, temperature: float = 0.0, top_
     logits_BxV = logits_BxV.astype(jnp.float32) / temperature
     if not top_k and top_p >= 1:
         return jax.random.categorical(rng, logits_BxV).astype(jnp.int32)
-    # Candidates C in descending order of probability: the top k, or every token.
+    # Candidates Vc in descending order of probability: the top k, or every token.
     if top_k:
-        logits_BxC, ids_BxC = jax.lax.top_k(logits_BxV, min(top_k, logits_BxV.shape[-1]))
+        logits_BxVc, ids_BxVc = jax.lax.top_k(logits_BxV, min(top_k, logits_BxV.shape[-1]))
     else:
-        ids_BxC = jnp.argsort(-logits_BxV, axis=-1)
-        logits_BxC = jnp.take_along_axis(logits_BxV, ids_BxC, axis=-1)
+        ids_BxVc = jnp.argsort(-logits_BxV, axis=-1)
+        logits_BxVc = jnp.take_along_axis(logits_BxV, ids_BxVc, axis=-1)
     if top_p < 1:
-        probs_BxC = jax.nn.softmax(logits_BxC, axis=-1)
-        before_BxC = jnp.cumsum(probs_BxC, axis=-1) - probs_BxC  # mass of the likelier ones
-        logits_BxC = jnp.where(before_BxC < top_p, logits_BxC, -jnp.inf)  # the first stays
-    choice_B = jax.random.categorical(rng, logits_BxC)
-    return jnp.take_along_axis(ids_BxC, choice_B[:, None], axis=-1)[:, 0].astype(jnp.int32)
+        probs_BxVc = jax.nn.softmax(logits_BxVc, axis=-1)
+        before_BxVc = jnp.cumsum(probs_BxVc, axis=-1) - probs_BxVc  # mass of the likelier ones
+        logits_BxVc = jnp.where(before_BxVc < top_p, logits_BxVc, -jnp.inf)  # the first stays
+    choice_B = jax.random.categorical(rng, logits_BxVc)
+    return jnp.take_along_axis(ids_BxVc, choice_B[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("model_config", "max_new_tokens", "num_ids",

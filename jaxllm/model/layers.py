@@ -1,7 +1,7 @@
 """Building blocks: RMSNorm, rotary embeddings (plain, YaRN, dynamic NTK, LogN), SwiGLU MLP.
 
-Dimension letters: B batch, T length, D model dim, F ffn dim, N heads, H head dim.
-Parameters are created with logical axis names (`embed`, `mlp`, ...); sharding.py maps them
+Dimension letters (docs/glossary.md): B batch, T length, D model dim, F ffn dim, N heads, H head
+dim. Parameters are created with logical axis names (`embed`, `mlp`, ...); sharding.py maps them
 onto the mesh.
 """
 

@@ -1,19 +1,19 @@
 """The mixture-of-experts FFN of Qwen2-MoE, and the router statistics its losses need.
 
-Dimension letters: B batch, T length, D model dim, E experts, K experts per token,
-F an expert's ffn dim, G scanned layer groups.
+Dimension letters (docs/glossary.md): B batch, T length, D model dim, E experts, k experts per
+token, Fe an expert's ffn dim, Lg scanned layer groups.
 
 `SparseMoE` computes what transformers' `Qwen2MoeSparseMoeBlock` computes:
 
     probs = softmax(float32(x @ router))             router: a bias-free D → E projection
     weights, experts = top-k of probs                 renormalised to sum 1 if norm_topk_prob
-    y = Σ_k weights_k · expert_{experts_k}(x)         routed SwiGLU experts of size F
+    y = Σ_j weights_j · expert_{experts_j}(x)         routed SwiGLU experts of size Fe
       + sigmoid(x @ shared_expert_gate) · shared(x)   a SwiGLU of shared_expert_intermediate_size
 
 The routing runs here in plain XLA; sorting the token-copies by expert, the grouped matmuls and
 expert parallelism (all-to-all over the `expert` mesh axis, inside `jax.shard_map`) are
-jaxllm/parallel/experts.py. Parameters: `router/kernel` [D, E], `experts/{gate,up}_proj` [E, D, F],
-`experts/down_proj` [E, F, D], `shared_expert/{gate,up,down}_proj/kernel`,
+jaxllm/parallel/experts.py. Parameters: `router/kernel` [D, E], `experts/{gate,up}_proj` [E, D, Fe],
+`experts/down_proj` [E, Fe, D], `shared_expert/{gate,up,down}_proj/kernel`,
 `shared_expert_gate/kernel` [D, 1]; logical axes `expert` (split over the expert mesh axis)
 and `expert_mlp` (over tensor).
 
@@ -40,19 +40,19 @@ class Experts(nn.Module):
     cfg: mc.FrozenConfigDict
 
     @nn.compact
-    def __call__(self, x_BxTxD: jax.Array, weights_BxTxK: jax.Array, experts_BxTxK: jax.Array):
+    def __call__(self, x_BxTxD: jax.Array, weights_BxTxk: jax.Array, experts_BxTxk: jax.Array):
         cfg = self.cfg
-        E, D, F = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        E, D, Fe = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
 
         def param(name, shape, axes):
             return self.param(name, init_normal(cfg.init_std, axes), shape,
                               dtype_of(cfg.param_dtype)).astype(dtype_of(cfg.dtype))
 
-        gate_ExDxF = param("gate_proj", (E, D, F), ("expert", "embed", "expert_mlp"))
-        up_ExDxF = param("up_proj", (E, D, F), ("expert", "embed", "expert_mlp"))
-        down_ExFxD = param("down_proj", (E, F, D), ("expert", "expert_mlp", "embed"))
-        return experts.experts_ffn(x_BxTxD, weights_BxTxK, experts_BxTxK, gate_ExDxF, up_ExDxF,
-                                   down_ExFxD, impl=cfg.moe_impl,
+        gate_ExDxFe = param("gate_proj", (E, D, Fe), ("expert", "embed", "expert_mlp"))
+        up_ExDxFe = param("up_proj", (E, D, Fe), ("expert", "embed", "expert_mlp"))
+        down_ExFexD = param("down_proj", (E, Fe, D), ("expert", "expert_mlp", "embed"))
+        return experts.experts_ffn(x_BxTxD, weights_BxTxk, experts_BxTxk, gate_ExDxFe, up_ExDxFe,
+                                   down_ExFexD, impl=cfg.moe_impl,
                                    capacity_factor=cfg.moe_capacity_factor)
 
 
@@ -68,16 +68,16 @@ class SparseMoE(nn.Module):
         cfg = self.cfg
         logits_BxTxE = Linear((cfg.num_experts,), ("embed", "router"), cfg,
                               name="router")(x_BxTxD).astype(jnp.float32)
-        probs_BxTxE, weights_BxTxK, experts_BxTxK = experts.route(
+        probs_BxTxE, weights_BxTxk, experts_BxTxk = experts.route(
             logits_BxTxE, cfg.num_experts_per_tok, cfg.norm_topk_prob)
-        y_BxTxD, dropped = Experts(cfg, name="experts")(x_BxTxD, weights_BxTxK, experts_BxTxK)
+        y_BxTxD, dropped = Experts(cfg, name="experts")(x_BxTxD, weights_BxTxk, experts_BxTxk)
         if cfg.shared_expert_intermediate_size:
             shared_BxTxD = MLP(cfg, cfg.shared_expert_intermediate_size,
                                name="shared_expert")(x_BxTxD)
             gate_BxTx1 = Linear((1,), ("embed", "router"), cfg, name="shared_expert_gate")(x_BxTxD)
             y_BxTxD = y_BxTxD + jax.nn.sigmoid(gate_BxTx1) * shared_BxTxD
         stats = {
-            "counts": jnp.sum(jax.nn.one_hot(experts_BxTxK, cfg.num_experts, dtype=jnp.float32),
+            "counts": jnp.sum(jax.nn.one_hot(experts_BxTxk, cfg.num_experts, dtype=jnp.float32),
                               axis=(0, 1, 2)),
             "probs": jnp.sum(probs_BxTxE, axis=(0, 1)),
             "z": jnp.sum(jnp.square(jax.nn.logsumexp(logits_BxTxE, axis=-1))),
@@ -87,8 +87,8 @@ class SparseMoE(nn.Module):
         return y_BxTxD.astype(x_BxTxD.dtype), stats
 
 
-def router_losses(stats_G: dict, cfg: mc.FrozenConfigDict) -> dict:
-    """The statistics of every scanned layer group (leading axis G) → losses and metrics:
+def router_losses(stats_Lg: dict, cfg: mc.FrozenConfigDict) -> dict:
+    """The statistics of every scanned layer group (leading axis Lg) → losses and metrics:
 
     aux_loss       E · Σ_e (tokens routed to e / N) · (Σ probs of e / N), N the tokens of all
                    sparse layers together (transformers' load_balancing_loss_func); with
@@ -98,21 +98,22 @@ def router_losses(stats_G: dict, cfg: mc.FrozenConfigDict) -> dict:
                    is perfect balance)
     dropped_frac   token-copies dropped by the capacity / all token-copies
     """
-    counts_GxE = stats_G["counts"]
-    tokens = jnp.maximum(jnp.sum(stats_G["tokens"]), 1.0)
-    share_E = jnp.sum(counts_GxE, axis=0) / tokens
-    prob_E = jnp.sum(stats_G["probs"], axis=0) / tokens
-    mean_G = stats_G["tokens"] * cfg.num_experts_per_tok / cfg.num_experts
-    sparse = stats_G["tokens"] > 0
-    load = jnp.max(jnp.where(sparse[:, None], counts_GxE / jnp.where(sparse, mean_G, 1.0)[:, None],
-                             0.0))
+    counts_LgxE = stats_Lg["counts"]
+    tokens = jnp.maximum(jnp.sum(stats_Lg["tokens"]), 1.0)
+    share_E = jnp.sum(counts_LgxE, axis=0) / tokens
+    prob_E = jnp.sum(stats_Lg["probs"], axis=0) / tokens
+    mean_Lg = stats_Lg["tokens"] * cfg.num_experts_per_tok / cfg.num_experts
+    sparse = stats_Lg["tokens"] > 0
+    load = jnp.max(jnp.where(sparse[:, None],
+                             counts_LgxE / jnp.where(sparse, mean_Lg, 1.0)[:, None], 0.0))
     if cfg.router_aux_loss_per_layer:
-        tokens_G = jnp.maximum(stats_G["tokens"], 1.0)[:, None]
-        aux_G = cfg.num_experts * jnp.sum(counts_GxE / tokens_G * stats_G["probs"] / tokens_G, 1)
-        aux = jnp.sum(jnp.where(sparse, aux_G, 0.0)) / jnp.maximum(jnp.sum(sparse), 1)
+        tokens_Lg = jnp.maximum(stats_Lg["tokens"], 1.0)[:, None]
+        share_LgxE = counts_LgxE / tokens_Lg
+        aux_Lg = cfg.num_experts * jnp.sum(share_LgxE * stats_Lg["probs"] / tokens_Lg, 1)
+        aux = jnp.sum(jnp.where(sparse, aux_Lg, 0.0)) / jnp.maximum(jnp.sum(sparse), 1)
     else:
         aux = cfg.num_experts * jnp.sum(share_E * prob_E)
     return {"aux_loss": aux,
-            "router_z_loss": jnp.sum(stats_G["z"]) / tokens,
+            "router_z_loss": jnp.sum(stats_Lg["z"]) / tokens,
             "expert_load": load,
-            "dropped_frac": jnp.sum(stats_G["dropped"]) / (tokens * cfg.num_experts_per_tok)}
+            "dropped_frac": jnp.sum(stats_Lg["dropped"]) / (tokens * cfg.num_experts_per_tok)}

@@ -1,6 +1,7 @@
 """The decoder-only transformer (Qwen2 / Llama) and its pure-function entry points.
 
-Dimension letters: B batch, T length, D model dim, V vocab, L layers, G layer groups.
+Dimension letters (docs/glossary.md): B batch, T length, D model dim, V vocab, L layers, Lg layer
+groups.
 Layers run under `nn.scan`, so an 80-layer model traces and compiles one layer; their
 parameters carry a leading L axis (logical name `layers`). `model.scan_layers=False` runs the
 same stacked parameters in a Python loop instead (`layer_loop`: faster steps for small models
@@ -8,9 +9,9 @@ on CPU, compile time grows with depth).
 
 Mixture of experts (jaxllm/model/moe.py): layer i is sparse when (i + 1) % decoder_sparse_step
 == 0. With a step of 1 every layer is sparse and the scan is over layers as for dense models
-(params `layers/mlp/...` with the MoE's children). With a step k > 1 the scan is over the
-G = L / k groups of k layers, k - 1 dense then one sparse (`Group`; params
-`layers/layer_{j}/...` with a leading G axis): compile time stays that of one group, whatever
+(params `layers/mlp/...` with the MoE's children). With a step > 1 the scan is over the
+Lg = L / step groups of `step` layers, step - 1 dense then one sparse (`Group`; params
+`layers/layer_{j}/...` with a leading Lg axis): compile time stays that of one group, whatever
 the depth. Each scanned step also returns its router statistics, which `apply(with_aux=True)`
 turns into the MoE losses and metrics.
 """
@@ -79,10 +80,10 @@ class Group(nn.Module):
 
 
 def layer_groups(cfg) -> tuple[int, int]:
-    """(G scanned steps, k layers per step): k = decoder_sparse_step for an MoE model whose
+    """(Lg scanned steps, layers per step): decoder_sparse_step layers for an MoE model whose
     sparse layers are not every layer, else 1."""
-    k = cfg.decoder_sparse_step if cfg.num_experts and cfg.decoder_sparse_step > 1 else 1
-    return cfg.num_layers // k, k
+    step = cfg.decoder_sparse_step if cfg.num_experts and cfg.decoder_sparse_step > 1 else 1
+    return cfg.num_layers // step, step
 
 
 class Transformer(nn.Module):
@@ -112,33 +113,33 @@ class Transformer(nn.Module):
         x_BxTxD = jnp.take(table_VxD, tokens_BxT, axis=0)
         x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "act_embed"))
 
-        G, k = layer_groups(cfg)
-        unit = Group if k > 1 else Block
-        kwargs = {"sparse": True} if cfg.num_experts and k == 1 else {}
+        Lg, step = layer_groups(cfg)
+        unit = Group if step > 1 else Block
+        kwargs = {"sparse": True} if cfg.num_experts and step == 1 else {}
 
         def scan(block, in_axes):
             return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                           in_axes=in_axes, length=G,
+                           in_axes=in_axes, length=Lg,
                            metadata_params={nn.PARTITION_NAME: "layers"})(
                                cfg, name="layers", **kwargs)
 
         if cache is None and not cfg.scan_layers and not self.is_initializing():
-            x_BxTxD, stats_G = layer_loop(
+            x_BxTxD, stats_Lg = layer_loop(
                 functools.partial(unit, cfg, **kwargs), self.variables["params"]["layers"],
                 cfg.remat, x_BxTxD, positions_BxT, segment_ids_BxT)
         elif cache is None:
             block = unit
             if cfg.remat != "none":
                 block = nn.remat(unit, prevent_cse=False, policy=_REMAT_POLICIES[cfg.remat])
-            x_BxTxD, (_, stats_G) = scan(block, (nn.broadcast, nn.broadcast))(
+            x_BxTxD, (_, stats_Lg) = scan(block, (nn.broadcast, nn.broadcast))(
                 x_BxTxD, positions_BxT, segment_ids_BxT)
         else:
             # Each layer gets its slice of the cache (scanned); segment ids and slot are shared.
             index = cache["index"]
             kv_segment_ids_BxS = jax.lax.dynamic_update_slice(
                 cache["segment_ids"], segment_ids_BxT.astype(jnp.int32), (0, index))
-            by_group = lambda x: x.reshape(G, k, *x.shape[1:]) if k > 1 else x  # noqa: E731
-            x_BxTxD, ((k_cache, v_cache), stats_G) = scan(
+            by_group = lambda x: x.reshape(Lg, step, *x.shape[1:]) if step > 1 else x  # noqa: E731
+            x_BxTxD, ((k_cache, v_cache), stats_Lg) = scan(
                 unit, (nn.broadcast, nn.broadcast, 0, nn.broadcast))(
                 x_BxTxD, positions_BxT, segment_ids_BxT,
                 (by_group(cache["k"]), by_group(cache["v"])), (kv_segment_ids_BxS, index))
@@ -154,7 +155,7 @@ class Transformer(nn.Module):
             head = self.param("lm_head", lambda *a: {"kernel": init_normal(
                 cfg.init_std, ("embed", "vocab"))(*a)}, (cfg.hidden_size, cfg.vocab_size),
                 dtype_of(cfg.param_dtype))["kernel"]
-        aux = router_losses(stats_G, cfg) if cache is None and cfg.num_experts else {}
+        aux = router_losses(stats_Lg, cfg) if cache is None and cfg.num_experts else {}
         if not head_out:  # the loss applies the head itself, a chunk of tokens at a time
             return x_BxTxD, aux
         logits_BxTxV = vocab_logits(cfg, head, x_BxTxD)
@@ -166,10 +167,10 @@ class Transformer(nn.Module):
 def layer_loop(make_unit, stacked: dict, remat: str, x_BxTxD: jax.Array,
                positions_BxT: jax.Array, segment_ids_BxT: jax.Array):
     """The scanned layers applied one after the other in Python (`model.scan_layers=False`):
-    unit g runs on slice g of the same stacked parameters [G, ...], so checkpoints do not
+    unit g runs on slice g of the same stacked parameters [Lg, ...], so checkpoints do not
     change. XLA compiles every layer, but autodiff keeps each layer's residuals as they are
-    instead of copying them into [G, ...] buffers and back, which on CPU makes a small
-    model's step about 10 % faster. Returns (x, router statistics stacked over G or None)."""
+    instead of copying them into [Lg, ...] buffers and back, which on CPU makes a small
+    model's step about 10 % faster. Returns (x, router statistics stacked over Lg or None)."""
     def one(params, x_BxTxD):
         x_BxTxD, (_, stats) = make_unit().apply({"params": params}, x_BxTxD, positions_BxT,
                                                 segment_ids_BxT)

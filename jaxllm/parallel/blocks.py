@@ -1,6 +1,6 @@
 """Kernels on the mesh: `jax.shard_map` wrappers that hand each device its own block.
 
-Dimension letters: docs/glossary.md; here T is the whole row's query length, s the size of the
+Dimension letters (docs/glossary.md): T is the whole row's query length, s the size of the
 sequence axes, Tl = T / s the queries of one device.
 
 XLA cannot partition a Pallas call (it gathers sharded operands and runs the whole kernel on

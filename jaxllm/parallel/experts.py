@@ -1,24 +1,24 @@
 """Mixture-of-experts dispatch: routing, the experts' SwiGLU on token-copies sorted by expert,
 and expert parallelism (all-to-all over the `expert` mesh axes inside `jax.shard_map`).
 
-Dimension letters: docs/glossary.md; here K experts per token, F an expert's ffn dim,
-N = B·T tokens, M = N·K token-copies, C an expert's capacity, El = E / ep the experts of one
-device (ep the size of the expert mesh axes).
+Dimension letters (docs/glossary.md): k experts per token, Fe an expert's ffn dim, BT = B·T
+tokens, M = BT·k token-copies, Ec an expert's capacity, El = E / ep the experts of one device
+(ep the size of the expert mesh axes), Mr the rows a device receives in the exchange.
 
-    y[t] = Σ_k weights[t, k] · (silu(x[t] @ gate[e]) · (x[t] @ up[e])) @ down[e],  e = experts[t, k]
+    y[t] = Σ_j weights[t, j] · (silu(x[t] @ gate[e]) · (x[t] @ up[e])) @ down[e],  e = experts[t, j]
 
-Copies are numbered k-major (copy k·N + n is token n's k-th choice), the capacity priority,
-and a stable argsort by expert groups them. Dropless (capacity_factor 0): three grouped matmuls
-(jaxllm.kernels.gmm) on the sorted copies. Capacity: C = ceil(capacity_factor · N · K / E)
-slots an expert, an [E, C, D] buffer through dense einsums; copies past them are dropped and
-counted. On a mesh, copies go to their experts' devices and back (`EXCHANGE`), in blocks by
-sharding.LOGICAL_AXIS_RULES:
+Copies are numbered choice-major (copy j·BT + t is token t's j-th choice), the capacity
+priority, and a stable argsort by expert groups them. Dropless (capacity_factor 0): three
+grouped matmuls (jaxllm.kernels.gmm) on the sorted copies. Capacity: Ec = ceil(capacity_factor ·
+BT · k / E) slots an expert, an [E, Ec, D] buffer through dense einsums; copies past them are
+dropped and counted. On a mesh, copies go to their experts' devices and back (`EXCHANGE`), in
+blocks by sharding.LOGICAL_AXIS_RULES:
 
 | operand                 | logical axes                  | split inside the shard_map        |
 |-------------------------|-------------------------------|-----------------------------------|
 | x, weights, experts, y  | batch, length, –              | (data, fsdp, expert), sequence, – |
-| gate, up [E, D, F]      | expert, embed, expert_mlp     | expert, –, tensor                 |
-| down [E, F, D]          | expert, expert_mlp, embed     | expert, tensor, –                 |
+| gate, up [E, D, Fe]     | expert, embed, expert_mlp     | expert, –, tensor                 |
+| down [E, Fe, D]         | expert, expert_mlp, embed     | expert, tensor, –                 |
 
 Design notes (the exchange, gradients, measurements): docs/moe.md.
 """
@@ -42,39 +42,39 @@ EXCHANGE = "auto"  # dropless exchange on a mesh: auto (ragged on gpu/tpu), ragg
 
 
 def route(logits_BxTxE: jax.Array, top_k: int, norm_topk_prob: bool):
-    """-> (probs_BxTxE, weights_BxTxK, experts_BxTxK int32): float32 softmax, its top k (ties
+    """-> (probs_BxTxE, weights_BxTxk, experts_BxTxk int32): float32 softmax, its top k (ties
     as jax.lax.top_k), renormalised to sum 1 when `norm_topk_prob`."""
     probs_BxTxE = jax.nn.softmax(logits_BxTxE.astype(jnp.float32), axis=-1)
-    weights_BxTxK, experts_BxTxK = jax.lax.top_k(probs_BxTxE, top_k)
+    weights_BxTxk, experts_BxTxk = jax.lax.top_k(probs_BxTxE, top_k)
     if norm_topk_prob:
-        weights_BxTxK = weights_BxTxK / jnp.sum(weights_BxTxK, axis=-1, keepdims=True)
-    return probs_BxTxE, weights_BxTxK, experts_BxTxK.astype(jnp.int32)
+        weights_BxTxk = weights_BxTxk / jnp.sum(weights_BxTxk, axis=-1, keepdims=True)
+    return probs_BxTxE, weights_BxTxk, experts_BxTxk.astype(jnp.int32)
 
 
-def capacity(capacity_factor: float, N: int, K: int, E: int) -> int:
-    """Slots per expert: ceil(factor · N · K / E), at most the N·K copies there are."""
-    return max(1, min(math.ceil(capacity_factor * N * K / E), N * K))
+def capacity(capacity_factor: float, BT: int, k: int, E: int) -> int:
+    """Slots per expert: ceil(factor · BT · k / E), at most the BT·k copies there are."""
+    return max(1, min(math.ceil(capacity_factor * BT * k / E), BT * k))
 
 
-def _silu_mul(gate_MxF: jax.Array, up_MxF: jax.Array) -> jax.Array:
-    h = jax.nn.silu(gate_MxF.astype(jnp.float32)) * up_MxF.astype(jnp.float32)
-    return h.astype(gate_MxF.dtype)
+def _silu_mul(gate_MxFe: jax.Array, up_MxFe: jax.Array) -> jax.Array:
+    h = jax.nn.silu(gate_MxFe.astype(jnp.float32)) * up_MxFe.astype(jnp.float32)
+    return h.astype(gate_MxFe.dtype)
 
 
-def grouped_ffn(x_MxD, group_sizes_E, gate_ExDxF, up_ExDxF, down_ExFxD, impl: str):
+def grouped_ffn(x_MxD, group_sizes_E, gate_ExDxFe, up_ExDxFe, down_ExFexD, impl: str):
     """The SwiGLU of expert e on rows of group e (rows in no group give 0): three gmm calls."""
-    h_MxF = _silu_mul(gmm(x_MxD, gate_ExDxF, group_sizes_E, impl=impl),
-                      gmm(x_MxD, up_ExDxF, group_sizes_E, impl=impl))
-    return gmm(h_MxF, down_ExFxD, group_sizes_E, impl=impl)
+    h_MxFe = _silu_mul(gmm(x_MxD, gate_ExDxFe, group_sizes_E, impl=impl),
+                       gmm(x_MxD, up_ExDxFe, group_sizes_E, impl=impl))
+    return gmm(h_MxFe, down_ExFexD, group_sizes_E, impl=impl)
 
 
-def batched_ffn(x_ExCxD, gate_ExDxF, up_ExDxF, down_ExFxD):
-    """The SwiGLU of expert e on its C slots: dense einsums, float32 accumulation."""
+def batched_ffn(x_ExEcxD, gate_ExDxFe, up_ExDxFe, down_ExFexD):
+    """The SwiGLU of expert e on its Ec slots: dense einsums, float32 accumulation."""
     def mm(spec, a, b):
         return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(a.dtype)
-    h_ExCxF = _silu_mul(mm("ecd,edf->ecf", x_ExCxD, gate_ExDxF),
-                        mm("ecd,edf->ecf", x_ExCxD, up_ExDxF))
-    return mm("ecf,efd->ecd", h_ExCxF, down_ExFxD)
+    h_ExEcxFe = _silu_mul(mm("ecd,edf->ecf", x_ExEcxD, gate_ExDxFe),
+                          mm("ecd,edf->ecf", x_ExEcxD, up_ExDxFe))
+    return mm("ecf,efd->ecd", h_ExEcxFe, down_ExFexD)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,16 +142,16 @@ def _send(x_MxD: jax.Array, r: _Route, ep: int) -> jax.Array:
     return jax.lax.all_to_all(blocks_epxMxD, r.axes, 0, 0).reshape(ep * M, -1)
 
 
-def _send_back(y_RxD: jax.Array, r: _Route, ep: int) -> jax.Array:
+def _send_back(y_MrxD: jax.Array, r: _Route, ep: int) -> jax.Array:
     """The reverse of `_send`: results → [M, D] in this device's sorted order."""
-    M = y_RxD.shape[0] // ep
+    M = y_MrxD.shape[0] // ep
     if _use_ragged():
         return jax.lax.ragged_all_to_all(
-            y_RxD, jnp.zeros((M, *y_RxD.shape[1:]), y_RxD.dtype),
+            y_MrxD, jnp.zeros((M, *y_MrxD.shape[1:]), y_MrxD.dtype),
             jnp.arange(ep, dtype=jnp.int32) * M, r.recv_sizes_ep,
             jax.lax.all_to_all(r.send_offsets_ep, r.axes, 0, 0, tiled=True), r.send_sizes_ep,
             axis_name=r.axes)
-    back_epxMxD = jax.lax.all_to_all(y_RxD.reshape(ep, M, -1), r.axes, 0, 0)
+    back_epxMxD = jax.lax.all_to_all(y_MrxD.reshape(ep, M, -1), r.axes, 0, 0)
     shard_M = jnp.searchsorted(jnp.cumsum(r.send_sizes_ep), jnp.arange(M), side="right")
     shard_M = jnp.minimum(shard_M, ep - 1)  # rows past the last run are never read
     return back_epxMxD[shard_M, jnp.arange(M) - r.send_offsets_ep[shard_M]]
@@ -164,23 +164,23 @@ def _received_experts(r: _Route, M: int) -> jax.Array:
     return find(ends_epxEl).reshape(-1).astype(jnp.int32)
 
 
-def _expert_parallel_ffn(x_MxD, group_sizes_E, gate_ExDxF, up_ExDxF, down_ExFxD, impl,
+def _expert_parallel_ffn(x_MxD, group_sizes_E, gate_ExDxFe, up_ExDxFe, down_ExFexD, impl,
                          axes: tuple[str, ...], ep: int):
     """grouped_ffn of the sorted copies, each run on the device that owns its expert."""
     r = _plan(group_sizes_E, axes, ep)
-    x_RxD = _send(x_MxD, r, ep)
-    local = _sort(_received_experts(r, x_MxD.shape[0]), gate_ExDxF.shape[0] + 1)
-    y_RxD = grouped_ffn(x_RxD[local.order_M], local.group_sizes_E[:-1], gate_ExDxF, up_ExDxF,
-                        down_ExFxD, impl)
-    return _send_back(y_RxD[local.inverse_M], r, ep)
+    x_MrxD = _send(x_MxD, r, ep)
+    local = _sort(_received_experts(r, x_MxD.shape[0]), gate_ExDxFe.shape[0] + 1)
+    y_MrxD = grouped_ffn(x_MrxD[local.order_M], local.group_sizes_E[:-1], gate_ExDxFe, up_ExDxFe,
+                         down_ExFexD, impl)
+    return _send_back(y_MrxD[local.inverse_M], r, ep)
 
 
 # --- one block of tokens --------------------------------------------------------------------
 
 
-def _dropless(x_NxD, experts_M, E, ffn_args, impl, ep_axes, ep):
+def _dropless(x_BTxD, experts_M, E, ffn_args, impl, ep_axes, ep):
     s = _sort(experts_M, E)
-    x_MxD = x_NxD[s.order_M % x_NxD.shape[0]]  # k-major: copy m is token m mod N
+    x_MxD = x_BTxD[s.order_M % x_BTxD.shape[0]]  # choice-major: copy m is token m mod BT
     if ep_axes is None:
         y_MxD = grouped_ffn(x_MxD, s.group_sizes_E, *ffn_args, impl)
     else:
@@ -188,50 +188,50 @@ def _dropless(x_NxD, experts_M, E, ffn_args, impl, ep_axes, ep):
     return y_MxD[s.inverse_M], jnp.int32(0)
 
 
-def _with_capacity(x_NxD, experts_M, E, ffn_args, C, ep_axes, ep):
+def _with_capacity(x_BTxD, experts_M, E, ffn_args, Ec, ep_axes, ep):
     s = _sort(experts_M, E)
-    N, M = x_NxD.shape[0], experts_M.shape[0]
-    slot_ExC = s.starts_E[:, None] + jnp.arange(C)
-    filled_ExC = jnp.arange(C) < s.group_sizes_E[:, None]
-    token_ExC = s.order_M[jnp.minimum(slot_ExC, M - 1)] % N
-    x_ExCxD = jnp.where(filled_ExC[..., None], x_NxD[token_ExC], 0)
+    BT, M = x_BTxD.shape[0], experts_M.shape[0]
+    slot_ExEc = s.starts_E[:, None] + jnp.arange(Ec)
+    filled_ExEc = jnp.arange(Ec) < s.group_sizes_E[:, None]
+    token_ExEc = s.order_M[jnp.minimum(slot_ExEc, M - 1)] % BT
+    x_ExEcxD = jnp.where(filled_ExEc[..., None], x_BTxD[token_ExEc], 0)
     if ep_axes is None:
-        y_ExCxD = batched_ffn(x_ExCxD, *ffn_args)
-    else:  # [ep, El, C, D] blocks: device j gets every source's slots of its El experts
-        El, D = E // ep, x_NxD.shape[1]
-        x_epxElxCxD = jax.lax.all_to_all(x_ExCxD.reshape(ep, El, C, D), ep_axes, 0, 0)
-        x_ElxRxD = x_epxElxCxD.transpose(1, 0, 2, 3).reshape(El, ep * C, D)
-        y_ElxRxD = batched_ffn(x_ElxRxD, *ffn_args)
-        y_epxElxCxD = y_ElxRxD.reshape(El, ep, C, D).transpose(1, 0, 2, 3)
-        y_ExCxD = jax.lax.all_to_all(y_epxElxCxD, ep_axes, 0, 0).reshape(E, C, D)
+        y_ExEcxD = batched_ffn(x_ExEcxD, *ffn_args)
+    else:  # [ep, El, Ec, D] blocks: device j gets every source's slots of its El experts
+        El, D = E // ep, x_BTxD.shape[1]
+        x_epxElxEcxD = jax.lax.all_to_all(x_ExEcxD.reshape(ep, El, Ec, D), ep_axes, 0, 0)
+        x_ElxMrxD = x_epxElxEcxD.transpose(1, 0, 2, 3).reshape(El, ep * Ec, D)
+        y_ElxMrxD = batched_ffn(x_ElxMrxD, *ffn_args)
+        y_epxElxEcxD = y_ElxMrxD.reshape(El, ep, Ec, D).transpose(1, 0, 2, 3)
+        y_ExEcxD = jax.lax.all_to_all(y_epxElxEcxD, ep_axes, 0, 0).reshape(E, Ec, D)
     position_M = s.inverse_M - s.starts_E[experts_M]
-    kept_M = position_M < C
-    y_MxD = jnp.where(kept_M[:, None], y_ExCxD[experts_M, jnp.minimum(position_M, C - 1)], 0)
+    kept_M = position_M < Ec
+    y_MxD = jnp.where(kept_M[:, None], y_ExEcxD[experts_M, jnp.minimum(position_M, Ec - 1)], 0)
     return y_MxD, jnp.sum(~kept_M).astype(jnp.int32)
 
 
-def _local(x_BxTxD, weights_BxTxK, experts_BxTxK, gate_ExDxF, up_ExDxF, down_ExFxD, *,
+def _local(x_BxTxD, weights_BxTxk, experts_BxTxk, gate_ExDxFe, up_ExDxFe, down_ExFexD, *,
            impl: str, capacity_factor: float, E: int, split: _Split | None = None):
     """The dispatch of one block of tokens (a device's, on a mesh): (y in x's dtype, dropped)."""
     B, T, D = x_BxTxD.shape
-    K, N = weights_BxTxK.shape[-1], B * T
-    x_NxD = x_BxTxD.reshape(N, D)
-    experts_M = experts_BxTxK.reshape(N, K).T.reshape(-1)  # k-major: the capacity priority
-    ffn_args = (gate_ExDxF, up_ExDxF, down_ExFxD)
+    k, BT = weights_BxTxk.shape[-1], B * T
+    x_BTxD = x_BxTxD.reshape(BT, D)
+    experts_M = experts_BxTxk.reshape(BT, k).T.reshape(-1)  # choice-major: the capacity priority
+    ffn_args = (gate_ExDxFe, up_ExDxFe, down_ExFexD)
     ep_axes = None if split is None else split.expert
-    ep = 1 if ep_axes is None else E // gate_ExDxF.shape[0]
+    ep = 1 if ep_axes is None else E // gate_ExDxFe.shape[0]
     if capacity_factor > 0:
-        y_MxD, dropped = _with_capacity(x_NxD, experts_M, E, ffn_args,
-                                        capacity(capacity_factor, N, K, E), ep_axes, ep)
+        y_MxD, dropped = _with_capacity(x_BTxD, experts_M, E, ffn_args,
+                                        capacity(capacity_factor, BT, k, E), ep_axes, ep)
     else:
-        y_MxD, dropped = _dropless(x_NxD, experts_M, E, ffn_args, impl, ep_axes, ep)
-    y_NxD = jnp.einsum("kn,knd->nd", weights_BxTxK.reshape(N, K).T.astype(jnp.float32),
-                       y_MxD.reshape(K, N, D).astype(jnp.float32))
-    if split is not None and split.mlp is not None:  # partial sums over this device's F
-        y_NxD = jax.lax.psum(y_NxD, split.mlp)
+        y_MxD, dropped = _dropless(x_BTxD, experts_M, E, ffn_args, impl, ep_axes, ep)
+    y_BTxD = jnp.einsum("kn,knd->nd", weights_BxTxk.reshape(BT, k).T.astype(jnp.float32),
+                        y_MxD.reshape(k, BT, D).astype(jnp.float32))
+    if split is not None and split.mlp is not None:  # partial sums over this device's Fe
+        y_BTxD = jax.lax.psum(y_BTxD, split.mlp)
     if split is not None and split.tokens:
         dropped = jax.lax.psum(dropped, split.tokens)
-    return y_NxD.reshape(B, T, D).astype(x_BxTxD.dtype), dropped
+    return y_BTxD.reshape(B, T, D).astype(x_BxTxD.dtype), dropped
 
 
 # --- the mesh -----------------------------------------------------------------------------
@@ -256,25 +256,25 @@ class _Split:
                 P(self.expert, self.mlp, None))
 
 
-def experts_split(mesh, B: int, T: int, E: int, F: int) -> _Split | None:
+def experts_split(mesh, B: int, T: int, E: int, Fe: int) -> _Split | None:
     """How the dispatch of these sizes splits over `mesh`; None when nothing splits."""
     if mesh.empty:
         return None
     split = _Split(mesh_axes_for(mesh, "batch", B), mesh_axes_for(mesh, "length", T),
-                   mesh_axes_for(mesh, "expert", E), mesh_axes_for(mesh, "expert_mlp", F))
+                   mesh_axes_for(mesh, "expert", E), mesh_axes_for(mesh, "expert_mlp", Fe))
     return None if split == _Split(None, None, None, None) else split
 
 
-def experts_ffn(x_BxTxD, weights_BxTxK, experts_BxTxK, gate_ExDxF, up_ExDxF, down_ExFxD, *,
+def experts_ffn(x_BxTxD, weights_BxTxk, experts_BxTxk, gate_ExDxFe, up_ExDxFe, down_ExFexD, *,
                 impl: str = "auto", capacity_factor: float = 0.0):
     """-> (y_BxTxD in x's dtype, dropped: int32, token-copies dropped in the whole batch).
     capacity_factor 0 is dropless; see the module docstring."""
     resolve_moe_impl(impl)  # an unknown impl fails here, whichever path runs
-    (B, T, _), (E, _, F) = x_BxTxD.shape, gate_ExDxF.shape
+    (B, T, _), (E, _, Fe) = x_BxTxD.shape, gate_ExDxFe.shape
     mesh = jax.sharding.get_abstract_mesh()
-    split = experts_split(mesh, B, T, E, F)
+    split = experts_split(mesh, B, T, E, Fe)
     local = functools.partial(_local, impl=impl, capacity_factor=capacity_factor, E=E)
-    operands = (x_BxTxD, weights_BxTxK, experts_BxTxK, gate_ExDxF, up_ExDxF, down_ExFxD)
+    operands = (x_BxTxD, weights_BxTxk, experts_BxTxk, gate_ExDxFe, up_ExDxFe, down_ExFexD)
     if split is None:
         return local(*operands)
     specs = split.specs()
@@ -284,25 +284,25 @@ def experts_ffn(x_BxTxD, weights_BxTxK, experts_BxTxK, gate_ExDxF, up_ExDxF, dow
                          out_specs=(specs[0], P()), check_vma=CHECK_VMA)(*operands)
 
 
-def experts_ffn_ref(x_BxTxD, weights_BxTxK, experts_BxTxK, gate_ExDxF, up_ExDxF, down_ExFxD,
+def experts_ffn_ref(x_BxTxD, weights_BxTxk, experts_BxTxk, gate_ExDxFe, up_ExDxFe, down_ExFexD,
                     *, impl: str = "auto", capacity_factor: float = 0.0):
     """experts_ffn the slow obvious way: every expert on every token, masked (one device)."""
     del impl
     B, T, D = x_BxTxD.shape
-    E, K, N, dtype = gate_ExDxF.shape[0], weights_BxTxK.shape[-1], B * T, x_BxTxD.dtype
-    x_NxD, experts_NxK = x_BxTxD.reshape(N, D), experts_BxTxK.reshape(N, K)
-    kept_NxK = jnp.ones((N, K), bool)
-    if capacity_factor > 0:  # a copy's place in its expert's queue, copies taken k-major
-        one_hot_KxNxE = experts_NxK.T[..., None] == jnp.arange(E)
-        before_MxE = jnp.cumsum(one_hot_KxNxE.reshape(K * N, E), axis=0) - one_hot_KxNxE.reshape(
-            K * N, E)
-        place_KxN = jnp.sum(before_MxE * one_hot_KxNxE.reshape(K * N, E), -1).reshape(K, N)
-        kept_NxK = place_KxN.T < capacity(capacity_factor, N, K, E)
+    E, k, BT, dtype = gate_ExDxFe.shape[0], weights_BxTxk.shape[-1], B * T, x_BxTxD.dtype
+    x_BTxD, experts_BTxk = x_BxTxD.reshape(BT, D), experts_BxTxk.reshape(BT, k)
+    kept_BTxk = jnp.ones((BT, k), bool)
+    if capacity_factor > 0:  # a copy's place in its expert's queue, copies taken choice-major
+        one_hot_kxBTxE = experts_BTxk.T[..., None] == jnp.arange(E)
+        one_hot_MxE = one_hot_kxBTxE.reshape(k * BT, E)
+        before_MxE = jnp.cumsum(one_hot_MxE, axis=0) - one_hot_MxE
+        place_kxBT = jnp.sum(before_MxE * one_hot_MxE, -1).reshape(k, BT)
+        kept_BTxk = place_kxBT.T < capacity(capacity_factor, BT, k, E)
     mm = lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(dtype)  # noqa: E731
-    y_NxD = jnp.zeros((N, D), jnp.float32)
+    y_BTxD = jnp.zeros((BT, D), jnp.float32)
     for e in range(E):
-        h_NxF = _silu_mul(mm(x_NxD, gate_ExDxF[e]), mm(x_NxD, up_ExDxF[e]))
-        w_N = jnp.sum(jnp.where((experts_NxK == e) & kept_NxK,
-                                weights_BxTxK.reshape(N, K).astype(jnp.float32), 0), axis=1)
-        y_NxD = y_NxD + w_N[:, None] * mm(h_NxF, down_ExFxD[e]).astype(jnp.float32)
-    return y_NxD.reshape(B, T, D).astype(dtype), jnp.sum(~kept_NxK).astype(jnp.int32)
+        h_BTxFe = _silu_mul(mm(x_BTxD, gate_ExDxFe[e]), mm(x_BTxD, up_ExDxFe[e]))
+        w_BT = jnp.sum(jnp.where((experts_BTxk == e) & kept_BTxk,
+                                 weights_BxTxk.reshape(BT, k).astype(jnp.float32), 0), axis=1)
+        y_BTxD = y_BTxD + w_BT[:, None] * mm(h_BTxFe, down_ExFexD[e]).astype(jnp.float32)
+    return y_BTxD.reshape(B, T, D).astype(dtype), jnp.sum(~kept_BTxk).astype(jnp.int32)

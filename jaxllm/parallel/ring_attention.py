@@ -1,12 +1,12 @@
 """Ring attention: context parallelism over one mesh axis, inside `jax.shard_map`.
 
-Dimension letters: docs/glossary.md; here T is the query length of one device (a row has s·T
-tokens), s the devices on the axis, c = T / 2 the tokens of one chunk.
+Dimension letters (docs/glossary.md): Tl the queries of one device (a row has s·Tl tokens), s
+the devices on the axis.
 
 K/V blocks travel round the ring by `ppermute` while each device attends its queries to the
 block it holds; the s partial outputs merge by their log-sum-exp. Causal rows use the zigzag
 layout (`zigzag_order`: device r holds chunks r and 2s-1-r of the row's 2s), so every step is
-c × 2c scores on every device (`visible_chunk_pairs`). The backward, a custom VJP, sends the
+Tl/2 × Tl scores on every device (`visible_chunk_pairs`). The backward, a custom VJP, sends the
 blocks round again with their gradient accumulators and recomputes each step's partial
 attention, pulling back through it the cotangents the merge gives it:
 
@@ -28,8 +28,8 @@ from jaxllm.kernels.attention import attention, merge_partial_attentions
 
 
 def zigzag_order(length: int, devices: int) -> np.ndarray:
-    """Token order of the zigzag layout: device r's T = length / devices tokens are
-    order[r·T : (r + 1)·T], chunks r and 2·devices - 1 - r of the row."""
+    """Token order of the zigzag layout: device r's Tl = length / devices tokens
+    are order[r·Tl : (r + 1)·Tl], chunks r and 2·devices - 1 - r of the row."""
     if length % (2 * devices):
         raise ValueError(f"a row of {length} tokens does not split into 2 × {devices} chunks")
     chunks = np.arange(length).reshape(2 * devices, -1)
@@ -44,18 +44,18 @@ def visible_chunk_pairs(devices: int) -> list[int]:
     return [sum(k <= q for q in mine for k in range(2 * devices)) for mine in held]
 
 
-def ring_attention(q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array,
-                   segment_ids_BxT: jax.Array, *, axis_name: str, causal: bool = True,
+def ring_attention(q_BxTlxNxH: jax.Array, k_BxTlxKxH: jax.Array, v_BxTlxKxH: jax.Array,
+                   segment_ids_BxTl: jax.Array, *, axis_name: str, causal: bool = True,
                    impl: str = "auto", scale: float | None = None, return_lse: bool = False):
     """Attention of this device's queries over the keys of every device on `axis_name`; call
     inside `jax.shard_map` with the row split over that axis, in the zigzag layout when
     `causal`. Same results as `jaxllm.kernels.attention` on the whole row (in that order)."""
-    if causal and q_BxTxNxH.shape[1] % 2:
-        raise ValueError(f"{q_BxTxNxH.shape[1]} tokens per device do not split into the "
+    if causal and q_BxTlxNxH.shape[1] % 2:
+        raise ValueError(f"{q_BxTlxNxH.shape[1]} tokens per device do not split into the "
                          "zigzag's two chunks")
-    out, lse = _ring(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT,
+    out, lse = _ring(q_BxTlxNxH, k_BxTlxKxH, v_BxTlxKxH, segment_ids_BxTl,
                      _Ring(axis_name, causal, impl, scale))
-    out = out.astype(q_BxTxNxH.dtype)
+    out = out.astype(q_BxTlxNxH.dtype)
     return (out, lse) if return_lse else out
 
 
@@ -66,24 +66,24 @@ class _Ring(NamedTuple):
     scale: float | None
 
 
-def _step(cfg: _Ring, j: int | jax.Array, q_BxTxNxH, segment_ids_BxT, k, v, kv_seg):
+def _step(cfg: _Ring, j: int | jax.Array, q_BxTlxNxH, segment_ids_BxTl, k, v, kv_seg):
     """Partial attention (out float32, lse) of the local queries over the block that step j
     holds: device (r - j) mod s's keys. j is the int 0 or a traced step of the loop."""
     kernel = lambda q, k, v, qs, ks, causal: attention(
         q, k, v, qs, ks, impl=cfg.impl, causal=causal, scale=cfg.scale, return_lse=True)
     if not cfg.causal or isinstance(j, int):
-        out, lse = kernel(q_BxTxNxH, k, v, segment_ids_BxT, kv_seg, cfg.causal)
+        out, lse = kernel(q_BxTlxNxH, k, v, segment_ids_BxTl, kv_seg, cfg.causal)
         return out.astype(jnp.float32), lse
     s = jax.lax.axis_size(cfg.axis_name)
     r = jax.lax.axis_index(cfg.axis_name)
-    c = q_BxTxNxH.shape[1] // 2
-    # Two c × c calls whose operands a select picks: a lax.cond around the kernels would
+    half = q_BxTlxNxH.shape[1] // 2
+    # Two half × half calls whose operands a select picks: a lax.cond around the kernels would
     # make autodiff store every block's scores (its partial evaluation of both branches
     # sees through the kernels' custom VJPs).
     earlier = (r - j) % s < r
     pick = lambda a, b: jnp.where(earlier, a, b)
-    halves = lambda x: (x[:, :c], x[:, c:])
-    (q1, q2), (s1, s2) = halves(q_BxTxNxH), halves(segment_ids_BxT)
+    halves = lambda x: (x[:, :half], x[:, half:])
+    (q1, q2), (s1, s2) = halves(q_BxTlxNxH), halves(segment_ids_BxTl)
     (k1, k2), (v1, v2), (t1, t2) = halves(k), halves(v), halves(kv_seg)
     # earlier (src < r): first chunk of queries and second, each over src's first chunk;
     # later (src > r): second chunk of queries over src's first chunk and its second.
@@ -125,8 +125,8 @@ def _ring(q, k, v, seg, cfg: _Ring):
 
 
 def _ring_fwd(q, k, v, seg, cfg: _Ring):
-    B, T, N, _ = q.shape
-    acc = (jnp.zeros(q.shape, jnp.float32), jnp.full((B, T, N), -jnp.inf, jnp.float32))
+    B, Tl, N, _ = q.shape
+    acc = (jnp.zeros(q.shape, jnp.float32), jnp.full((B, Tl, N), -jnp.inf, jnp.float32))
     step = lambda j, kv, acc: merge_partial_attentions([acc, _step(cfg, j, q, seg, *kv)])  # noqa: E731
     out, lse = _ring_steps(cfg, (k, v, seg), acc, step)
     return (out, lse), (q, k, v, seg, out, lse)

@@ -1,8 +1,8 @@
 """The next-token loss over the vocabulary, a chunk of tokens at a time, with its gradient;
 and the distillation loss, a teacher's next-token distribution learned the same way.
 
-Dimension letters: B batch, T length, D model dim, V vocab, n chunks of a row, C = T / n
-([glossary](../../docs/glossary.md)).
+Dimension letters (docs/glossary.md): B batch, T length, D model dim, V vocab, n chunks of a row,
+Tc = T / n the tokens of a chunk.
 
 At Qwen2's vocabulary (151,936) the float32 logits of one 4,096-token row are 2.5 GB, and their
 gradient as much again; a loss that first builds all of them needs that memory on top of the
@@ -24,8 +24,8 @@ rows are cut, the student's extra rows get no teacher probability.
 
 Chunk i holds tokens i, i + n, i + 2n, ... of every row (strided, not contiguous): the loss is
 a sum over tokens, so any partition gives the same value, and a strided one keeps every chunk
-spread over all devices when the rows are split over `sequence`. A chunk stays [B, C]: merged
-into B·C tokens (B split over the batch axes, C over sequence) the partitioner would gather it
+spread over all devices when the rows are split over `sequence`. A chunk stays [B, Tc]: merged
+into B·Tc tokens (B split over the batch axes, Tc over sequence) the partitioner would gather it
 over sequence, and every sequence device would compute the whole chunk's logits.
 `loss.chunk_size` = 0 is the plain loss: whole logits and autodiff, the obvious version the
 fused one is tested against.
@@ -146,52 +146,52 @@ class _HeadSpec:
     alpha: float = 0.0  # the KL's weight; the nll's is 1 − alpha
 
 
-def _logits(x_BxCxD, head, tied: bool, dtype: str):
+def _logits(x_BxTcxD, head, tied: bool, dtype: str):
     """float32 logits of a chunk and the head in its compute dtype (V is axis 0 when tied)."""
     w = head.astype(dtype)
     d_of_w = 1 if tied else 0
-    return jax.lax.dot_general(x_BxCxD.astype(dtype), w, (((2,), (d_of_w,)), ((), ())),
+    return jax.lax.dot_general(x_BxTcxD.astype(dtype), w, (((2,), (d_of_w,)), ((), ())),
                                preferred_element_type=jnp.float32), w
 
 
-def _chunk(spec: _HeadSpec, head, x_BxCxD, targets_BxC, mask_BxC, t_head, t_x_BxCxD,
+def _chunk(spec: _HeadSpec, head, x_BxTcxD, targets_BxTc, mask_BxTc, t_head, t_x_BxTcxD,
            with_grad: bool):
-    """([Σ objective, Σ nll, Σ logz², Σ KL] of one chunk, and with_grad: (dx [B, C, D] in
+    """([Σ objective, Σ nll, Σ logz², Σ KL] of one chunk, and with_grad: (dx [B, Tc, D] in
     x's dtype, dW in the compute dtype in head's layout) of the objective)."""
-    logits_BxCxV, w = _logits(x_BxCxD, head, spec.tied, spec.dtype)
-    logz_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
-    target_logit_BxC = jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
-    nll = jnp.sum((logz_BxC - target_logit_BxC) * mask_BxC)
-    logz2 = jnp.sum(logz_BxC ** 2 * mask_BxC)
+    logits_BxTcxV, w = _logits(x_BxTcxD, head, spec.tied, spec.dtype)
+    logz_BxTc = jax.nn.logsumexp(logits_BxTcxV, axis=-1)
+    target_logit_BxTc = jnp.take_along_axis(logits_BxTcxV, targets_BxTc[..., None], axis=-1)[..., 0]
+    nll = jnp.sum((logz_BxTc - target_logit_BxTc) * mask_BxTc)
+    logz2 = jnp.sum(logz_BxTc ** 2 * mask_BxTc)
     kl, tau, alpha = jnp.float32(0), spec.temperature, spec.alpha
     if t_head is not None:
-        t_logits_BxCxV, _ = _logits(t_x_BxCxD, t_head, spec.teacher_tied, spec.teacher_dtype)
-        kl_BxC, q_BxCxV, p_BxCxV = token_kl(
-            logits_BxCxV, fit_vocab(t_logits_BxCxV, logits_BxCxV.shape[-1]), tau)
-        kl = jnp.sum(kl_BxC * mask_BxC)
+        t_logits_BxTcxV, _ = _logits(t_x_BxTcxD, t_head, spec.teacher_tied, spec.teacher_dtype)
+        kl_BxTc, q_BxTcxV, p_BxTcxV = token_kl(
+            logits_BxTcxV, fit_vocab(t_logits_BxTcxV, logits_BxTcxV.shape[-1]), tau)
+        kl = jnp.sum(kl_BxTc * mask_BxTc)
     sums = jnp.stack([(1 - alpha) * nll + spec.z_loss * logz2 + alpha * tau ** 2 * kl,
                       nll, logz2, kl])
     if not with_grad:
         return sums, None
-    softmax_BxCxV = jnp.exp(logits_BxCxV - logz_BxC[..., None])
-    scale_BxC = ((1 - alpha) + 2.0 * spec.z_loss * logz_BxC) * mask_BxC
-    is_target_BxCxV = jnp.arange(logits_BxCxV.shape[-1]) == targets_BxC[..., None]
-    dlogits_BxCxV = (softmax_BxCxV * scale_BxC[..., None]
-                     - jnp.where(is_target_BxCxV, (1 - alpha) * mask_BxC[..., None], 0.0))
+    softmax_BxTcxV = jnp.exp(logits_BxTcxV - logz_BxTc[..., None])
+    scale_BxTc = ((1 - alpha) + 2.0 * spec.z_loss * logz_BxTc) * mask_BxTc
+    is_target_BxTcxV = jnp.arange(logits_BxTcxV.shape[-1]) == targets_BxTc[..., None]
+    dlogits_BxTcxV = (softmax_BxTcxV * scale_BxTc[..., None]
+                      - jnp.where(is_target_BxTcxV, (1 - alpha) * mask_BxTc[..., None], 0.0))
     if t_head is not None:
-        dlogits_BxCxV += (alpha * tau * mask_BxC)[..., None] * (q_BxCxV - p_BxCxV)
-    dlogits_BxCxV = dlogits_BxCxV.astype(spec.dtype)
+        dlogits_BxTcxV += (alpha * tau * mask_BxTc)[..., None] * (q_BxTcxV - p_BxTcxV)
+    dlogits_BxTcxV = dlogits_BxTcxV.astype(spec.dtype)
     d_of_w = 1 if spec.tied else 0
-    # dx = dlogits · W (contracting V); dW contracts the chunk's B and C tokens of dlogits, x.
-    dx_BxCxD = jax.lax.dot_general(dlogits_BxCxV, w, (((2,), (1 - d_of_w,)), ((), ())),
-                                   preferred_element_type=jnp.float32).astype(x_BxCxD.dtype)
+    # dx = dlogits · W (contracting V); dW contracts the chunk's B and Tc tokens of dlogits, x.
+    dx_BxTcxD = jax.lax.dot_general(dlogits_BxTcxV, w, (((2,), (1 - d_of_w,)), ((), ())),
+                                    preferred_element_type=jnp.float32).astype(x_BxTcxD.dtype)
     # A chunk's dW in the compute dtype, as every layer's: the device's partial sum is a whole
     # [V, D] before it is reduce-scattered onto the head's split (4.6 GiB in float32 at 72B).
-    x = x_BxCxD.astype(spec.dtype)
+    x = x_BxTcxD.astype(spec.dtype)
     tokens = (((0, 1), (0, 1)), ((), ()))
-    dw = (jax.lax.dot_general(dlogits_BxCxV, x, tokens) if spec.tied else
-          jax.lax.dot_general(x, dlogits_BxCxV, tokens))
-    return sums, (dx_BxCxD, dw)
+    dw = (jax.lax.dot_general(dlogits_BxTcxV, x, tokens) if spec.tied else
+          jax.lax.dot_general(x, dlogits_BxTcxV, tokens))
+    return sums, (dx_BxTcxD, dw)
 
 
 def _over_chunks(spec: _HeadSpec, head, x_BxTxD, targets_BxT, mask_BxT, t_head, t_x_BxTxD,
@@ -199,7 +199,7 @@ def _over_chunks(spec: _HeadSpec, head, x_BxTxD, targets_BxT, mask_BxT, t_head, 
     """Sums over every chunk, and with_grad (dx [B, T, D], dW float32)."""
     B, T, D = x_BxTxD.shape
     n = spec.n
-    # [B, T] → [n, B, C]: chunk i is tokens i, i + n, ... of every row.
+    # [B, T] → [n, B, Tc]: chunk i is tokens i, i + n, ... of every row.
     strided = lambda a: None if a is None else jnp.moveaxis(  # noqa: E731
         a.reshape(B, T // n, n, *a.shape[2:]), 2, 0)
 

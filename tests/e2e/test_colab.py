@@ -15,7 +15,7 @@ import types
 
 import pytest
 
-from tests.conftest import ROOT as ROOT_DIR
+from tests.helpers.runs import ROOT as ROOT_DIR
 
 ROOT = pathlib.Path(ROOT_DIR)
 NOTEBOOK = ROOT / "examples" / "colab.ipynb"

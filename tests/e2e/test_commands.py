@@ -7,7 +7,7 @@ import importlib.util
 import subprocess
 import sys
 
-from tests.conftest import ROOT
+from tests.helpers.runs import ROOT
 
 MISSING = "/nonexistent/jaxllm-test"
 

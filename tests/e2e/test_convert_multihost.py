@@ -15,9 +15,9 @@ import sys
 import jax
 import numpy as np
 
-from tests.conftest import ROOT as ROOT_DIR
-from tests.conftest import xla_flags
-from tests.unit.convert.test_hf import _assert_bitwise_equal, _tensors
+from tests.helpers.hf import assert_bitwise_equal, tensors
+from tests.helpers.runs import ROOT as ROOT_DIR
+from tests.helpers.runs import xla_flags
 
 ROOT = pathlib.Path(ROOT_DIR)
 _CHILD = r"""
@@ -32,7 +32,7 @@ from jaxllm.convert import export_run_checkpoint
 from jaxllm.convert.from_hf import import_shardings
 from jaxllm.model import abstract_params
 from flax import linen as nn
-from tests.conftest import ROOT as ROOT_DIR
+from tests.helpers.runs import ROOT as ROOT_DIR
 
 config = load_config(config_path)
 rng = np.random.default_rng(3)  # numpy, not a jitted init: same values in every process
@@ -74,5 +74,5 @@ def test_two_processes_export_what_one_process_exports(tmp_path):
     one = export_run_checkpoint(str(tmp_path / "one"), 5, config, "anneal", params,
                                 dtype="float32")
     two = tmp_path / "two" / "hf" / "5"
-    _assert_bitwise_equal(_tensors(one), _tensors(str(two)))
+    assert_bitwise_equal(tensors(one), tensors(str(two)))
     assert (two / "config.json").read_text() == (pathlib.Path(one) / "config.json").read_text()

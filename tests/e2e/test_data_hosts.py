@@ -21,8 +21,8 @@ from jaxllm.config.schema import ConfigError
 from jaxllm.data import loader
 from jaxllm.parallel import sharding
 from jaxllm.train.stages import to_global
-from tests.conftest import ROOT, xla_flags
-from tests.unit.data.test_data import KEYS, ByteTokenizer, make_config, take, two_text_sources
+from tests.helpers.data import KEYS, ByteTokenizer, make_config, take, two_text_sources
+from tests.helpers.runs import ROOT, xla_flags
 
 
 def test_two_processes_read_disjoint_shares_whose_union_is_the_batch(tmp_path, monkeypatch):
@@ -124,7 +124,7 @@ if n > 1:
     jax.distributed.initialize(f"127.0.0.1:{port}", n, pid, initialization_timeout=60)
 import numpy as np
 from jax.experimental import multihost_utils
-from tests.unit.data.test_data import ByteTokenizer, make_config
+from tests.helpers.data import ByteTokenizer, make_config
 from jaxllm.parallel import sharding
 from jaxllm.data import make_iterator
 cfg = make_config(seq_len=16, batch_size=8)

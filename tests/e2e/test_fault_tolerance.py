@@ -23,7 +23,7 @@ from jaxllm.data.tokenizer import load_tokenizer
 from jaxllm.parallel import sharding
 from jaxllm.train import loop, stages
 from jaxllm.train.step import make_eval_step
-from tests.conftest import pretrain_smoke, train_records
+from tests.helpers.runs import pretrain_smoke, train_records
 
 RUNAWAY = 40  # no run here trains on this many batches: more is a restore loop
 

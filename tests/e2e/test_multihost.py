@@ -5,7 +5,7 @@ import subprocess
 import sys
 import time
 
-from tests.conftest import FAST_COMPILE, ROOT, train_records, xla_flags
+from tests.helpers.runs import FAST_COMPILE, ROOT, train_records, xla_flags
 
 ARGS = ["--config=configs/tiny.py:smoke", "--config.mesh.data=2",
         "--config.stages.long_context.steps=0", "--config.stages.anneal.steps=0"]

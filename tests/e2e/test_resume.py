@@ -5,46 +5,15 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
 from jaxllm.train.loop import PREEMPTED_EXIT_CODE
-from tests.conftest import ROOT, by_step, xla_flags
+from tests.helpers.runs import ROOT, by_step, command, env, run, start, wait_for_line
 
-# 12 steps: pretrain 0..7, long_context 8..9, anneal 10..11; a checkpoint every 3 steps.
-ARGS = ["--config=configs/tiny.py:smoke", "--config.stages.pretrain.steps=8",
-        "--config.log_every=1", "--config.eval_every=1000", "--config.checkpoint.every_steps=3"]
-
-
-def command(workdir, *extra):
-    return [sys.executable, "-m", "jaxllm.main", f"--workdir={workdir}", *ARGS, *extra]
-
-
-def env():
-    e = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    e["XLA_FLAGS"] = xla_flags(1)
-    return e
-
-
-def run(workdir, *extra):
-    result = subprocess.run(command(workdir, *extra), cwd=ROOT, env=env(), capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-def start(workdir, *extra):
-    return subprocess.Popen(command(workdir, *extra), cwd=ROOT, env=env(), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-
-def wait_for_line(proc, prefix):
-    for line in proc.stdout:
-        if line.startswith(prefix):
-            return line
-    raise AssertionError(f"the run ended before printing {prefix!r}")
+# The run is RESUME_ARGS' (tests/helpers/runs.py): 12 steps, pretrain 0..7, long_context 8..9,
+# anneal 10..11; a checkpoint every 3 steps.
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, records, xla_flags
+from tests.helpers.runs import ROOT, records, xla_flags
 
 
 def run_main(workdir, *overrides, devices=1):

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from benchmarks.timing import is_number  # a table cell that holds a measurement
-from tests.conftest import ROOT
+from tests.helpers.runs import ROOT
 
 SCRIPT = os.path.join(ROOT, "benchmarks", "device_check.sh")
 STEPS = ("install", "env", "kernel_tests", "attention", "gmm", "train_step")

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from benchmarks.timing import is_number  # a table cell that holds a measurement
-from tests.conftest import ROOT
+from tests.helpers.runs import ROOT
 
 pytest.importorskip("torch")
 

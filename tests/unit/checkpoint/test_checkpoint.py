@@ -16,11 +16,7 @@ from jaxllm.parallel import sharding
 from jaxllm.train.optim import make_optimizer, make_schedule
 from jaxllm.train.stages import check_resumable, init_train_state
 from jaxllm.train.step import make_train_step
-from tests.conftest import smoke_config
-
-
-def tiny(*overrides):
-    return smoke_config("checkpoint.async=False", *overrides, rows=None)
+from tests.helpers.train import one_device_state, tiny_sync_saves
 
 
 def batch(B=2, T=8, loss_mask=1.0):
@@ -31,12 +27,6 @@ def batch(B=2, T=8, loss_mask=1.0):
             "loss_mask": jnp.full((B, T), loss_mask, jnp.float32)}
 
 
-def one_device_state(config):
-    mesh = sharding.make_mesh(config, jax.devices()[:1])
-    with sharding.use_mesh(mesh):
-        return (*init_train_state(config, mesh), mesh)
-
-
 def make_step(config, spike_factor=0.0):
     return jax.jit(make_train_step(frozen(config.model), make_optimizer(config.optimizer),
                                    make_schedule(config.stages.pretrain.lr, 10), 0, 1, 0.0,
@@ -44,7 +34,7 @@ def make_step(config, spike_factor=0.0):
 
 
 def test_a_nan_batch_is_skipped():
-    config = tiny()
+    config = tiny_sync_saves()
     state, _, _ = one_device_state(config)
     step = make_step(config)
     before = jax.device_get(state.params)
@@ -58,7 +48,7 @@ def test_a_nan_batch_is_skipped():
 
 
 def test_a_loss_spike_is_skipped():
-    config = tiny()
+    config = tiny_sync_saves()
     state, _, _ = one_device_state(config)
     state = state.replace(loss_ema=jnp.float32(1.0))  # real losses here are ~7
     _, metrics = make_step(config, spike_factor=3.0)(state, batch())
@@ -68,7 +58,7 @@ def test_a_loss_spike_is_skipped():
 
 
 def test_an_unreadable_newest_checkpoint_is_skipped(tmp_path):
-    config = tiny()
+    config = tiny_sync_saves()
     state, state_sh, _ = one_device_state(config)
     ckpt = Checkpointer(str(tmp_path), config)
     ckpt.save(1, state, {"stage": "pretrain"})
@@ -84,14 +74,14 @@ def test_an_unreadable_newest_checkpoint_is_skipped(tmp_path):
 
 
 def test_restore_onto_another_mesh(tmp_path):
-    config = tiny("mesh.data=1", "mesh.fsdp=8", "stages.pretrain.batch_size=8",
+    config = tiny_sync_saves("mesh.data=1", "mesh.fsdp=8", "stages.pretrain.batch_size=8",
                   "stages.long_context.batch_size=8", "stages.anneal.batch_size=8")
     mesh8 = sharding.make_mesh(config)
     with sharding.use_mesh(mesh8):
         state8, sh8 = init_train_state(config, mesh8)
     Checkpointer(str(tmp_path), config).save(3, state8, {"stage": "pretrain"})
     Checkpointer(str(tmp_path), config).wait()
-    one = tiny()
+    one = tiny_sync_saves()
     state1, sh1, _ = one_device_state(one)
     restored1, _ = Checkpointer(str(tmp_path), one).restore(3, abstract_like(state1, sh1))
     q8, q1 = state8.params["layers"]["attn"]["q_proj"]["kernel"], restored1.params["layers"][
@@ -106,7 +96,7 @@ def test_restore_onto_another_mesh(tmp_path):
 
 
 def test_keeps_the_newest_and_the_stage_ends(tmp_path):
-    config = tiny("checkpoint.keep=1")
+    config = tiny_sync_saves("checkpoint.keep=1")
     state, _, _ = one_device_state(config)
     ckpt = Checkpointer(str(tmp_path), config, keep_steps=[2])
     for step in (1, 2, 3, 4):
@@ -116,7 +106,7 @@ def test_keeps_the_newest_and_the_stage_ends(tmp_path):
 
 
 def test_average_and_params_checkpoint(tmp_path):
-    config = tiny()
+    config = tiny_sync_saves()
     state, _, _ = one_device_state(config)
     workdir = str(tmp_path / "run")
     os.makedirs(workdir)
@@ -136,7 +126,7 @@ def test_average_and_params_checkpoint(tmp_path):
 
 
 def test_optimizer_state_is_unchanged_by_a_skipped_step():
-    config = tiny()
+    config = tiny_sync_saves()
     state, _, _ = one_device_state(config)
     step = make_step(config)
     state, _ = step(state, batch())

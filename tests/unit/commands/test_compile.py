@@ -27,7 +27,7 @@ from jaxllm.compile.targets import (
     parse_target,
 )
 from jaxllm.config.load import load_config
-from tests.conftest import ROOT
+from tests.helpers.runs import ROOT
 
 GiB = 2**30
 

@@ -18,7 +18,7 @@ from jaxllm.plan import format_plan, make_plan
 from jaxllm.train.optim import make_optimizer, make_schedule
 from jaxllm.train.stages import init_train_state, stage_model_config
 from jaxllm.train.step import make_train_step
-from tests.conftest import ROOT
+from tests.helpers.runs import ROOT
 
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "jaxllm", "configs", "[!_]*.py")))
 

@@ -20,7 +20,7 @@ from jaxllm.config.validate import validate
 from jaxllm.model import param_count
 from jaxllm.parallel import sharding
 from jaxllm.train.stages import check_resumable
-from tests.conftest import ROOT, xla_flags
+from tests.helpers.runs import ROOT, xla_flags
 
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "jaxllm", "configs", "[!_]*.py")))
 

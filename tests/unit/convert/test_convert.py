@@ -29,9 +29,9 @@ from jaxllm.convert import export_run_checkpoint, load_hf, save_hf
 from jaxllm.convert.__main__ import main as convert_main
 from jaxllm.convert.load import load_model
 from jaxllm.model.decode import generate_ids
-from tests.conftest import ROOT as ROOT_DIR
-from tests.unit.convert.test_hf import CASES, _assert_bitwise_equal, _make_hf, _tensors
-from tests.unit.data.test_tokenizer import CORPUS
+from tests.helpers.corpus import CORPUS
+from tests.helpers.hf import CASES, assert_bitwise_equal, make_hf, tensors
+from tests.helpers.runs import ROOT as ROOT_DIR
 
 ROOT = pathlib.Path(ROOT_DIR)
 STEPS, B, T = 20, 4, 32
@@ -162,7 +162,7 @@ def test_export_during_training_equals_the_cli(trained_run, exported):
     out = export_run_checkpoint(workdir, STEPS, config, "pretrain", sharded, dtype="float32")
     assert out == os.path.join(workdir, "hf", str(STEPS))
     assert not os.path.exists(out + ".tmp")
-    _assert_bitwise_equal(_tensors(exported), _tensors(out))
+    assert_bitwise_equal(tensors(exported), tensors(out))
     assert json.load(open(os.path.join(out, "config.json"))) == \
         json.load(open(os.path.join(exported, "config.json")))
     assert os.path.exists(os.path.join(out, "vocab.json"))
@@ -191,7 +191,7 @@ def test_cli_round_trip_is_bitwise(tmp_path, case):
     from jaxllm.model import abstract_params
 
     src, ckpt, out = (str(tmp_path / d) for d in ("src", "ckpt", "out"))
-    _make_hf(src, case)
+    make_hf(src, case)
     convert_main(["import", f"--hf={src}", f"--out={ckpt}"])
     m = load_model_config(ckpt)  # what config.init.checkpoint reads
     assert (m.family, m.tie_embeddings, m.rope_theta) == (CASES[case][0], *CASES[case][1:3])
@@ -201,7 +201,7 @@ def test_cli_round_trip_is_bitwise(tmp_path, case):
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                  restored, direct)
     convert_main(["export", f"--workdir={ckpt}", f"--out={out}", "--dtype=float32"])
-    _assert_bitwise_equal(_tensors(src), _tensors(out))
+    assert_bitwise_equal(tensors(src), tensors(out))
     want, got = (json.load(open(os.path.join(d, "config.json"))) for d in (src, out))
     for key in ("vocab_size", "tie_word_embeddings", "bos_token_id",
                 "eos_token_id", "num_key_value_heads", "head_dim"):
@@ -211,11 +211,11 @@ def test_cli_round_trip_is_bitwise(tmp_path, case):
 
 def test_bfloat16_round_trip_through_the_clis(tmp_path):
     src, ckpt, out = (str(tmp_path / d) for d in ("src", "ckpt", "out"))
-    _make_hf(str(tmp_path / "f32"), "qwen2_untied").to(torch.bfloat16).save_pretrained(
+    make_hf(str(tmp_path / "f32"), "qwen2_untied").to(torch.bfloat16).save_pretrained(
         src, max_shard_size="100KB")
     convert_main(["import", f"--hf={src}", f"--out={ckpt}"])
     convert_main(["export", f"--workdir={ckpt}", f"--out={out}", "--max_shard_size=100KB"])
-    _assert_bitwise_equal(_tensors(src), _tensors(out))
+    assert_bitwise_equal(tensors(src), tensors(out))
 
 
 def _small(tmp_path, tie: bool):
@@ -276,7 +276,7 @@ def test_out_may_be_neither_the_source_nor_a_run_directory(trained_run, tmp_path
     workdir = trained_run[0]
     run_config = pathlib.Path(workdir, "config.json").read_text()
     src = str(tmp_path / "src")
-    _make_hf(src, "qwen2_tied")
+    make_hf(src, "qwen2_tied")
     for argv, message in [
         (["export", f"--workdir={workdir}", f"--out={workdir}"],
          f"--out={workdir} is the --workdir it reads"),
@@ -323,7 +323,7 @@ def test_an_average_generates_and_exports_with_the_runs_tokenizer(trained_run, e
         outputs.append(capsys.readouterr().out)
     assert outputs[0] == outputs[1]
     convert_main(["export", f"--workdir={avg}", f"--out={out}", "--dtype=float32"])
-    _assert_bitwise_equal(_tensors(exported), _tensors(out))
+    assert_bitwise_equal(tensors(exported), tensors(out))
     for name in ("config.json", "vocab.json", "merges.txt", "tokenizer_config.json"):
         got, want = (pathlib.Path(d, name).read_text() for d in (out, exported))
         assert got == want, name  # the run's rope base, eos id and tokenizer
@@ -342,7 +342,7 @@ def test_import_reads_any_sharding_block_by_block(tmp_path):
     # the blocks that are not contiguous in the Hugging Face layout take the slow path.
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    _make_hf(str(tmp_path), "qwen2_untied")
+    make_hf(str(tmp_path), "qwen2_untied")
     _, whole = load_hf(str(tmp_path))
     mesh = Mesh(np.asarray(jax.devices()[:4]).reshape(2, 2), ("a", "b"))
 

@@ -24,7 +24,7 @@ from flax import linen as nn
 from jaxllm.convert import load_hf, save_hf
 from jaxllm.convert.__main__ import main as convert_main
 from jaxllm.convert.hf import config_from_hf
-from tests.unit.convert.test_hf import _assert_bitwise_equal, _tensors, _trained_scale
+from tests.helpers.hf import assert_bitwise_equal, tensors, trained_scale
 
 B, T = 2, 32
 CASES = {
@@ -50,7 +50,7 @@ def _make_hf(path, step: int, norm: bool, seed: int = 0, **kwargs):
     torch.manual_seed(seed)
     model = transformers.Qwen2MoeForCausalLM(_hf_config(step, norm, **kwargs)).eval()
     model.config._attn_implementation = "eager"
-    _trained_scale(model, seed)
+    trained_scale(model, seed)
     model.save_pretrained(path)
     return model
 
@@ -120,7 +120,7 @@ def test_export_loads_in_transformers_bitwise(sources, tmp_path, case):
     save_hf(m, params, str(tmp_path), max_shard_bytes=100_000)
     assert len(set(json.load(open(tmp_path / "model.safetensors.index.json"))[
         "weight_map"].values())) > 1
-    _assert_bitwise_equal(_tensors(src), _tensors(str(tmp_path)))  # the per-expert layout
+    assert_bitwise_equal(tensors(src), tensors(str(tmp_path)))  # the per-expert layout
     reloaded, info = transformers.AutoModelForCausalLM.from_pretrained(
         str(tmp_path), output_loading_info=True, attn_implementation="eager")
     assert not info["missing_keys"] and not info["unexpected_keys"], info
@@ -142,7 +142,7 @@ def test_fused_layout_imports_the_same(sources, tmp_path):
 
     src, hf_model = sources["every_second_layer"]
     hf_model.save_pretrained(str(tmp_path), save_original_format=False)
-    names = _tensors(str(tmp_path))
+    names = tensors(str(tmp_path))
     assert "model.layers.1.mlp.experts.gate_up_proj" in names
     assert not any(".experts.0." in name for name in names)
     _, want = load_hf(src)
@@ -155,7 +155,7 @@ def test_fused_layout_imports_the_same(sources, tmp_path):
         jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                      tree, want)
     save_hf(m, got, str(tmp_path / "out"))
-    _assert_bitwise_equal(_tensors(src), _tensors(str(tmp_path / "out")))
+    assert_bitwise_equal(tensors(src), tensors(str(tmp_path / "out")))
 
 
 def test_cli_round_trip_is_bitwise(sources, tmp_path):
@@ -174,7 +174,7 @@ def test_cli_round_trip_is_bitwise(sources, tmp_path):
                  restored, load_hf(src)[1])
     # One layer group per read: the exporter's blocks of [G, E, ...] params.
     export_checkpoint(ckpt, out, dtype="float32", read_bytes=1)
-    _assert_bitwise_equal(_tensors(src), _tensors(out))
+    assert_bitwise_equal(tensors(src), tensors(out))
     got, want = (json.load(open(os.path.join(d, "config.json"))) for d in (out, src))
     for key in ("num_experts", "num_experts_per_tok", "moe_intermediate_size",
                 "shared_expert_intermediate_size", "decoder_sparse_step", "norm_topk_prob",
@@ -192,9 +192,9 @@ def test_no_shared_expert_and_no_qkv_bias_export(tmp_path):
     params = init_params(m, jax.random.key(0))
     assert "shared_expert" not in params["layers"]["mlp"]
     save_hf(m, params, str(tmp_path))
-    tensors = _tensors(str(tmp_path))
-    assert tensors["model.layers.3.mlp.shared_expert.down_proj.weight"].shape == (64, 0)
-    assert not tensors["model.layers.0.self_attn.q_proj.bias"].any()
+    saved = tensors(str(tmp_path))
+    assert saved["model.layers.3.mlp.shared_expert.down_proj.weight"].shape == (64, 0)
+    assert not saved["model.layers.0.self_attn.q_proj.bias"].any()
     model, info = transformers.AutoModelForCausalLM.from_pretrained(
         str(tmp_path), output_loading_info=True, attn_implementation="eager")
     assert not info["missing_keys"] and not info["unexpected_keys"], info
@@ -267,9 +267,9 @@ def test_missing_expert_is_named(sources, tmp_path):
     from safetensors.numpy import save_file
 
     src = sources["every_second_layer"][0]
-    tensors = _tensors(src)
-    del tensors["model.layers.3.mlp.experts.2.down_proj.weight"]
-    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    saved = tensors(src)
+    del saved["model.layers.3.mlp.experts.2.down_proj.weight"]
+    save_file(saved, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     json.dump(json.load(open(os.path.join(src, "config.json"))),
               open(tmp_path / "config.json", "w"))
     with pytest.raises(ValueError, match=r"missing tensor 'model\.layers\.3\.mlp\.experts\.2\."

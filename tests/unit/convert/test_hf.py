@@ -9,7 +9,6 @@ Dimension letters: B batch, T length, V vocab.
 from __future__ import annotations
 
 import json
-import math
 import os
 
 import jax
@@ -18,92 +17,17 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jaxllm.convert import load_hf, save_hf
 from jaxllm.convert.hf import config_from_hf
+from tests.helpers.hf import CASES, assert_bitwise_equal, hf_logits, make_hf, tensors, trained_scale
 
 T = 80
-CASES = {
-    # name: (family, tied, rope_theta, head_dim, qkv_bias)
-    "qwen2_tied": ("qwen2", True, 1e6, 16, True),
-    "qwen2_untied": ("qwen2", False, 1e4, 32, True),
-    "llama": ("llama", False, 5e5, 16, False),
-}
-
-
-def _hf_config(family: str, tied: bool, rope_theta: float, head_dim: int, bias: bool):
-    common = dict(vocab_size=384, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=head_dim, intermediate_size=128,
-                  tie_word_embeddings=tied, rope_theta=rope_theta, rms_norm_eps=1e-6,
-                  max_position_embeddings=512)
-    if family == "qwen2":
-        return transformers.Qwen2Config(**common)
-    return transformers.LlamaConfig(attention_bias=bias, **common)
-
-
-@torch.no_grad()
-def _trained_scale(model: torch.nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            w = torch.randn(module.weight.shape, generator=g) / math.sqrt(module.in_features)
-            module.weight.copy_(w * (2.5 if name.endswith(("q_proj", "k_proj")) else 1.0))
-            if module.bias is not None:
-                module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=g))
-        elif isinstance(module, torch.nn.Embedding):
-            module.weight.copy_(torch.randn(module.weight.shape, generator=g))
-        elif hasattr(module, "variance_epsilon"):  # RMSNorm
-            module.weight.copy_(1 + 0.1 * torch.randn(module.weight.shape, generator=g))
-        elif hasattr(module, "gate_up_proj"):  # MoE experts, fused [E, 2F, D] and [E, D, F]
-            for w, fan_in in ((module.gate_up_proj, module.hidden_dim),
-                              (module.down_proj, module.intermediate_dim)):
-                w.copy_(torch.randn(w.shape, generator=g) / math.sqrt(fan_in))
-        elif hasattr(module, "top_k"):  # MoE router [E, D]: logits of std 3, sharp routing
-            module.weight.copy_(3 * torch.randn(module.weight.shape, generator=g)
-                                / math.sqrt(module.hidden_dim))
-
-
-def _make_hf(path, case: str, seed: int = 0) -> transformers.PreTrainedModel:
-    config = _hf_config(*CASES[case])
-    cls = transformers.Qwen2ForCausalLM if config.model_type == "qwen2" else \
-        transformers.LlamaForCausalLM
-    torch.manual_seed(seed)
-    model = cls(config).eval()
-    model.config._attn_implementation = "eager"
-    _trained_scale(model, seed)
-    model.save_pretrained(path)
-    return model
 
 
 def _tokens(vocab: int, B: int = 2, seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, vocab, (B, T), dtype=np.int32)
-
-
-@torch.no_grad()
-def _hf_logits(model, tokens_BxT: np.ndarray, positions_BxT: np.ndarray | None = None):
-    kwargs = {} if positions_BxT is None else {"position_ids": torch.tensor(positions_BxT)}
-    return model(torch.tensor(tokens_BxT, dtype=torch.long), **kwargs).logits.float().numpy()
-
-
-def _tensors(directory: str) -> dict[str, np.ndarray]:
-    index = os.path.join(directory, "model.safetensors.index.json")
-    files = sorted(set(json.load(open(index))["weight_map"].values())) if os.path.exists(index) \
-        else ["model.safetensors"]
-    out = {}
-    for file in files:
-        with safe_open(os.path.join(directory, file), framework="np") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
-
-
-def _assert_bitwise_equal(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
-    assert sorted(a) == sorted(b)
-    for name in a:
-        assert a[name].dtype == b[name].dtype, name
-        assert a[name].shape == b[name].shape, name
-        assert a[name].tobytes() == b[name].tobytes(), name
 
 
 def _forward():
@@ -119,10 +43,10 @@ def _forward():
 @pytest.mark.parametrize("case", list(CASES))
 def test_logits_match_transformers(tmp_path, case):
     forward = _forward()
-    hf_model = _make_hf(tmp_path, case)
+    hf_model = make_hf(tmp_path, case)
     m, params = load_hf(str(tmp_path))
     tokens_BxT = _tokens(m.vocab_size)
-    want_BxTxV = _hf_logits(hf_model, tokens_BxT)
+    want_BxTxV = hf_logits(hf_model, tokens_BxT)
     assert want_BxTxV.std() > 0.5  # trained-scale logits, not near-uniform ones
     got_BxTxV = forward(m, params, jnp.asarray(tokens_BxT))
     assert got_BxTxV.dtype == jnp.float32 and got_BxTxV.shape == want_BxTxV.shape
@@ -136,16 +60,16 @@ def test_logits_match_transformers(tmp_path, case):
 def test_packed_documents_match_transformers_per_document(tmp_path):
     # Positions restart and attention stops at the document boundary, as HF sees each alone.
     forward = _forward()
-    hf_model = _make_hf(tmp_path, "qwen2_untied")
+    hf_model = make_hf(tmp_path, "qwen2_untied")
     m, params = load_hf(str(tmp_path))
     tokens_1xT, cut = _tokens(m.vocab_size, B=1), 37
     positions_1xT = np.concatenate([np.arange(cut), np.arange(T - cut)])[None].astype(np.int32)
     segments_1xT = np.where(np.arange(T) < cut, 1, 2)[None].astype(np.int32)
     got_1xTxV = np.asarray(forward(m, params, jnp.asarray(tokens_1xT), jnp.asarray(positions_1xT),
                                    jnp.asarray(segments_1xT)))
-    np.testing.assert_allclose(got_1xTxV[:, :cut], _hf_logits(hf_model, tokens_1xT[:, :cut]),
+    np.testing.assert_allclose(got_1xTxV[:, :cut], hf_logits(hf_model, tokens_1xT[:, :cut]),
                                atol=1e-4, rtol=1e-4)
-    np.testing.assert_allclose(got_1xTxV[:, cut:], _hf_logits(hf_model, tokens_1xT[:, cut:]),
+    np.testing.assert_allclose(got_1xTxV[:, cut:], hf_logits(hf_model, tokens_1xT[:, cut:]),
                                atol=1e-4, rtol=1e-4)
 
 
@@ -157,7 +81,7 @@ def test_layout_matches_the_model(tmp_path, case):
 
     from jaxllm.model import abstract_params, init_params
 
-    _make_hf(tmp_path / "src", case)
+    make_hf(tmp_path / "src", case)
     m, params = load_hf(str(tmp_path / "src"))
     shape_dtype = lambda x: (x.shape, x.dtype)
     assert jax.tree.map(shape_dtype, nn.unbox(abstract_params(m))) == \
@@ -176,14 +100,14 @@ def test_layout_matches_the_model(tmp_path, case):
 @pytest.mark.parametrize("case", list(CASES))
 def test_export_loads_in_transformers_bitwise(tmp_path, case):
     src, out = str(tmp_path / "src"), str(tmp_path / "out")
-    hf_model = _make_hf(src, case)
+    hf_model = make_hf(src, case)
     m, params = load_hf(src)
     assert (m.family, m.tie_embeddings, m.rope_theta) == (CASES[case][0], *CASES[case][1:3])
     assert params["embed"]["embedding"].dtype == jnp.float32
     assert ("lm_head" in params) != m.tie_embeddings
     assert params["layers"]["attn"]["q_proj"]["kernel"].shape == (2, 64, 4, m.head_dim)
     save_hf(m, params, out)
-    _assert_bitwise_equal(_tensors(src), _tensors(out))
+    assert_bitwise_equal(tensors(src), tensors(out))
     hf_config = json.load(open(os.path.join(out, "config.json")))
     assert hf_config["rope_parameters"]["rope_theta"] == hf_config["rope_theta"] == m.rope_theta
     assert hf_config["architectures"] == [type(hf_model).__name__]
@@ -195,23 +119,23 @@ def test_export_loads_in_transformers_bitwise(tmp_path, case):
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     assert type(reloaded) is type(hf_model) and reloaded.config.head_dim == m.head_dim
     tokens_BxT = _tokens(m.vocab_size)
-    np.testing.assert_array_equal(_hf_logits(reloaded.eval(), tokens_BxT),
-                                  _hf_logits(hf_model, tokens_BxT))
+    np.testing.assert_array_equal(hf_logits(reloaded.eval(), tokens_BxT),
+                                  hf_logits(hf_model, tokens_BxT))
     m2, _ = load_hf(out)
     assert m2.to_dict() == m.to_dict()
 
 
 def test_bfloat16_stays_bfloat16_and_save_casts(tmp_path):
     src, out, cast = (str(tmp_path / d) for d in ("src", "out", "cast"))
-    _make_hf(str(tmp_path / "f32"), "qwen2_untied").to(torch.bfloat16).save_pretrained(src)
+    make_hf(str(tmp_path / "f32"), "qwen2_untied").to(torch.bfloat16).save_pretrained(src)
     m, params = load_hf(src)
     assert params["layers"]["mlp"]["down_proj"]["kernel"].dtype == jnp.bfloat16
     assert m.dtype == m.param_dtype == "bfloat16"
     save_hf(m, params, out)
-    _assert_bitwise_equal(_tensors(src), _tensors(out))
+    assert_bitwise_equal(tensors(src), tensors(out))
     save_hf(m, params, cast, dtype="float32")
     assert json.load(open(os.path.join(cast, "config.json")))["dtype"] == "float32"
-    assert all(t.dtype == np.float32 for t in _tensors(cast).values())
+    assert all(t.dtype == np.float32 for t in tensors(cast).values())
     assert load_hf(cast)[1]["embed"]["embedding"].dtype == jnp.float32
 
 
@@ -220,7 +144,7 @@ def test_dtype_asked_for_is_the_compute_dtype(tmp_path):
     # float32 as transformers does: 8e-6 apart at most; in bfloat16 it was 0.15 apart.
     forward = _forward()
     src = str(tmp_path / "src")
-    _make_hf(str(tmp_path / "f32"), "qwen2_untied").to(torch.bfloat16).save_pretrained(src)
+    make_hf(str(tmp_path / "f32"), "qwen2_untied").to(torch.bfloat16).save_pretrained(src)
     assert json.load(open(os.path.join(src, "config.json")))["dtype"] == "bfloat16"
     m, params = load_hf(src, dtype="float32")
     assert m.dtype == m.param_dtype == "float32"
@@ -228,7 +152,7 @@ def test_dtype_asked_for_is_the_compute_dtype(tmp_path):
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(
         src, dtype=torch.float32, attn_implementation="eager").eval()
     tokens_BxT = _tokens(m.vocab_size)
-    want_BxTxV = _hf_logits(hf_model, tokens_BxT)
+    want_BxTxV = hf_logits(hf_model, tokens_BxT)
     got_BxTxV = np.asarray(forward(m, params, jnp.asarray(tokens_BxT)))
     np.testing.assert_allclose(got_BxTxV, want_BxTxV, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="'float64' is not one of"):
@@ -238,7 +162,7 @@ def test_dtype_asked_for_is_the_compute_dtype(tmp_path):
 def test_tokenizer_files_are_written(tmp_path):
     from jaxllm.data.tokenizer import load_tokenizer
 
-    _make_hf(tmp_path / "src", "llama")
+    make_hf(tmp_path / "src", "llama")
     tokenizer = load_tokenizer("qwen2", max_rank=300)  # 303 ids fit the 384-row test vocab
     save_hf(*load_hf(str(tmp_path / "src")), str(tmp_path / "out"), tokenizer=tokenizer)
     config = json.load(open(tmp_path / "out" / "config.json"))
@@ -249,7 +173,7 @@ def test_tokenizer_files_are_written(tmp_path):
 
 def test_sharded_both_ways(tmp_path):
     src, out = str(tmp_path / "src"), str(tmp_path / "out")
-    hf_model = _make_hf(str(tmp_path / "single"), "qwen2_untied")
+    hf_model = make_hf(str(tmp_path / "single"), "qwen2_untied")
     hf_model.save_pretrained(src, max_shard_size="100KB")
     assert os.path.exists(os.path.join(src, "model.safetensors.index.json"))
     m, params = load_hf(src)
@@ -257,17 +181,17 @@ def test_sharded_both_ways(tmp_path):
     index = json.load(open(os.path.join(out, "model.safetensors.index.json")))
     assert len(set(index["weight_map"].values())) > 1
     assert not os.path.exists(os.path.join(out, "model.safetensors"))
-    _assert_bitwise_equal(_tensors(src), _tensors(out))
+    assert_bitwise_equal(tensors(src), tensors(out))
     _, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
 
 
 def test_llama_attention_bias_needs_a_zero_o_proj_bias(tmp_path):
     src, out = str(tmp_path / "src"), str(tmp_path / "out")
-    hf_model = _make_hf(src, "llama")
+    hf_model = make_hf(src, "llama")
     hf_model.config.attention_bias = True
     model = transformers.LlamaForCausalLM(hf_model.config)
-    _trained_scale(model, 0)
+    trained_scale(model, 0)
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.o_proj.bias.zero_()
@@ -275,7 +199,7 @@ def test_llama_attention_bias_needs_a_zero_o_proj_bias(tmp_path):
     m, params = load_hf(src)
     assert m.qkv_bias and "bias" in params["layers"]["attn"]["k_proj"]
     save_hf(m, params, out)
-    _assert_bitwise_equal(_tensors(src), _tensors(out))
+    assert_bitwise_equal(tensors(src), tensors(out))
     with torch.no_grad():
         model.model.layers[1].self_attn.o_proj.bias[3] = 0.5
     model.save_pretrained(src)
@@ -308,7 +232,7 @@ def _edit_config(directory: str, **changes) -> None:
 
 
 def test_clear_config_errors(tmp_path):
-    _make_hf(tmp_path, "llama")
+    make_hf(tmp_path, "llama")
     _edit_config(tmp_path, model_type="gpt2")
     with pytest.raises(ValueError, match="model_type 'gpt2' is not supported"):
         load_hf(str(tmp_path))
@@ -319,14 +243,14 @@ def test_clear_config_errors(tmp_path):
 
 
 def test_missing_and_extra_tensors_are_named(tmp_path):
-    _make_hf(tmp_path, "qwen2_untied")
-    tensors = _tensors(str(tmp_path))
+    make_hf(tmp_path, "qwen2_untied")
+    saved = tensors(str(tmp_path))
     path = os.path.join(tmp_path, "model.safetensors")
-    save_file({k: v for k, v in tensors.items() if k != "model.layers.1.self_attn.v_proj.bias"},
+    save_file({k: v for k, v in saved.items() if k != "model.layers.1.self_attn.v_proj.bias"},
               path, metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"missing tensor 'model\.layers\.1\.self_attn\.v_proj"):
         load_hf(str(tmp_path))
-    save_file({**tensors, "model.layers.0.mlp.gate.weight": np.zeros((4, 64), np.float32)},
+    save_file({**saved, "model.layers.0.mlp.gate.weight": np.zeros((4, 64), np.float32)},
               path, metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"does not use: 'model\.layers\.0\.mlp\.gate\.weight'"):
         load_hf(str(tmp_path))

@@ -18,7 +18,7 @@ from jaxllm.config.load import load_config
 from jaxllm.config.schema import ConfigError, base_config, model_defaults
 from jaxllm.convert.upcycle import permutations, upcycle, upcycle_plan, upcycled_params
 from jaxllm.model import abstract_params
-from tests.conftest import ROOT
+from tests.helpers.runs import ROOT
 
 SEED = 7
 CONFIGS = os.path.join(ROOT, "jaxllm", "configs")

@@ -17,7 +17,7 @@ from jaxllm.config.load import load_config
 from jaxllm.config.schema import ConfigError, base_config, data_source
 from jaxllm.config.validate import validate
 from jaxllm.data import iterator, packing
-from tests.unit.data.test_data import ByteTokenizer, assert_same, make_config, take, write_docs
+from tests.helpers.data import ByteTokenizer, assert_same, make_config, take, write_docs
 
 T, B = 32, 4
 TOK = ByteTokenizer()

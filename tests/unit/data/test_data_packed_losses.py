@@ -16,9 +16,8 @@ from jaxllm.config.load import load_config
 from jaxllm.config.schema import data_source
 from jaxllm.model import forward, frozen, init_params
 from jaxllm.train.loss import token_losses
-from tests.conftest import ROOT
-from tests.unit.data.test_data import ByteTokenizer, take
-from tests.unit.data.test_data_sources import write_jsonl
+from tests.helpers.data import ByteTokenizer, take, write_jsonl
+from tests.helpers.runs import ROOT
 
 
 def test_packed_batch_losses_equal_each_documents_own(tmp_path):

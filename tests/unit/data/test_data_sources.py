@@ -4,7 +4,6 @@ the errors and warnings bad input gets.
 
 from __future__ import annotations
 
-import gzip
 import json
 import logging
 from pathlib import Path
@@ -16,28 +15,16 @@ from jaxllm import data
 from jaxllm.config.schema import ConfigError, base_config, data_source
 from jaxllm.config.validate import validate
 from jaxllm.data import formats, mixture, sources
-from tests.unit.data.test_data import ByteTokenizer, make_config, take, write_docs
+from tests.helpers.data import (
+    ByteTokenizer,
+    make_config,
+    take,
+    write_docs,
+    write_jsonl,
+    write_parquet,
+)
 
 DOCS = [f"document {i}: " + "xyz" * (i % 7) for i in range(60)]
-
-
-def write_jsonl(path: Path, records: list, gz: bool = False) -> str:
-    lines = "".join(json.dumps(r) + "\n" for r in records)
-    if gz:
-        with gzip.open(path, "wt") as f:
-            f.write(lines)
-    else:
-        path.write_text(lines)
-    return str(path)
-
-
-def write_parquet(path: Path, texts: list[str], row_group_size: int = 16) -> str:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    pq.write_table(pa.table({"id": list(range(len(texts))), "body": texts}), path,
-                   row_group_size=row_group_size)
-    return str(path)
 
 
 def write_array_record(path: Path, docs: list[np.ndarray], masks=None) -> str:

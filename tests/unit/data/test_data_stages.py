@@ -20,8 +20,8 @@ from jaxllm.data import iterator as data_iterator
 from jaxllm.data.iterator import positions_after
 from jaxllm.data.mixture import Position
 from jaxllm.train import stages
-from tests.conftest import by_step, pretrain_smoke
-from tests.unit.data.test_data import ByteTokenizer, make_config, write_docs
+from tests.helpers.data import ByteTokenizer, make_config, write_docs
+from tests.helpers.runs import by_step, pretrain_smoke
 
 STAGES = (("pretrain", 4, 16, 2), ("long_context", 2, 24, 3), ("anneal", 3, 20, 3))  # B, T, steps
 

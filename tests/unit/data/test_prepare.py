@@ -12,7 +12,7 @@ import pytest
 from jaxllm.config.schema import data_source
 from jaxllm.data import formats, prepare, sources
 from jaxllm.data.tokenizer import load_tokenizer
-from tests.unit.data.test_data_sources import write_jsonl, write_parquet
+from tests.helpers.data import write_jsonl, write_parquet
 
 MAX_RANK = 1024
 

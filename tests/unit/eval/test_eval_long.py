@@ -22,7 +22,7 @@ from jaxllm.config.schema import ConfigError
 from jaxllm.eval import long_ppl, niah
 from jaxllm.eval.common import apply_setting
 from jaxllm.model import init_params
-from tests.conftest import records
+from tests.helpers.runs import records
 
 pytest.importorskip("matplotlib", reason="the eval plots need matplotlib: pip install -e .[eval]")
 

@@ -20,8 +20,8 @@ import transformers
 
 import jaxllm
 from jaxllm.data.tokenizer import save_hf_tokenizer_files
-from tests.conftest import records
-from tests.unit.convert.test_hf import CASES, _hf_config, _trained_scale
+from tests.helpers.hf import CASES, hf_config, trained_scale
+from tests.helpers.runs import records
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval not installed (pip install -e "
                               "'.[eval]'): the harness model is not checked")
@@ -29,7 +29,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 
 from jaxllm.eval.harness import TASKS_DIR, JaxLLM, bucket, load_tasks  # noqa: E402
-from tests.conftest import ROOT  # noqa: E402
+from tests.helpers.runs import ROOT  # noqa: E402
 
 MAX_LENGTH = 48  # short, so that long requests are cut and rolling texts take several windows
 CODE = open(os.path.join(os.path.dirname(os.__file__), "textwrap.py")).read()
@@ -39,12 +39,12 @@ CODE = open(os.path.join(os.path.dirname(os.__file__), "textwrap.py")).read()
 def hf_dir(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("harness_qwen2"))
     tokenizer = jaxllm.load_tokenizer("qwen2", max_rank=257)  # 260 ids: split over tensor 2
-    config = _hf_config(*CASES["qwen2_untied"])
+    config = hf_config(*CASES["qwen2_untied"])
     config.vocab_size = tokenizer.vocab_size  # no rows past the tokenizer's ids
     config.eos_token_id = tokenizer.eos_id  # as Qwen2's config.json: generation stops at EOS
     torch.manual_seed(0)
     model = transformers.Qwen2ForCausalLM(config).eval()
-    _trained_scale(model, 0)
+    trained_scale(model, 0)
     model.save_pretrained(path)
     save_hf_tokenizer_files(tokenizer, path)
     return path
@@ -259,7 +259,7 @@ def test_eval_tasks_bad_input_is_one_line_before_training(tmp_path):
 def test_eval_tasks_on_two_processes_equal_one_process(tmp_path):
     """Two processes over gloo (launch/local.sh, one device each, data 2) score the tasks on
     params spread over both, and log what one process with two devices logs."""
-    from tests.conftest import FAST_COMPILE, xla_flags
+    from tests.helpers.runs import FAST_COMPILE, xla_flags
 
     args = ["--config=configs/tiny.py:smoke", "--config.mesh.data=2",
             "--config.stages.long_context.steps=0", "--config.stages.anneal.steps=0",

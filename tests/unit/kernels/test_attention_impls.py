@@ -16,10 +16,8 @@ from jaxllm.config.schema import ConfigError
 from jaxllm.config.validate import validate_model
 from jaxllm.kernels import attention, resolve_attention_impl
 from jaxllm.model import apply, init_params
-from tests.conftest import ROOT
-from tests.unit.model.test_model import (
-    small_config,  # one small model for the model and attention tests
-)
+from tests.helpers.model import small_config
+from tests.helpers.runs import ROOT
 
 
 def test_auto_resolves_per_backend():

@@ -80,9 +80,7 @@ def test_model_with_the_kernel_on_device():
     """Loss and parameter gradients of a small model on packed documents, attention_impl
     'pallas' vs 'xla', float32; each leaf within 1e-2 of its largest value."""
     from jaxllm.model import apply, init_params
-    from tests.unit.model.test_model import (
-        small_config,  # one small model for the model and attention tests
-    )
+    from tests.helpers.model import small_config
 
     tokens = jax.random.randint(jax.random.key(0), (2, 256), 0, 128)
     positions = jnp.broadcast_to(jnp.arange(256), (2, 256))

@@ -190,7 +190,7 @@ def test_model_decoding_with_a_cache_equals_full_forward_dca():
     from jaxllm.config.schema import ConfigError, base_config
     from jaxllm.config.validate import validate_model
     from jaxllm.model import forward, init_params
-    from tests.unit.model.test_moe import assert_cached_decoding_equals_forward
+    from tests.helpers.model import assert_cached_decoding_equals_forward
 
     cfg = base_config().model
     cfg.update(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,

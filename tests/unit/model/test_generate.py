@@ -1,7 +1,7 @@
 """Generation with a KV cache: equal to full forward passes, to transformers, and sampling rules.
 
-Models come from test_hf (transformers at a trained model's scale, loaded with load_hf), so a
-cache that dropped the rope offset or mixed up padding would change the argmax.
+Models come from tests/helpers/hf.py (transformers at a trained model's scale, loaded with
+load_hf), so a cache that dropped the rope offset or mixed up padding would change the argmax.
 Dimension letters: B batch, P prompt length, T length, V vocab.
 """
 
@@ -25,8 +25,8 @@ from jaxllm.data.tokenizer import save_hf_tokenizer_files
 from jaxllm.model import apply, decode, forward, init_cache
 from jaxllm.model.decode import generate_ids, sample
 from jaxllm.parallel.sharding import mesh_from_spec
-from tests.conftest import ROOT as ROOT_DIR
-from tests.unit.convert.test_hf import _make_hf
+from tests.helpers.hf import make_hf
+from tests.helpers.runs import ROOT as ROOT_DIR
 
 ROOT = pathlib.Path(ROOT_DIR)
 PROMPT_LENGTHS = (5, 17, 1)  # left padding to 32: rows of very different lengths
@@ -35,7 +35,7 @@ PROMPT_LENGTHS = (5, 17, 1)  # left padding to 32: rows of very different length
 @pytest.fixture(scope="module", params=["qwen2_tied", "llama"])
 def model(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
-    hf_model = _make_hf(path, request.param)
+    hf_model = make_hf(path, request.param)
     model_config, params = load_hf(str(path))
     return str(path), hf_model, model_config, params
 

@@ -5,17 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm.config.schema import model_defaults
 from jaxllm.model import forward, init_params, param_count
-
-
-def small_config(**overrides):
-    c = model_defaults()
-    c.update(dict(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                  head_dim=16, intermediate_size=96, dtype="float32", remat="none",
-                  rope_theta=1e4, init_std=0.2))
-    c.update(overrides)
-    return c
+from tests.helpers.model import small_config
 
 
 def test_shapes_and_dtypes():

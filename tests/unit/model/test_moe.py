@@ -19,10 +19,11 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from jaxllm.config.load import load_config
-from jaxllm.model import apply, forward, init_cache, init_params
+from jaxllm.model import init_params
 from jaxllm.model.moe import router_losses
-from tests.conftest import ROOT, by_step, smoke_config, xla_flags
-from tests.unit.parallel.test_sharding import train
+from tests.helpers.model import assert_cached_decoding_equals_forward
+from tests.helpers.runs import ROOT, by_step, smoke_config, xla_flags
+from tests.helpers.train import train
 
 SMOKE = os.path.join(ROOT, "jaxllm", "configs", "tiny_moe.py:smoke")
 
@@ -43,26 +44,9 @@ def test_cache_decoding_equals_full_forward(sparse_step):
     assert np.std(full) > 0.1  # logits far from uniform: the check has teeth
 
 
-def assert_cached_decoding_equals_forward(cfg, params, tokens_BxT, prefill: int) -> np.ndarray:
-    """Prefill `prefill` tokens into a KV cache, then feed the rest one at a time: every
-    step's last-position logits equal the full forward pass's there (1e-4). Returns those."""
-    B, T = tokens_BxT.shape
-    step = jax.jit(lambda p, t, pos, c: apply(cfg, p, t, pos, jnp.ones_like(t), c))
-    logits, cache = step(params, tokens_BxT[:, :prefill],
-                         np.broadcast_to(np.arange(prefill), (B, prefill)), init_cache(cfg, B, T))
-    cached = [np.asarray(logits)]
-    for i in range(prefill, T - 1):
-        logits, cache = step(params, tokens_BxT[:, i:i + 1], np.full((B, 1), i, np.int32), cache)
-        cached.append(np.asarray(logits))
-    full = np.asarray(forward(cfg, params, tokens_BxT))
-    np.testing.assert_allclose(np.stack(cached, 1), full[:, prefill - 1:T - 1], atol=1e-4,
-                               rtol=1e-4)
-    return full
-
-
 @pytest.fixture(scope="module")
 def one_device():
-    return train(smoke(), jax.devices()[:1])[0]  # (test_sharding's train: metrics, HLO, params)
+    return train(smoke(), jax.devices()[:1])[0]  # (tests/helpers/train.py: metrics, HLO, params)
 
 
 @pytest.mark.parametrize("mesh", [{"data": 2, "expert": 4},

@@ -26,7 +26,7 @@ from jaxllm.convert.hf_config import config_to_hf
 from jaxllm.model import forward
 from jaxllm.model.layers import apply_rope, rope, rope_inverse_frequencies
 from jaxllm.model.transformer import frozen
-from tests.unit.convert.test_hf import _hf_logits, _trained_scale
+from tests.helpers.hf import hf_logits, trained_scale
 
 ORIGINAL, FACTOR, T = 64, 4.0, 256
 
@@ -40,7 +40,7 @@ def _make_hf(path, rope_parameters: dict, max_positions: int) -> transformers.Pr
     torch.manual_seed(0)
     model = transformers.Qwen2ForCausalLM(config).eval()
     model.config._attn_implementation = "eager"
-    _trained_scale(model, 0)
+    trained_scale(model, 0)
     model.save_pretrained(path)
     return model
 
@@ -75,7 +75,7 @@ def _tokens(B: int = 2) -> np.ndarray:
 def test_logits_equal_transformers_past_the_original_length(model):
     name, _, hf_model, m, params = model
     tokens = _tokens()
-    want = _hf_logits(hf_model, tokens)
+    want = hf_logits(hf_model, tokens)
     got = np.asarray(forward(m, params, tokens))
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
     # The scaling matters here: plain rope on the same weights is far off.
@@ -92,7 +92,7 @@ def test_export_loads_in_transformers_with_the_same_logits(model, tmp_path):
     exported = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
     exported.config._attn_implementation = "eager"
     tokens = _tokens(1)
-    np.testing.assert_allclose(_hf_logits(exported, tokens), _hf_logits(hf_model, tokens),
+    np.testing.assert_allclose(hf_logits(exported, tokens), hf_logits(hf_model, tokens),
                                atol=1e-5, rtol=1e-5)
     m2, _ = load_hf(str(tmp_path))
     assert m2.rope_scaling.to_dict() == m.rope_scaling.to_dict()

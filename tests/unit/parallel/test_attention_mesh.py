@@ -23,11 +23,9 @@ from jaxllm.parallel import blocks, sharding
 from jaxllm.parallel.sharding import mesh_from_spec
 from jaxllm.train.stages import init_train_state, stage_model_config, to_global
 from jaxllm.train.step import summed_loss
-from tests.conftest import mesh_of
-from tests.unit.model.test_model import (
-    small_config,  # one small model for the model and attention tests
-)
-from tests.unit.parallel.test_sharding import tiny
+from tests.helpers.model import small_config
+from tests.helpers.runs import mesh_of
+from tests.helpers.train import tiny_8_rows
 
 # impl → (module, function) of the kernel that `jaxllm.kernels.attention` dispatches to.
 KERNELS = {"xla": ("jaxllm.kernels.attention", "attention_ref"),
@@ -143,12 +141,12 @@ def test_sharded_train_step_equals_one_device(impl, axes, seq_len, blocks, monke
     sizes = {axis: axes.count(axis) * 2 for axis in axes}
     rows = [] if seq_len == 32 else ["stages.pretrain.batch_size=2"]
     common = [f"model.attention_impl={impl}", f"stages.pretrain.seq_len={seq_len}", *rows]
-    config = tiny(*common, *(f"mesh.{axis}={n}" for axis, n in sizes.items()))
+    config = tiny_8_rows(*common, *(f"mesh.{axis}={n}" for axis, n in sizes.items()))
     seen = {}
     loss, grads = train_loss_and_grads(
         config, jax.devices(), lambda: seen.update(shapes=record_kernel_shapes(monkeypatch, impl)))
     assert {(q, k) for q, k, _ in seen["shapes"]} == blocks
-    want_loss, want_grads = train_loss_and_grads(tiny(*common), jax.devices()[:1])
+    want_loss, want_grads = train_loss_and_grads(tiny_8_rows(*common), jax.devices()[:1])
     np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
     if seq_len == 32:
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),

@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxllm.parallel import experts, sharding
-from tests.conftest import mesh_of
+from tests.helpers.runs import mesh_of
 
 B, T, D, E, K, F = 8, 8, 16, 8, 2, 24
 EMPTY = (3, 6)  # experts no token reaches

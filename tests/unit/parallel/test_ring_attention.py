@@ -22,7 +22,7 @@ from jaxllm.parallel.ring_attention import ring_attention, visible_chunk_pairs, 
 from jaxllm.train.optim import make_optimizer, make_schedule
 from jaxllm.train.stages import init_train_state, stage_model_config
 from jaxllm.train.step import make_train_step
-from tests.conftest import ROOT
+from tests.helpers.runs import ROOT
 
 
 def segments(rng, B: int, L: int, docs: int) -> np.ndarray:

@@ -9,40 +9,11 @@ from jax.sharding import AbstractMesh, AxisType, PartitionSpec
 
 from jaxllm.config.load import load_config
 from jaxllm.config.schema import ConfigError
-from jaxllm.data import make_iterator
-from jaxllm.data.tokenizer import load_tokenizer
 from jaxllm.model import abstract_params
 from jaxllm.parallel import sharding
-from jaxllm.train.optim import make_optimizer, make_schedule
-from jaxllm.train.stages import init_train_state, stage_model_config, to_global
-from jaxllm.train.step import make_train_step
-from tests.conftest import ROOT, smoke_config
-
-
-def tiny(*overrides):
-    return smoke_config(*overrides)
-
-
-def train(config, devices, steps=5, hlo=False):
-    """The metrics of `steps` pretrain steps of `config` on `devices` (each a dict of floats),
-    the compiled step's HLO text when `hlo`, and the final params."""
-    mesh = sharding.make_mesh(config, devices)
-    stage = config.stages.pretrain
-    tokenizer = load_tokenizer(config.tokenizer.name, max_rank=config.tokenizer.max_rank)
-    with sharding.use_mesh(mesh):
-        state, state_sh = init_train_state(config, mesh)
-        step = jax.jit(make_train_step(stage_model_config(config, "pretrain"),
-                                       make_optimizer(config.optimizer),
-                                       make_schedule(stage.lr, stage.steps), 0, 1, 0.0),
-                       donate_argnums=0, out_shardings=(state_sh, None))
-        data = make_iterator(config, "pretrain", tokenizer)
-        batches = [to_global(next(data), sharding.batch_sharding(mesh)) for _ in range(steps)]
-        text = step.lower(state, batches[0]).compile().as_text() if hlo else None
-        records = []
-        for batch in batches:
-            state, metrics = step(state, batch)
-            records.append({k: float(v) for k, v in metrics.items()})
-    return records, text, state.params
+from jaxllm.train.stages import init_train_state
+from tests.helpers.runs import ROOT
+from tests.helpers.train import tiny_8_rows, train
 
 
 def train_losses(config, devices, steps=5):
@@ -51,7 +22,7 @@ def train_losses(config, devices, steps=5):
 
 @pytest.fixture(scope="module")
 def one_device_losses():
-    return train_losses(tiny(), jax.devices()[:1])
+    return train_losses(tiny_8_rows(), jax.devices()[:1])
 
 
 @pytest.mark.parametrize("mesh", [
@@ -59,14 +30,14 @@ def one_device_losses():
     {"data": 1, "fsdp": 4, "tensor": 2},
 ], ids=lambda m: "x".join(f"{k}{v}" for k, v in m.items()))
 def test_sharded_training_equals_one_device(mesh, one_device_losses):
-    config = tiny(*(f"mesh.{k}={v}" for k, v in mesh.items()))
+    config = tiny_8_rows(*(f"mesh.{k}={v}" for k, v in mesh.items()))
     losses = train_losses(config, jax.devices())
     assert losses[-1] < losses[0]
     np.testing.assert_allclose(losses, one_device_losses, rtol=1e-5, atol=1e-5)
 
 
 def test_params_are_sharded_not_replicated():
-    config = tiny("mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2")
+    config = tiny_8_rows("mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2")
     mesh = sharding.make_mesh(config)
     with sharding.use_mesh(mesh):
         state, _ = init_train_state(config, mesh)
@@ -115,6 +86,6 @@ def test_qwen2_7b_shardings_are_pinned():
     ("mesh.tensor=3", 8, "config.mesh"),
 ])
 def test_mesh_that_does_not_divide_is_refused(override, devices, key):
-    config = tiny("mesh.data=-1", override)
+    config = tiny_8_rows("mesh.data=-1", override)
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         sharding.make_mesh(config, jax.devices()[:devices])

@@ -22,7 +22,7 @@ from jaxllm.train.loss import num_chunks, summed_losses
 from jaxllm.train.optim import make_optimizer, make_schedule
 from jaxllm.train.stages import init_train_state, stage_model_config
 from jaxllm.train.step import make_train_step
-from tests.conftest import ROOT
+from tests.helpers.runs import ROOT
 
 
 @pytest.mark.parametrize("tied", [True, False])

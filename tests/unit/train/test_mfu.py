@@ -8,7 +8,7 @@ import pytest
 
 from jaxllm.config.load import load_config
 from jaxllm.train import metrics
-from tests.conftest import records
+from tests.helpers.runs import records
 
 
 @pytest.mark.parametrize("device_kind, chip, bf16", [

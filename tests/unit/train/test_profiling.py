@@ -14,7 +14,7 @@ import pytest
 from jaxllm.config.load import load_config
 from jaxllm.config.schema import ConfigError
 from jaxllm.train.profiling import compilation_cache_dir
-from tests.conftest import ROOT, xla_flags
+from tests.helpers.runs import ROOT, xla_flags
 
 SHORT = ["stages.pretrain.steps=4", "stages.long_context.steps=0", "stages.anneal.steps=0"]
 

@@ -16,13 +16,12 @@ import jax.numpy as jnp
 import pytest
 
 from jaxllm.checkpoint.state import Checkpointer, _draining_event_loops, abstract_like
-from tests.conftest import ROOT, by_step, xla_flags
-from tests.e2e.test_resume import run
-from tests.unit.checkpoint.test_checkpoint import one_device_state, tiny
+from tests.helpers.runs import ROOT, by_step, run, xla_flags
+from tests.helpers.train import one_device_state, tiny_sync_saves
 
-# test_resume's run without its anneal stage: pretrain steps 0..7, long_context 8..9;
-# checkpoints at 3, 6, 8 (pretrain's end), 9 and 10 (long_context's end), of which keep=2 and
-# the stage ends leave 8, 9 and 10.
+# The run of tests/helpers/runs.py's `run` (test_resume's) without its anneal stage: pretrain
+# steps 0..7, long_context 8..9; checkpoints at 3, 6, 8 (pretrain's end), 9 and 10
+# (long_context's end), of which keep=2 and the stage ends leave 8, 9 and 10.
 TWO_STAGES = ["--config.stages.anneal.steps=0"]
 
 
@@ -97,7 +96,8 @@ def test_an_unusable_checkpoint_is_moved_aside_and_the_run_goes_on(
     assert len(aside) == 1 and aside[0] in moved_to, aside
     assert f"moved it to {checkpoints / aside[0]}, kept for inspection" in result.stderr
     assert contents(checkpoints / aside[0]) == damaged  # kept as it was
-    assert Checkpointer(str(workdir), tiny()).steps() == [8, 9, 10]  # `step` saved afresh
+    # `step` saved afresh:
+    assert Checkpointer(str(workdir), tiny_sync_saves()).steps() == [8, 9, 10]
 
     with open(workdir / "metrics.jsonl") as f:
         rerun = [json.loads(line) for line in f.readlines()[logged_before:]]
@@ -110,7 +110,7 @@ def test_an_unusable_checkpoint_is_moved_aside_and_the_run_goes_on(
 
 def saved_steps_1_and_2(workdir):
     """(config, state, state shardings) of a run dir with checkpoints of steps 1 and 2."""
-    config = tiny("checkpoint.keep=3")
+    config = tiny_sync_saves("checkpoint.keep=3")
     state, state_sh, _ = one_device_state(config)
     ckpt = Checkpointer(str(workdir), config)
     for step in (1, 2):
@@ -178,9 +178,9 @@ def test_when_no_checkpoint_can_be_read_the_error_is_short_and_alone(tmp_path):
     for step in (1, 2):
         lose_array_data(tmp_path / "checkpoints" / str(step))
     script = (f"import sys; sys.path.insert(0, {ROOT!r})\n"
-              "from tests.unit.checkpoint.test_checkpoint import one_device_state, tiny\n"
+              "from tests.helpers.train import one_device_state, tiny_sync_saves\n"
               "from jaxllm.checkpoint.state import Checkpointer, abstract_like\n"
-              "config = tiny('checkpoint.keep=3')\n"
+              "config = tiny_sync_saves('checkpoint.keep=3')\n"
               "state, state_sh, _ = one_device_state(config)\n"
               f"Checkpointer({str(tmp_path)!r}, config).restore_latest("
               "abstract_like(state, state_sh))\n")
