@@ -2,9 +2,9 @@
 
 A dry run that allocates nothing: parameter counts from `eval_shape`, per-device shard shapes
 from the real sharding rules on an abstract mesh of `--devices` devices, and an estimate of
-activation memory per stage. Dimension letters: B rows per device per micro-batch, T tokens
-per device, D model dim, N / K heads / kv heads per device, H head dim, F ffn dim per device,
-V vocab rows per device, L layers.
+activation memory per stage. Dimension letters (docs/glossary.md), per device: Bl rows of a
+micro-batch, Tl tokens of a row, Nl / Kl query / kv heads, Fl / Fel a dense / an expert's ffn
+width, Vl vocab rows; D model dim, H head dim, L layers, S a row's length.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from jax.sharding import AbstractMesh, AxisType
 from jaxllm.config.load import load_config
 from jaxllm.config.schema import stage_names
 from jaxllm.config.validate import validate
-from jaxllm.model import abstract_params
+from jaxllm.model import abstract_params, frozen
 from jaxllm.parallel import sharding
 from jaxllm.parallel.experts import capacity
 from jaxllm.train.loss import num_chunks
@@ -32,6 +32,7 @@ from jaxllm.train.metrics import (
     format_seconds,
     step_seconds,
 )
+from jaxllm.train.teacher import frozen_model
 
 ACCELERATORS = {"v5p": 95e9, "v6e": 32e9, "h100": 80e9}  # bytes of memory per chip
 CHIPS = {"v5p": "tpu_v5p", "v6e": "tpu_v6e", "h100": "h100_sxm"}  # their metrics.RATED_PEAKS
@@ -52,7 +53,7 @@ def activation_parts(config: mc.ConfigDict, stage_name: str, axes: dict[str, int
                the layer that runs and the next one, fetched meanwhile;
       experts  MoE: the expert exchange's receive buffers, sized for the worst case (every
                routed copy of the group landing on one device: ep · tokens · top-k rows), the
-               experts' F-wide intermediates and their gradients;
+               experts' Fl-wide intermediates and their gradients;
       loss     the head gathered likewise, its gradient over one chunk before that is
                reduce-scattered, and a chunk's float32 logits and their gradient.
 
@@ -60,54 +61,56 @@ def activation_parts(config: mc.ConfigDict, stage_name: str, axes: dict[str, int
     peak (`peak_activations`) is `saved` plus the larger of the loss and a layer's working set.
     """
     m, s = config.model, config.stages[stage_name]
-    B = s.batch_size / config.optimizer.grad_accum / math.prod(axes[a] for a in sharding.BATCH_AXES)
-    T, S = s.seq_len / axes["sequence"], s.seq_len
+    batch_devices = math.prod(axes[a] for a in sharding.BATCH_AXES)
+    Bl = s.batch_size / config.optimizer.grad_accum / batch_devices
+    Tl, S = s.seq_len / axes["sequence"], s.seq_len
     tp, ep = axes["tensor"], axes["expert"]
     D, L, H, a = m.hidden_size, m.num_layers, m.head_dim, _bytes(m.dtype)
-    N, K, V = m.num_heads / tp, m.num_kv_heads / tp, m.vocab_size / tp
+    Nl, Kl, Vl = m.num_heads / tp, m.num_kv_heads / tp, m.vocab_size / tp
     sparse = L // m.decoder_sparse_step if m.num_experts else 0
-    # F: the dense SwiGLU width of a layer on one device (MoE: the shared expert's); Fe: an
+    # Fl: the dense SwiGLU width of a layer on one device (MoE: the shared expert's); Fel: an
     # expert's.
-    F = (m.intermediate_size * (L - sparse) + m.shared_expert_intermediate_size * sparse) / L / tp
-    Fe = m.moe_intermediate_size / tp
-    # Attention's T×S float32 scores and probabilities with plain XLA softmax; the blockwise
+    Fl = (m.intermediate_size * (L - sparse) + m.shared_expert_intermediate_size * sparse) / L / tp
+    Fel = m.moe_intermediate_size / tp
+    # Attention's Tl×S float32 scores and probabilities with plain XLA softmax; the blockwise
     # kernels hold one block of keys (at most 512) at a time instead.
-    scores = 2 * 4 * N * T * (S if m.attention_impl == "xla" else min(S, 512))
+    scores = 2 * 4 * Nl * Tl * (S if m.attention_impl == "xla" else min(S, 512))
     # Everything one layer keeps for its backward pass, per token: norm outputs and residual
-    # stream (5 D), q/k/v before and after RoPE, attention output, and the four F-wide MLP
+    # stream (5 D), q/k/v before and after RoPE, attention output, and the four Fl-wide MLP
     # intermediates.
-    # Split over sequence, ring attention holds two more K/V blocks of T tokens while it
+    # Split over sequence, ring attention holds two more K/V blocks of Tl tokens while it
     # attends (the one it computes with and the one arriving) and keeps none for the backward.
-    kv_others = 2 * K * H * 2 * T * a if S > T else 0
-    layer = (B * T * a * (5 * D + 2 * (N + 2 * K) * H + N * H + 4 * F)
-             + B * (scores + kv_others))
-    carry = B * T * D * a  # the residual stream saved between layers under scan
+    kv_others = 2 * Kl * H * 2 * Tl * a if S > Tl else 0
+    layer = (Bl * Tl * a * (5 * D + 2 * (Nl + 2 * Kl) * H + Nl * H + 4 * Fl)
+             + Bl * (scores + kv_others))
+    carry = Bl * Tl * D * a  # the residual stream saved between layers under scan
     if m.remat == "none":
         saved, layer = L * layer, 0.0
     elif m.remat == "dots":  # matmul outputs are kept, elementwise results recomputed
-        saved = L * (carry + B * T * a * ((N + 2 * K) * H + N * H + D + 3 * F))
+        saved = L * (carry + Bl * Tl * a * ((Nl + 2 * Kl) * H + Nl * H + D + 3 * Fl))
     else:  # full: only the carry is kept; one layer is recomputed at a time
         saved = L * carry
 
     # q, k, v, o and the dense FFN (MoE: the shared expert, and a sparse layer's own experts).
-    layer_weights = D * ((N + 2 * K) * H + N * H + 3 * F + 3 * Fe * m.num_experts / ep * sparse / L)
+    layer_weights = D * ((Nl + 2 * Kl) * H + Nl * H + 3 * Fl
+                         + 3 * Fel * m.num_experts / ep * sparse / L)
 
     experts = 0.0
     if sparse:
-        copies = B * T * m.num_experts_per_tok  # one device's routed copies (M)
-        if m.moe_capacity_factor > 0:  # [E, C, D] slots, C counting one device's tokens
-            rows = m.num_experts * capacity(m.moe_capacity_factor, int(B * T),
+        copies = Bl * Tl * m.num_experts_per_tok  # one device's routed copies (M rows)
+        if m.moe_capacity_factor > 0:  # [E, Ec, D] slots, Ec counting one device's tokens
+            rows = m.num_experts * capacity(m.moe_capacity_factor, int(Bl * Tl),
                                             m.num_experts_per_tok, m.num_experts)
         else:
             rows = ep * copies
         # Received rows and the experts' outputs with their gradients (4 D), the gate, up and
-        # silu·up intermediates with theirs (6 Fe); the copies sent and returned (4 D).
-        experts = rows * a * (4 * D + 6 * Fe) + copies * a * 4 * D
+        # silu·up intermediates with theirs (6 Fel); the copies sent and returned (4 D).
+        experts = rows * a * (4 * D + 6 * Fel) + copies * a * 4 * D
 
     chunk = S if config.loss.chunk_size <= 0 else S / num_chunks(S, config.loss.chunk_size)
     # The head three times (gathered, a chunk's gradient, a transposed copy); a chunk's logits
     # in float32 and their gradient in the compute dtype.
-    loss = 3 * V * D * a + B * (chunk / axes["sequence"]) * V * (4 + a)
+    loss = 3 * Vl * D * a + Bl * (chunk / axes["sequence"]) * Vl * (4 + a)
     return {"saved": saved, "layer": layer, "weights": 2 * layer_weights * a,
             "experts": experts, "loss": loss}
 
@@ -118,18 +121,22 @@ def peak_activations(parts: dict) -> float:
                                 + parts["experts"])
 
 
+def param_counts(model_cfg, mesh) -> tuple[int, int]:
+    """(parameters, parameters per device under the sharding rules on `mesh`)."""
+    boxed = abstract_params(model_cfg)
+    shapes, specs = nn.unbox(boxed), sharding.param_shardings(boxed, mesh)
+    return (sum(x.size for x in jax.tree.leaves(shapes)),
+            sum(math.prod(sh.shard_shape(x.shape)) for x, sh in
+                zip(jax.tree.leaves(shapes), jax.tree.leaves(specs), strict=True)))
+
+
 def make_plan(config: mc.ConfigDict, num_devices: int) -> dict:
     validate(config)
     sizes = sharding.mesh_shape(config.mesh, num_devices)
     sharding.check_divisible(config, sizes)
     axes = dict(zip(sharding.MESH_AXES, sizes, strict=True))
     mesh = AbstractMesh(sizes, sharding.MESH_AXES, axis_types=(AxisType.Auto,) * len(sizes))
-    boxed = abstract_params(config.model)
-    shapes = nn.unbox(boxed)
-    specs = sharding.param_shardings(boxed, mesh)
-    total = sum(x.size for x in jax.tree.leaves(shapes))
-    local = sum(math.prod(sh.shard_shape(x.shape)) for x, sh in
-                zip(jax.tree.leaves(shapes), jax.tree.leaves(specs), strict=True))
+    total, local = param_counts(config.model, mesh)
     m = config.model
     params = local * _bytes(m.param_dtype)
     optimizer = 2 * local * _bytes(m.param_dtype)  # Adam's two moments, like the params
@@ -142,14 +149,24 @@ def make_plan(config: mc.ConfigDict, num_devices: int) -> dict:
             continue
         parts = activation_parts(config, name, axes)
         act = peak_activations(parts)
-        peak = max(peak, act)
+        # A distill / dpo stage's frozen teacher / reference: its params, sharded alike, and
+        # its final hidden states, which the loss reads.
+        kind, frozen_cfg = frozen_model(config, name, frozen(config.model))  # shapes only
+        frozen_bytes = 0.0
+        if kind is not None:
+            tokens = s.batch_size / math.prod(axes[a] for a in sharding.BATCH_AXES) * s.seq_len
+            frozen_bytes = (param_counts(frozen_cfg, mesh)[1] * _bytes(frozen_cfg.param_dtype)
+                            + tokens / axes["sequence"] * frozen_cfg.hidden_size
+                            * _bytes(frozen_cfg.dtype))
+        peak = max(peak, act + frozen_bytes)
         flops_per_step = flops_per_token(m, s.seq_len) * s.batch_size * s.seq_len
         stages[name] = {"steps": s.steps, "seq_len": s.seq_len, "batch_size": s.batch_size,
                         "tokens_per_step": s.batch_size * s.seq_len,
                         "flops_per_token": flops_per_token(m, s.seq_len),
                         "step_seconds": {k: step_seconds(flops_per_step, num_devices, chip)
                                          for k, chip in CHIPS.items()},
-                        "activation_bytes": act, "activation_parts": parts}
+                        "activation_bytes": act, "activation_parts": parts,
+                        **({"frozen_model_bytes": frozen_bytes} if kind is not None else {})}
     total_bytes = params + optimizer + gradients + peak
     first = next(iter(stages.values()), {"seq_len": 4096})
     extra = {}
@@ -207,7 +224,9 @@ def format_plan(plan: dict) -> str:
                      f"{s['tokens_per_step']:>10,} tokens/step, "
                      f"{s['flops_per_token'] / 1e9:.2f} GFLOP/token, "
                      f"activations {_gb(s['activation_bytes']).strip()} "
-                     f"({_parts(s['activation_parts'])})")
+                     f"({_parts(s['activation_parts'])})"
+                     + (f", teacher / reference {_gb(s['frozen_model_bytes']).strip()}"
+                        if "frozen_model_bytes" in s else ""))
         lines.append(f"  {'':<13} a step at " + " / ".join(f"{m:.0%}" for m in PLANNED_MFU)
                      + " MFU (rated peaks): " + ", ".join(
                          f"{k} {format_seconds(t)}" for k, t in s["step_seconds"].items()))

@@ -1,7 +1,8 @@
 """Compile each stage's train and eval steps for a target's devices, and read the result.
 
 What is compiled is what `jaxllm.main` runs (train/loop.py `stage_steps` over the state of
-train/stages.py `abstract_train_state`), on the config's mesh over compile-only devices: the
+train/stages.py `abstract_train_state`, and a distill / dpo stage's frozen teacher / reference
+params, train/teacher.py `frozen_model`), on the config's mesh over compile-only devices: the
 state and batches are abstract (ShapeDtypeStructs with their shardings), nothing is allocated,
 and lowering happens inside `jax.set_mesh`, so the kernels are the target's (Mosaic on TPU,
 Triton on GPU; kernels/platform.py). From the compiled program: per-device memory
@@ -16,6 +17,7 @@ import dataclasses
 import re
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections as mc
@@ -23,10 +25,13 @@ import ml_collections as mc
 from jaxllm.checkpoint.state import abstract_like
 from jaxllm.compile.flops import jaxpr_flops
 from jaxllm.config.schema import stage_names
+from jaxllm.model.transformer import abstract_params
 from jaxllm.parallel import sharding
 from jaxllm.train.loop import stage_steps
 from jaxllm.train.metrics import flops_per_token
 from jaxllm.train.stages import abstract_train_state, stage_model_config, stage_spans
+from jaxllm.train.step import Distillation, Preference
+from jaxllm.train.teacher import frozen_model
 
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "ragged-all-to-all",
                "collective-permute", "collective-broadcast")
@@ -111,17 +116,30 @@ def compile_stages(config: mc.ConfigDict, devices: list, device_memory: int,
     # No array may be created under a mesh of compile-only devices: shapes first, outside it.
     abstract, state_sh, _ = abstract_train_state(config, mesh)
     state = abstract_like(abstract, state_sh)
+    # A distill / dpo stage's teacher / reference: its params' shapes, sharded as it would be.
+    frozen = {}
+    for name in names:
+        kind, model_cfg = frozen_model(config, name, stage_model_config(config, name))
+        if kind is not None:
+            boxed = abstract_params(model_cfg)
+            frozen[name] = kind, abstract_like(nn.unbox(boxed),
+                                               sharding.param_shardings(boxed, mesh))
     with sharding.use_mesh(mesh):
         for name in names:
             s = config.stages[name]
+            kind, frozen_params = frozen.get(name, (None, None))
+            distill = kind if isinstance(kind, Distillation) else None
+            preference = kind if isinstance(kind, Preference) else None
             train, evaluate, _ = stage_steps(config, spans[name], stage_model_config(config, name),
-                                             mesh, state_sh)
+                                             mesh, state_sh, distill, preference)
             batch = abstract_batch(config, name, mesh)
             tokens = s.batch_size * s.seq_len
             model_flops = flops_per_token(config.model, s.seq_len) * tokens
-            steps = [("train", train, (state, batch), model_flops)]
-            if eval_step:  # a forward pass: a third of the training FLOPs
-                steps.append(("eval", evaluate, (state.params, batch), model_flops / 3))
+            extra = () if kind is None else (frozen_params,)
+            steps = [("train", train, (state, batch, *extra), model_flops)]
+            if eval_step:  # a forward pass: a third of the training FLOPs (dpo: + reference)
+                eval_args = (state.params, batch, *(extra if preference else ()))
+                steps.append(("eval", evaluate, eval_args, model_flops / 3))
             for kind, fn, args, flops in steps:
                 if progress:
                     progress(f"compiling {name} {kind} step ...")

@@ -117,7 +117,7 @@ REMAT = ("none", "full", "dots")
 ATTENTION_IMPLS = ("auto", "xla", "chunked", "pallas")
 MOE_IMPLS = ("auto", "xla", "pallas")
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
-OBJECTIVES = ("lm", "distill")  # stage objectives (train/step.py)
+OBJECTIVES = ("lm", "distill", "sft", "dpo")  # stage objectives (train/step.py)
 ROPE_SCALINGS = ("none", "yarn", "dynamic_ntk")
 SOURCE_FORMATS = ("python_stdlib", "text", "jsonl", "parquet", "arrayrecord")
 
@@ -188,6 +188,8 @@ VALUE_RULES: dict[str, Rule] = {
     "data.sources.*.heldout_path": TEXT,
     "data.sources.*.text_field": TEXT,
     "data.sources.*.prompt_field": TEXT,
+    "data.sources.*.chat": BOOL,
+    "data.sources.*.pairs": BOOL,
     "data.sources.*.min_tokens": COUNT,  # 0: every document
     "data.sources.*.keep_short": number("[0, 1]"),  # share of documents below min_tokens read
     "data.sources.*.align_long": BOOL,
@@ -214,6 +216,8 @@ VALUE_RULES: dict[str, Rule] = {
     "distill.teacher": TEXT,
     "distill.temperature": POSITIVE,
     "distill.alpha": number("[0, 1]"),
+    "dpo.beta": POSITIVE,
+    "dpo.reference": TEXT,
     "export_hf_every": COUNT,  # 0: off
     "eval_long_every": COUNT,  # 0: off
     "eval_long.num_docs": SIZE,

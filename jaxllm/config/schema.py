@@ -78,7 +78,10 @@ def stage(steps: int, seq_len: int, batch_size: int, rope_theta: float, peak: fl
             rope_theta=float(rope_theta),
             mixture=mixture or {"stdlib": 1.0},
             reset_optimizer=False,  # True: fresh Adam moments at this stage's first step
-            objective="lm",  # lm: next-token loss; distill: config.distill.teacher's distribution
+            # lm: next-token loss; distill: config.distill.teacher's distribution; sft: the
+            # next-token loss on chat sources' assistant turns; dpo: preference pairs against
+            # config.dpo.reference
+            objective="lm",
             lr=dict(peak=peak, end=end, warmup_steps=warmup_steps, schedule=schedule,
                     decay_fraction=0.2),
         )
@@ -87,20 +90,25 @@ def stage(steps: int, seq_len: int, batch_size: int, rope_theta: float, peak: fl
 
 def data_source(format: str, path: str = "", *, heldout_fraction: float = 0.02,
                 heldout_path: str = "", text_field: str = "text", prompt_field: str = "",
-                min_tokens: int = 0, keep_short: float = 0.0, align_long: bool = False
-                ) -> mc.ConfigDict:
+                chat: bool = False, pairs: bool = False, min_tokens: int = 0,
+                keep_short: float = 0.0, align_long: bool = False) -> mc.ConfigDict:
     """One entry of config.data.sources (jaxllm/data/formats.py describes the formats).
 
     `path`: a file, directory or glob. Held out: `heldout_path` when set, else every
     1/heldout_fraction-th record. jsonl and parquet: the document is `text_field`; with
-    `prompt_field`, the prompt comes first and is not trained on (supervised fine-tuning).
+    `prompt_field`, the prompt comes first and is not trained on. With `chat`, a record is a
+    conversation instead, `messages` ([{"role", "content"}, ...]) or `prompt` and `response`,
+    rendered with Qwen2's ChatML template and trained on its assistant turns only
+    (jaxllm/data/chat.py; what an `sft` stage reads). With `pairs`, a record is a preference
+    pair, `prompt`, `chosen` and `rejected` (what a `dpo` stage reads).
     Long documents (jaxllm/data/mixture.py): with `min_tokens` > 0 only documents of at least
     that many tokens are read, and a `keep_short` share of the others; with `align_long`, a
     long document that does not fit in the rest of a row starts the next row.
     """
     return mc.ConfigDict(dict(format=format, path=path, heldout_fraction=heldout_fraction,
                               heldout_path=heldout_path, text_field=text_field,
-                              prompt_field=prompt_field, min_tokens=min_tokens,
+                              prompt_field=prompt_field, chat=chat, pairs=pairs,
+                              min_tokens=min_tokens,
                               keep_short=float(keep_short), align_long=align_long))
 
 
@@ -137,6 +145,8 @@ def base_config() -> mc.ConfigDict:
     # sharing the tokenizer), the softmax temperature, and the KL's weight alpha in
     # (1 − alpha)·cross entropy + alpha·τ²·KL (jaxllm/train/loss.py); 1: distillation only.
     c.distill = mc.ConfigDict(dict(teacher="", temperature=1.0, alpha=1.0))
+    # reference "": a dpo stage's own starting weights (kept in <workdir>/references/<stage>)
+    c.dpo = mc.ConfigDict(dict(beta=0.1, reference=""))
     c.export_hf_every = 0  # >0: also write <workdir>/hf/<step>/ every this many steps
     # >0: in the long_context stage, every this many steps, perplexity by position bucket
     # (jaxllm/eval/long_ppl.py) over eval_long.num_docs held-out documents of seq_len tokens,

@@ -109,8 +109,12 @@ def _check_sources(config: mc.ConfigDict) -> None:
             _fail(f"{key}.path", f"a {fmt} source needs a file, directory or glob")
         if fmt in ("jsonl", "parquet") and not src.get("text_field", "text"):
             _fail(f"{key}.text_field", f"a {fmt} source needs the name of its text field")
-        if src.get("prompt_field") and fmt not in ("jsonl", "parquet"):
-            _fail(f"{key}.prompt_field", f"only jsonl and parquet records have fields, not {fmt}")
+        if src.get("chat") and src.get("pairs"):
+            _fail(f"{key}.pairs", "a source is either chat (conversations) or pairs "
+                  "(preference pairs), not both")
+        for field in ("prompt_field", "chat", "pairs"):
+            if src.get(field) and fmt not in ("jsonl", "parquet"):
+                _fail(f"{key}.{field}", f"only jsonl and parquet records have fields, not {fmt}")
         if src.get("keep_short", 0.0) and not src.get("min_tokens", 0):
             _fail(f"{key}.keep_short", "keeps a share of the documents below min_tokens; set "
                   "min_tokens >= 1 too")
@@ -147,6 +151,21 @@ def _check_stages(config: mc.ConfigDict) -> None:
                       f"{', '.join(sorted(sources.keys()))}")
         if not any(w > 0 for w in s.mixture.values()):
             _fail(f"{key}.mixture", "needs at least one source with a positive weight")
+        used = [n for n, w in s.mixture.items() if w > 0]
+        paired = [n for n in used if sources[n].get("pairs")]
+        if s.steps and s.objective != "dpo" and paired:
+            _fail(f"{key}.mixture", f"source {paired[0]!r} holds preference pairs, which only "
+                  f"a dpo stage learns from; this stage's objective is {s.objective}")
+        plain = [n for n in used if not sources[n].get("chat")]
+        if s.steps and s.objective == "sft" and plain:
+            _fail(f"{key}.mixture", f"an sft stage trains on conversations, but source "
+                  f"{plain[0]!r} is not a chat source (set data.sources.{plain[0]}.chat=True "
+                  "for jsonl / parquet conversations)")
+        unpaired = [n for n in used if not sources[n].get("pairs")]
+        if s.steps and s.objective == "dpo" and unpaired:
+            _fail(f"{key}.mixture", f"a dpo stage learns from preference pairs, but source "
+                  f"{unpaired[0]!r} has none (set data.sources.{unpaired[0]}.pairs=True for "
+                  "jsonl / parquet records of prompt, chosen and rejected)")
         if s.steps and s.objective == "distill" and not config.distill.teacher:
             _fail(f"{key}.objective", "distill needs a teacher: set config.distill.teacher to "
                   "a run directory, params checkpoint or Hugging Face directory")

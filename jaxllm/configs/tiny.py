@@ -5,11 +5,17 @@ Python standard library's own sources (no download). All three recipe stages run
 pretrain at 128 tokens with rope base 1e4, long_context at 512 with base 1e6, then anneal.
 
 Variants: `configs/tiny.py:smoke` is a still smaller model and a few steps, for tests;
+`configs/tiny.py:chat` adds two stages, chat SFT on the conversations that ship with jaxllm and
+DPO on the preference pairs (jaxllm/data/examples, written by examples/chat_data.py);
 `configs/tiny.py:bench` is the 18.9M-parameter model of docs/speed.md's CPU speed comparison
 (benchmarks/train_step.py), pretraining 40 steps of 8 × 512 tokens, the other stages off.
 """
 
-from jaxllm.config import base_config, stage
+import importlib.resources
+
+from jaxllm.config import base_config, data_source, stage
+
+EXAMPLES = importlib.resources.files("jaxllm.data") / "examples"
 
 
 def get_config(arg=None):
@@ -38,6 +44,9 @@ def get_config(arg=None):
         c.log_every = 2
         c.eval_every = 4
         c.data.eval_batches = 1
+    elif arg == "chat":
+        add_chat_stages(c, sft=(60, 512, 8, 1e6, 1e-4, 1e-5, 5, "cosine"),
+                        dpo=(40, 512, 8, 1e6, 5e-5, 5e-6, 5, "cosine"))
     elif arg == "bench":
         c.model.update(vocab_size=16384, hidden_size=384, num_layers=8, num_heads=6,
                        num_kv_heads=2, head_dim=64, intermediate_size=1024,
@@ -46,5 +55,18 @@ def get_config(arg=None):
         c.stages.pretrain.update(steps=40, seq_len=512, batch_size=8)
         c.stages.long_context.steps = c.stages.anneal.steps = 0
     elif arg is not None:
-        raise ValueError(f"configs/tiny.py: unknown variant {arg!r}; known: smoke, bench")
+        raise ValueError(f"configs/tiny.py: unknown variant {arg!r}; known: smoke, chat, bench")
     return c
+
+
+def add_chat_stages(c, sft: tuple, dpo: tuple) -> None:
+    """After the recipe's stages: an sft stage on the shipped conversations, then a dpo stage
+    on the shipped preference pairs, each made by `stage(*args)`."""
+    c.data.sources.chat = data_source("jsonl", str(EXAMPLES / "chat.jsonl"), chat=True,
+                                      heldout_fraction=0.05)
+    c.data.sources.pairs = data_source("jsonl", str(EXAMPLES / "preferences.jsonl"),
+                                       pairs=True, heldout_fraction=0.1)
+    c.stages.sft = stage(*sft, mixture={"chat": 1.0})
+    c.stages.sft.objective = "sft"
+    c.stages.dpo = stage(*dpo, mixture={"pairs": 1.0})
+    c.stages.dpo.objective = "dpo"

@@ -9,7 +9,10 @@ reading for formats that have no random access:
   arrayrecord          one shard = one chunk of pre-tokenized records (`encode_record`), as
                        `python -m jaxllm.data.prepare` writes them
 Text-like formats give `Text` documents (an optional `prompt_field` gives a prompt that is not
-trained on); arrayrecord gives `Tokens`. Every error names the file, and the record or line.
+trained on); a chat source's jsonl / parquet records give `Chat` conversations (a `messages`
+list of {"role", "content"}, or `prompt` and `response`), a pair source's `Pair`s of them
+(`prompt`, `chosen`, `rejected`); arrayrecord gives `Tokens`.
+Every error names the file, and the record or line.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxllm.data.records import DataError, Record, Text, doc_of
+
 FORMATS = ("python_stdlib", "text", "jsonl", "parquet", "arrayrecord")
 RANDOM_ACCESS = ("python_stdlib", "text", "arrayrecord")  # the others are read a chunk at a time
 # What a directory path means, per format.
@@ -36,22 +41,12 @@ _CACHED_CHUNKS = 4  # loaded jsonl files / parquet row groups kept per source an
 _RECORD_TOKENS, _RECORD_TOKENS_MASK = 1, 2  # first byte of an arrayrecord record
 
 
-class DataError(ValueError):
-    """Data that cannot work; the message names the source, the file and the record."""
-
-
 @dataclass(frozen=True)
 class Chunk:
     path: str  # absolute
     key: str  # path relative to the source's files' common folder (+ "#N" for a row group)
     part: int  # row group of a parquet file; 0 otherwise
     records: int
-
-
-@dataclass(frozen=True)
-class Text:
-    text: str
-    prompt: str = ""  # tokenized before `text`, and never a target of the loss
 
 
 @dataclass(frozen=True)
@@ -135,7 +130,7 @@ def _walk_python_files(root: str, key: str) -> list[tuple[str, str]]:
 _SCANS: dict[tuple, list[Chunk]] = {}  # scanning a jsonl file parses all of it: once per run
 
 
-def scan(fmt: str, files: list[tuple[str, str]], fields: tuple[str, str], where: str
+def scan(fmt: str, files: list[tuple[str, str]], fields: tuple[str, ...], where: str
          ) -> list[Chunk]:
     """The chunks of the files, each checked as far as can be done before training starts."""
     chunks = []
@@ -148,7 +143,7 @@ def scan(fmt: str, files: list[tuple[str, str]], fields: tuple[str, str], where:
     return chunks
 
 
-def _scan_file(fmt: str, rel: str, path: str, fields: tuple[str, str], where: str
+def _scan_file(fmt: str, rel: str, path: str, fields: tuple[str, ...], where: str
                ) -> list[Chunk]:
     if fmt in ("python_stdlib", "text"):
         return [Chunk(path, rel, 0, 1)]
@@ -168,7 +163,7 @@ def _scan_file(fmt: str, rel: str, path: str, fields: tuple[str, str], where: st
     raise DataError(f"{where}.format: {fmt!r} is not one of {', '.join(map(repr, FORMATS))}")
 
 
-def _read_jsonl(path: str, fields: tuple[str, str], where: str) -> list[Text]:
+def _read_jsonl(path: str, fields: tuple[str, ...], where: str) -> list[Record]:
     try:
         with open(path, "rb") as f:
             gzipped = f.read(2) == b"\x1f\x8b"
@@ -184,29 +179,11 @@ def _read_jsonl(path: str, fields: tuple[str, str], where: str) -> list[Text]:
             record = json.loads(line)
         except ValueError as e:  # also UnicodeDecodeError
             raise DataError(f"{where}: {path} line {number} is not valid JSON: {e}") from None
-        docs.append(text_of(record, fields, f"{where}: {path} line {number}"))
+        docs.append(doc_of(record, fields, f"{where}: {path} line {number}"))
     return docs
 
 
-def text_of(record: Any, fields: tuple[str, str], where: str) -> Text:
-    text_field, prompt_field = fields
-    if not isinstance(record, dict):
-        raise DataError(f"{where} is a {type(record).__name__}, not a JSON object")
-    values = []
-    for key, field in (("text_field", text_field), ("prompt_field", prompt_field)):
-        if not field:
-            values.append("")
-            continue
-        value = record.get(field)
-        if not isinstance(value, str):
-            found = "absent" if field not in record else f"a {type(value).__name__}"
-            raise DataError(f"{where}: field {field!r} ({key}) is {found}, not a string; "
-                            f"fields present: {', '.join(sorted(record)) or 'none'}")
-        values.append(value)
-    return Text(values[0], values[1])
-
-
-def parquet_file(path: str, fields: tuple[str, str], where: str) -> Any:
+def parquet_file(path: str, fields: tuple[str, ...], where: str) -> Any:
     import pyarrow.parquet as pq  # only parquet sources pay for the import
 
     try:
@@ -214,6 +191,8 @@ def parquet_file(path: str, fields: tuple[str, str], where: str) -> Any:
     except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ...
         raise DataError(f"{where}: {path} is not a readable Parquet file: {e}") from None
     names = pf.schema_arrow.names
+    if len(fields) == 3:  # a chat: its fields are alternatives, checked row by row
+        return pf
     for key, field in (("text_field", fields[0]), ("prompt_field", fields[1])):
         if field and field not in names:
             raise DataError(f"{where}: {path} has no column {field!r} ({key}); its columns: "
@@ -243,7 +222,7 @@ def _read_array_record(reader, path: str, record: int, where: str) -> Tokens:
 class Reader:
     """Reads record j of a chunk; picklable (open files and caches stay in their process)."""
 
-    def __init__(self, fmt: str, fields: tuple[str, str], where: str):
+    def __init__(self, fmt: str, fields: tuple[str, ...], where: str):
         self.fmt, self.fields, self.where = fmt, fields, where
         self.__setstate__(self.__dict__.copy())
 
@@ -256,7 +235,7 @@ class Reader:
         self._chunks: collections.OrderedDict = collections.OrderedDict()  # loaded, LRU
         self._readers: dict[str, Any] = {}  # arrayrecord readers by path
 
-    def read(self, chunk: Chunk, record: int) -> Text | Tokens:
+    def read(self, chunk: Chunk, record: int) -> Record | Tokens:
         if self.fmt in ("python_stdlib", "text"):
             # Undecodable bytes become U+FFFD rather than failing a run.
             with open(chunk.path, encoding="utf-8", errors="replace") as f:
@@ -274,7 +253,7 @@ class Reader:
                 self._chunks.popitem(last=False)
         return docs[record]
 
-    def _load(self, chunk: Chunk) -> list[Text]:
+    def _load(self, chunk: Chunk) -> list[Record]:
         if self.fmt == "jsonl":
             docs = _read_jsonl(chunk.path, self.fields, self.where)
         else:
@@ -284,15 +263,15 @@ class Reader:
                             f"{chunk.records} records, now {len(docs)}")
         return docs
 
-    def _load_row_group(self, chunk: Chunk) -> list[Text]:
+    def _load_row_group(self, chunk: Chunk) -> list[Record]:
         pf = parquet_file(chunk.path, self.fields, self.where)
-        columns = [f for f in self.fields if f]
+        columns = [f for f in self.fields if f and f in pf.schema_arrow.names]
         try:
             table = pf.read_row_group(chunk.part, columns=columns).to_pydict()
         except Exception as e:
             raise DataError(f"{self.where}: {chunk.path} row group {chunk.part} is "
                             f"unreadable: {e}") from None
         rows = zip(*(table[f] for f in columns), strict=True)
-        return [text_of(dict(zip(columns, row, strict=True)), self.fields,
+        return [doc_of(dict(zip(columns, row, strict=True)), self.fields,
                          f"{self.where}: {chunk.path} row group {chunk.part} row {i}")
                 for i, row in enumerate(rows)]

@@ -7,7 +7,7 @@ index in that source are pure functions of (seed, k), computed from one block, a
 observed proportions are the weights to within 1 / BLOCK over any whole block (stratified
 sampling: less spread than independent draws).
 
-Q: the slots of one block (BLOCK of them).
+Dimension letters (docs/glossary.md): J the slots of one block (BLOCK of them).
 
 Positions. A stage reads each source from where the stages before it left it (a `Position`):
 the stage's j-th document of source s is that source's document `positions[s](j)`, so a
@@ -30,7 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from jaxllm.data.formats import DataError, Text, Tokens
+from jaxllm.data.chat import render_chat
+from jaxllm.data.formats import Tokens
+from jaxllm.data.records import Chat, DataError, Pair, Text
 from jaxllm.data.sources import Source
 
 BLOCK = 1 << 16
@@ -70,6 +72,9 @@ class Document:
     source: int  # index into the sequence's sources
     dropped: bool = False  # shorter than the source's min_tokens: no tokens, not even EOS
     align: bool = False  # a long document that starts a row rather than be cut (packing.py)
+    # A preference pair: ids[:split] are the chosen chat and its EOS, ids[split:] the rejected
+    # one; packing keeps the two whole, in one row, as two documents.
+    split: int = 0
 
 
 def quotas(weights: Sequence[float], block: int = BLOCK) -> np.ndarray:
@@ -110,24 +115,24 @@ class Mixture:
                 self._blocks.move_to_end(m)
                 return self._blocks[m]
         labels = np.repeat(np.arange(len(self.counts), dtype=np.int32), self.counts)
-        source_Q = np.random.default_rng([self.seed, m]).permutation(labels)
-        rank_Q = np.empty(self.block, np.int64)
+        source_J = np.random.default_rng([self.seed, m]).permutation(labels)
+        rank_J = np.empty(self.block, np.int64)
         for s in range(len(self.counts)):
-            slots = np.flatnonzero(source_Q == s)
-            rank_Q[slots] = np.arange(len(slots))
+            slots = np.flatnonzero(source_J == s)
+            rank_J[slots] = np.arange(len(slots))
         with self._lock:
-            self._blocks[m] = source_Q, rank_Q
+            self._blocks[m] = source_J, rank_J
             while len(self._blocks) > 8:
                 self._blocks.popitem(last=False)
-        return source_Q, rank_Q
+        return source_J, rank_J
 
     def locate(self, k: int) -> tuple[int, int]:
         if len(self.counts) == 1:
             return 0, k
         m, q = divmod(k, self.block)
-        source_Q, rank_Q = self._arrangement(m)
-        s = int(source_Q[q])
-        return s, m * int(self.counts[s]) + int(rank_Q[q])
+        source_J, rank_J = self._arrangement(m)
+        s = int(source_J[q])
+        return s, m * int(self.counts[s]) + int(rank_J[q])
 
     def counts_before(self, k: int) -> np.ndarray:
         """Documents of each source among d_0 .. d_{k-1}."""
@@ -178,6 +183,8 @@ class DocumentSequence:
             doc = Document(raw.ids, raw.mask, s)
         else:
             doc = self.tokenize(raw, s)
+        if doc.split:
+            return doc
         long_docs = self.sources[s].long_docs
         if not long_docs.keeps(len(doc.ids), self.sources[s].seed, i):
             return Document(np.zeros(0, np.int32), None, s, dropped=True)
@@ -185,7 +192,16 @@ class DocumentSequence:
             return Document(doc.ids, doc.mask, s, align=True)
         return doc
 
-    def tokenize(self, text: Text, s: int) -> Document:
+    def tokenize(self, text: Text | Chat | Pair, s: int) -> Document:
+        if isinstance(text, Chat):
+            return Document(*render_chat(text, self.tokenizer), s)
+        if isinstance(text, Pair):
+            (chosen, c_mask), (rejected, r_mask) = (render_chat(c, self.tokenizer)
+                                                    for c in (text.chosen, text.rejected))
+            eos = np.asarray([self.tokenizer.eos_id], np.int32)
+            return Document(np.concatenate([chosen, eos, rejected]),
+                            np.concatenate([c_mask, np.zeros(1, np.uint8), r_mask]), s,
+                            align=True, split=len(chosen) + 1)
         ids = np.asarray(self.tokenizer.encode(text.text), np.int32)
         if not text.prompt:
             return Document(ids, None, s)

@@ -1,6 +1,6 @@
 """Packing documents into batches of B striped rows, with an exact, few-integer state.
 
-Dimension letters: docs/glossary.md; here R rows this process reads ([lo, hi)), T1 = T + 1.
+Dimension letters (docs/glossary.md): Bp the rows this process reads ([lo, hi)), T1 = T + 1.
 
 Row b of every batch is the next row of stream b, which packs documents d_b, d_{b+B},
 d_{b+2B}, ... of the stage's sequence as doc, EOS, doc, EOS, ...; a process reading rows
@@ -8,6 +8,9 @@ d_{b+2B}, ... of the stage's sequence as doc, EOS, doc, EOS, ...; a process read
 [r·T, r·T + T]: inputs are the first T, targets the last T. Per input token: segment_ids
 (1, 2, ... for the row's documents; 0 padding), positions (0 at every document and row start)
 and loss_mask (1.0 where the target is in the input's document and its mask allows it).
+A preference pair (a `split` document) lies whole in one row as two documents, chosen then
+rejected, so that a row of pairs has segments 2k + 1 and 2k + 2 for its k-th pair; a pair
+longer than a row is dropped.
 
 State: {"batch_size": B, "rows": [lo, hi], "streams": [[k, offset], ...]}, one pair per row
 read: the sequence index k of the document holding the stream's next row's first token, and
@@ -32,17 +35,20 @@ class _Doc:
     """A loaded document with its EOS: int32 tokens and uint8 mask (None: all ones); a
     dropped one is empty."""
 
-    __slots__ = ("tokens", "mask", "align")
+    __slots__ = ("tokens", "mask", "align", "split")
 
     def __init__(self, doc: Any, eos_id: int):
-        self.align = getattr(doc, "align", False)
+        self.align, self.split = getattr(doc, "align", False), getattr(doc, "split", 0)
         if getattr(doc, "dropped", False):
             self.tokens, self.mask = np.empty(0, np.int32), None
             return
         self.tokens = np.empty(len(doc.ids) + 1, np.int32)
         self.tokens[:-1] = doc.ids
         self.tokens[-1] = eos_id
-        self.mask = None if doc.mask is None else np.append(doc.mask, np.uint8(1))
+        # The end token is a target when the document's last token is one: not after a chat,
+        # which ends in the "\n" after its last <|im_end|>.
+        end = doc.mask[-1] if doc.mask is not None and len(doc.mask) else np.uint8(1)
+        self.mask = None if doc.mask is None else np.append(doc.mask, end)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -111,15 +117,18 @@ class StripedBatchIterator(grain.DatasetIterator):
                 raise StopIteration
             for i in short:
                 doc = _Doc(self._ahead[i].pop(0).result(), self._eos_id)
+                if doc.split and len(doc) > self._T + 1:  # a pair is whole in a row, or not at all
+                    doc.tokens, doc.mask = doc.tokens[:0], None
                 self._seen += 1
                 self._mean_len += (len(doc) - self._mean_len) / min(self._seen, 1000)
                 self._dropped_in_row = 0 if len(doc) else self._dropped_in_row + 1
                 if self._dropped_in_row > _MAX_DROPPED:
                     from jaxllm.data.formats import DataError
 
-                    raise DataError(f"{_MAX_DROPPED} documents in a row were shorter than "
-                                    "their source's min_tokens and dropped; lower "
-                                    "data.sources.<name>.min_tokens or set keep_short")
+                    raise DataError(f"{_MAX_DROPPED} documents in a row were dropped: shorter "
+                                    "than their source's min_tokens (lower it or set "
+                                    "keep_short), or preference pairs longer than the stage's "
+                                    "seq_len")
                 if not len(doc) and not self._docs[i]:  # a dropped first document: skip it
                     if self._offset[i]:
                         raise ValueError(f"data state: stream {self._lo + i} is at offset "
@@ -144,11 +153,11 @@ class StripedBatchIterator(grain.DatasetIterator):
         self._assert_not_closed()
         start = time.perf_counter()
         self._fill()
-        R, T1 = len(self._k), self._T + 1
-        tokens_RT1 = np.empty((R, T1), np.int32)
-        segments_RT1 = np.empty((R, T1), np.int32)
-        positions_RT1 = np.empty((R, T1), np.int32)
-        mask_RT1 = np.ones((R, T1), np.float32)
+        Bp, T1 = len(self._k), self._T + 1
+        tokens_BpxT1 = np.empty((Bp, T1), np.int32)
+        segments_BpxT1 = np.empty((Bp, T1), np.int32)
+        positions_BpxT1 = np.empty((Bp, T1), np.int32)
+        mask_BpxT1 = np.ones((Bp, T1), np.float32)
         for i, docs in enumerate(self._docs):
             offset, filled = self._offset[i], 0
             if offset >= len(docs[0]):
@@ -164,18 +173,23 @@ class StripedBatchIterator(grain.DatasetIterator):
                 if doc.align and filled and len(doc) > T1 - filled:
                     # Pad the rest of the row: the document starts the next one.
                     pad = slice(filled, T1)
-                    tokens_RT1[i, pad], segments_RT1[i, pad] = self._eos_id, 0
-                    positions_RT1[i, pad], mask_RT1[i, pad] = 0, 0.0
+                    tokens_BpxT1[i, pad], segments_BpxT1[i, pad] = self._eos_id, 0
+                    positions_BpxT1[i, pad], mask_BpxT1[i, pad] = 0, 0.0
                     offset, take, last = 0, 1, j
                     break
                 segment += 1
                 take = min(len(doc) - offset, T1 - filled)
                 span = slice(filled, filled + take)
-                tokens_RT1[i, span] = doc.tokens[offset:offset + take]
-                segments_RT1[i, span] = segment
-                positions_RT1[i, span] = np.arange(take)
+                tokens_BpxT1[i, span] = doc.tokens[offset:offset + take]
+                segments_BpxT1[i, span] = segment
+                positions_BpxT1[i, span] = np.arange(take)
+                if doc.split:  # a pair: the rejected chat is a document of its own
+                    second = np.arange(offset, offset + take) >= doc.split
+                    segments_BpxT1[i, span] += second
+                    positions_BpxT1[i, span] -= second * (doc.split - offset)
+                    segment += 1
                 if doc.mask is not None:
-                    mask_RT1[i, span] = doc.mask[offset:offset + take]
+                    mask_BpxT1[i, span] = doc.mask[offset:offset + take]
                 filled += take
                 if filled == T1:
                     last = j
@@ -187,13 +201,13 @@ class StripedBatchIterator(grain.DatasetIterator):
             self._k[i] += self._B * last
             self._offset[i] = offset + take - 1
         self._look_ahead()  # loaded while the caller trains on this batch
-        same_doc_RT = segments_RT1[:, :-1] == segments_RT1[:, 1:]
+        same_doc_BpxT = segments_BpxT1[:, :-1] == segments_BpxT1[:, 1:]
         batch = {
-            "inputs": np.ascontiguousarray(tokens_RT1[:, :-1]),
-            "targets": np.ascontiguousarray(tokens_RT1[:, 1:]),
-            "segment_ids": np.ascontiguousarray(segments_RT1[:, :-1]),
-            "positions": np.ascontiguousarray(positions_RT1[:, :-1]),
-            "loss_mask": same_doc_RT * mask_RT1[:, 1:],  # a token's mask is for it as a target
+            "inputs": np.ascontiguousarray(tokens_BpxT1[:, :-1]),
+            "targets": np.ascontiguousarray(tokens_BpxT1[:, 1:]),
+            "segment_ids": np.ascontiguousarray(segments_BpxT1[:, :-1]),
+            "positions": np.ascontiguousarray(positions_BpxT1[:, :-1]),
+            "loss_mask": same_doc_BpxT * mask_BpxT1[:, 1:],  # a token's mask is for it as a target
         }
         self._wait += time.perf_counter() - start
         return batch

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from jaxllm.data import formats
-from jaxllm.data.formats import DataError, Text
+from jaxllm.data.records import DataError, Text, text_of
 
 MANIFEST = "manifest.json"
 _TOKENIZER = None  # in a worker: the tokenizer it loaded
@@ -112,7 +112,7 @@ def read_piece(piece: list, fields: tuple[str, str]) -> Iterator[Text]:
                     record = json.loads(line)
                 except ValueError as e:
                     raise DataError(f"{path} line {number} is not valid JSON: {e}") from None
-                yield formats.text_of(record, fields, f"{path} line {number}")
+                yield text_of(record, fields, f"{path} line {number}")
 
 
 def _init_worker(tokenizer_name: str, max_rank: int) -> None:

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxllm.data import formats
+from jaxllm.data import formats, records
 from jaxllm.data.formats import Chunk, DataError, Text, Tokens
 
 SPLITS = ("train", "heldout")
@@ -110,7 +110,7 @@ class Source:
     long_docs = LongDocs()
 
     def __init__(self, name: str, fmt: str, chunks: list[Chunk], split: str, period: int,
-                 fields: tuple[str, str], seed: int):
+                 fields: tuple[str, ...], seed: int):
         self.name, self.fmt, self.split, self.seed = name, fmt, split, seed
         self.period = period  # M; 0: the whole chunk is in this split
         self.chunks = chunks
@@ -190,6 +190,10 @@ def open_source(source_cfg: Mapping[str, Any], split: str, name: str, seed: int 
         raise DataError(f"{where}.format: {fmt!r} is not one of "
                         f"{', '.join(map(repr, formats.FORMATS))}")
     fields = (_get(source_cfg, "text_field", "text"), _get(source_cfg, "prompt_field", ""))
+    if _get(source_cfg, "chat", False):
+        fields = records.CHAT_FIELDS
+    if _get(source_cfg, "pairs", False):
+        fields = records.PAIR_FIELDS
     if fmt not in ("jsonl", "parquet"):
         fields = ("", "")
     heldout_path = _get(source_cfg, "heldout_path", "")

