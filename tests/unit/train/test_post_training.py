@@ -1,7 +1,8 @@
 """Chat SFT and DPO stages in one run (tests/helpers/chat_config.py: pretrain → long_context →
 anneal → sft → dpo on the conversations and pairs that ship with jaxllm): what each stage
 trains on, DPO's start against its own starting weights, the export's chat template, the
-one-line errors of bad settings, and a DPO step on 8 devices against one."""
+one-line errors of bad settings, an SFT and a DPO step on 8 devices against one, the steps
+compiled for a v5p slice, and what `plan` counts."""
 
 from __future__ import annotations
 
@@ -101,9 +102,10 @@ def test_a_reference_with_another_tokenizer_is_refused_before_compiling(chat_run
     assert not os.path.exists(tmp_path / "a" / "checkpoints")
 
 
-def test_a_dpo_step_on_8_devices_equals_one_device(chat_run):
-    """The same DPO step (policy and reference sharded alike) on one device and on
-    data 2 × fsdp 2 × tensor 2: the same loss, rewards and gradient norm."""
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_an_sft_and_a_dpo_step_on_8_devices_equal_one_device(chat_run, stage):
+    """The same step (a dpo step's policy and reference sharded alike) on one device and on
+    data 2 × fsdp 2 × tensor 2: the same loss, gradient norm and (dpo) rewards."""
     from jaxllm.data import make_iterator
     from jaxllm.data.tokenizer import load_tokenizer
     from jaxllm.parallel import sharding
@@ -115,26 +117,30 @@ def test_a_dpo_step_on_8_devices_equals_one_device(chat_run):
     workdir, _, _ = chat_run
     config = chat_config(f"dpo.reference={workdir}")
     tokenizer = load_tokenizer(config.tokenizer.name, max_rank=config.tokenizer.max_rank)
-    data = make_iterator(config, "dpo", tokenizer)
+    data = make_iterator(config, stage, tokenizer)
     batch = next(data)
     data.close()
-    span = stage_spans(config)[-1]
-    model_cfg = stage_model_config(config, "dpo")
+    span = {s.name: s for s in stage_spans(config)}[stage]
+    model_cfg = stage_model_config(config, stage)
     results = []
     for sizes in ({}, dict(data=2, fsdp=2, tensor=2)):
         mesh = mesh_of(**sizes)
         with sharding.use_mesh(mesh):
             state, state_sh = init_train_state(config, mesh)
-            given = load_frozen(workdir, "config.dpo.reference", mesh, tokenizer)
-            preference, reference = load_reference(config, workdir, "dpo", model_cfg, None,
-                                                   False, None, given)
+            preference, frozen = None, ()
+            if stage == "dpo":
+                given = load_frozen(workdir, "config.dpo.reference", mesh, tokenizer)
+                preference, reference = load_reference(config, workdir, "dpo", model_cfg, None,
+                                                       False, None, given)
+                frozen = (reference,)
             train_step, _, order = stage_steps(config, span, model_cfg, mesh, state_sh,
                                                preference=preference)
             _, metrics = train_step(state, to_global(batch, sharding.batch_sharding(mesh), order),
-                                    reference)
+                                    *frozen)
             results.append(jax.device_get(metrics))
     one, eight = results
-    for key in ("loss", "reward_margin", "chosen_logp", "grad_norm"):
+    keys = ("loss", "grad_norm") + (("reward_margin", "chosen_logp") if stage == "dpo" else ())
+    for key in keys:
         np.testing.assert_allclose(eight[key], one[key], rtol=2e-5, err_msg=key)
 
 
