@@ -174,16 +174,18 @@ def make_train_step(model_cfg: mc.FrozenConfigDict, tx: optax.GradientTransforma
         lr = schedule(state.step - stage_start)
         params = jax.tree.map(lambda p, u: (p - lr * u).astype(p.dtype), state.params, updates)
 
+        # The average starts afresh with each stage: its data and objective set its own loss
+        # level (a DPO loss is below 1).
+        loss_ema = jnp.where(state.step == stage_start, 0.0, state.loss_ema)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         if spike_factor > 0:
-            ok &= (state.loss_ema == 0) | (loss <= spike_factor * state.loss_ema)
+            ok &= (loss_ema == 0) | (loss <= spike_factor * loss_ema)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
-        ema = jnp.where(state.loss_ema == 0, loss,
-                        EMA_DECAY * state.loss_ema + (1 - EMA_DECAY) * loss)
+        ema = jnp.where(loss_ema == 0, loss, EMA_DECAY * loss_ema + (1 - EMA_DECAY) * loss)
         new_state = TrainState(
             step=state.step + 1, params=keep(params, state.params),
             opt_state=keep(opt_state, state.opt_state),
-            loss_ema=jnp.where(ok, ema, state.loss_ema),
+            loss_ema=jnp.where(ok, ema, loss_ema),
             bad_in_row=jnp.where(ok, 0, state.bad_in_row + 1))
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens": count,
                    "skipped": 1 - ok.astype(jnp.int32),

@@ -50,11 +50,14 @@ def test_a_nan_batch_is_skipped():
 def test_a_loss_spike_is_skipped():
     config = tiny_sync_saves()
     state, _, _ = one_device_state(config)
-    state = state.replace(loss_ema=jnp.float32(1.0))  # real losses here are ~7
+    # Mid-stage (the average starts afresh at a stage's first step); real losses here are ~7.
+    state = state.replace(step=jnp.int32(1), loss_ema=jnp.float32(1.0))
     _, metrics = make_step(config, spike_factor=3.0)(state, batch())
     assert int(metrics["skipped"]) == 1
     _, metrics = make_step(config, spike_factor=0.0)(state, batch())
     assert int(metrics["skipped"]) == 0
+    _, metrics = make_step(config, spike_factor=3.0)(state.replace(step=jnp.int32(0)), batch())
+    assert int(metrics["skipped"]) == 0  # the stage's first step: no average yet
 
 
 def test_an_unreadable_newest_checkpoint_is_skipped(tmp_path):

@@ -178,3 +178,20 @@ def test_plan_counts_the_teacher_and_the_reference(chat_run):
         hidden = s.batch_size * s.seq_len * config.model.hidden_size * 4
         assert plan["stages"][name]["frozen_model_bytes"] == params + hidden, name
     assert "frozen_model_bytes" not in plan["stages"]["sft"]
+
+
+def test_the_spike_check_starts_afresh_with_each_stage(tmp_path):
+    """With the spike check on, an lm stage after a dpo stage (losses near 7 after losses
+    below 1) trains: a stage's first steps are not measured against the last stage's."""
+    from jaxllm.config.schema import stage
+    from jaxllm.train import stages
+    from tests.helpers.runs import train_records
+
+    config = chat_config("bad_steps.spike_factor=2.0", *(f"stages.{s}.steps=0" for s in (
+        "pretrain", "long_context", "anneal", "sft")))
+    config.stages.again = stage(3, 64, 8, 1e6, 1e-3, 1e-3, 0, "constant")
+    stages.run(config, str(tmp_path / "run"))
+    records = train_records(tmp_path / "run")
+    assert [r["stage"] for r in records] == ["dpo"] * 4 + ["again"] * 3
+    assert not any(r["skipped"] for r in records)
+    assert records[4]["loss"] > 2 * records[3]["loss"]  # what the old average would have refused
