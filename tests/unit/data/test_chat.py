@@ -262,3 +262,29 @@ def test_the_shipped_examples_are_what_their_generator_writes(tmp_path):
         shipped = os.path.join(ROOT, "jaxllm", "data", "examples", os.path.basename(path))
         with open(path, encoding="utf-8") as ours, open(shipped, encoding="utf-8") as theirs:
             assert ours.read() == theirs.read(), shipped
+
+
+def test_preference_pairs_in_their_usual_forms():
+    from jaxllm.data.records import PAIR_FIELDS, DataError, Pair, pair_of
+
+    user, good, bad = ("user", "Hi?"), ("assistant", "Hello."), ("assistant", "HELLO.")
+    expected = Pair(Chat((user, good)), Chat((user, bad)))
+    as_strings = {"prompt": "Hi?", "chosen": "Hello.", "rejected": "HELLO."}
+    as_messages = {"prompt": [{"role": "user", "content": "Hi?"}],
+                   "chosen": [{"role": "assistant", "content": "Hello."}],
+                   "rejected": [{"role": "assistant", "content": "HELLO."}]}
+    whole = {"chosen": [{"role": "user", "content": "Hi?"},
+                        {"role": "assistant", "content": "Hello."}],
+             "rejected": [{"role": "user", "content": "Hi?"},
+                          {"role": "assistant", "content": "HELLO."}]}
+    for record in (as_strings, as_messages, whole):
+        assert pair_of(record, PAIR_FIELDS, WHERE) == expected
+    for record, message in (
+            ({"prompt": "Hi?", "chosen": "Hello."}, r"field 'rejected' is absent, not a reply"),
+            ({"prompt": "Hi?", "chosen": "a", "rejected": 3},
+             r"field 'rejected' is a int, not a reply"),
+            ({"chosen": [{"role": "user", "content": "x"}], "rejected": "y"},
+             r"field 'chosen' has no assistant turn"),
+            ({"prompt": [], "chosen": "a", "rejected": "b"}, r"field 'prompt' is an empty list")):
+        with pytest.raises(DataError, match=f"^{WHERE}: {message}"):
+            pair_of(record, PAIR_FIELDS, WHERE)
