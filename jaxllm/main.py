@@ -57,9 +57,14 @@ def _exit(code: int, now: bool = False) -> None:
 def train(config, workdir: str):
     """Every stage of `config` in `workdir` with the evaluators it asks for (eval_tasks,
     eval_long_every): what this command runs; returns the final TrainState."""
+    import jax
+
     from jaxllm.eval import loop_evaluators
+    from jaxllm.plan import check_fits
     from jaxllm.train.stages import run
 
+    if config.check_memory:  # before anything is allocated or any checkpoint touched
+        check_fits(config, jax.devices())
     return run(config, workdir, loop_evaluators(config))
 
 

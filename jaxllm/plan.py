@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,7 @@ from flax import linen as nn
 from jax.sharding import AbstractMesh, AxisType
 
 from jaxllm.config.load import load_config
-from jaxllm.config.schema import stage_names
+from jaxllm.config.schema import ConfigError, stage_names
 from jaxllm.config.validate import validate
 from jaxllm.model import abstract_params, frozen
 from jaxllm.parallel import sharding
@@ -190,6 +191,49 @@ def make_plan(config: mc.ConfigDict, num_devices: int) -> dict:
         "stages": stages,
         **extra,
     }
+
+
+FAR_OVER = 2.0  # an estimate this many times what a device has is refused without compiling
+
+
+def device_memory(devices: list) -> int | None:
+    """Bytes each of `devices` (one kind) can hold: its memory_stats' limit on GPU / TPU; on
+    CPU the memory available now, shared by the process's CPU devices. None: unknown."""
+    device = devices[0]
+    if device.platform != "cpu":
+        return (device.memory_stats() or {}).get("bytes_limit")
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        available = int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return available // sum(d.platform == "cpu" for d in jax.local_devices())
+
+
+def check_fits(config: mc.ConfigDict, devices: list) -> None:
+    """Raises ConfigError, in one line, for the first stage whose estimated bytes per device
+    are over FAR_OVER times what each device has; allocates nothing (`make_plan`)."""
+    capacity = device_memory(devices)
+    if not capacity:
+        return
+    plan = make_plan(config, len(devices))
+    b = plan["bytes_per_device"]
+    static = b["params"] + b["optimizer"] + b["gradients"]
+    for name, s in plan["stages"].items():
+        need = static + s["activation_bytes"] + s.get("frozen_model_bytes", 0.0)
+        if need > FAR_OVER * capacity:
+            gib = lambda x: f"{x / 2**30:,.1f} GiB"  # noqa: E731
+            raise ConfigError(
+                f"stage {name} needs about {gib(need)} per device (python -m jaxllm.plan's "
+                f"estimate: params {gib(b['params'])}, optimizer {gib(b['optimizer'])}, "
+                f"gradients {gib(b['gradients'])}, activations {gib(s['activation_bytes'])}), "
+                f"far over the {gib(capacity)} each of the {len(devices)} "
+                f"{devices[0].platform} device{'s' * (len(devices) > 1)} has; what would fit: "
+                "more devices (config.mesh), model.remat=full, optimizer.grad_accum, a smaller "
+                f"stages.{name}.batch_size (see python -m jaxllm.plan, or jaxllm.compile "
+                "--target=... for the hardware it is meant for); --config.check_memory=false "
+                "skips this check")
 
 
 def _gb(x: float) -> str:

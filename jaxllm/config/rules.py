@@ -231,5 +231,6 @@ VALUE_RULES: dict[str, Rule] = {
     "log_every": SIZE,
     "mfu_convention": choice("palm", "causal"),
     "eval_every": SIZE,
+    "check_memory": BOOL,
     "seed": integer("[0, 2**63)"),  # jax.random.key takes an int64
 }

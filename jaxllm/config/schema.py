@@ -168,6 +168,9 @@ def base_config() -> mc.ConfigDict:
     # the PaLM paper) or "causal" (half of it, as Megatron); the peak is the chips' rated one.
     c.mfu_convention = "palm"
     c.eval_every = 500
+    # jaxllm.main refuses, before allocating anything, a stage that `plan` estimates at over
+    # twice the memory each device has (python -m jaxllm.plan, jaxllm.compile for the details).
+    c.check_memory = True
     c.seed = 0
     return c
 
