@@ -63,9 +63,10 @@ def train(config, workdir: str):
     from jaxllm.plan import check_fits
     from jaxllm.train.stages import run
 
+    evaluators = loop_evaluators(config)  # (its bad settings are reported first)
     if config.check_memory:  # before anything is allocated or any checkpoint touched
         check_fits(config, jax.devices())
-    return run(config, workdir, loop_evaluators(config))
+    return run(config, workdir, evaluators)
 
 
 def main(argv: list[str], overrides: list[str]) -> None:
