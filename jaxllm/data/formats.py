@@ -191,7 +191,7 @@ def parquet_file(path: str, fields: tuple[str, ...], where: str) -> Any:
     except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ...
         raise DataError(f"{where}: {path} is not a readable Parquet file: {e}") from None
     names = pf.schema_arrow.names
-    if len(fields) == 3:  # a chat: its fields are alternatives, checked row by row
+    if len(fields) == 3:  # a chat or pair source: fields that may be absent, checked per row
         return pf
     for key, field in (("text_field", fields[0]), ("prompt_field", fields[1])):
         if field and field not in names:

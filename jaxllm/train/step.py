@@ -100,12 +100,19 @@ def preference_loss(params: dict, model_cfg: mc.FrozenConfigDict, batch: Batch,
     reference, _ = pair_logps(preference.reference_cfg, reference_params)
     sums = dpo_sums(policy, jax.lax.stop_gradient(reference[:2]), preference.beta)
     objective, count = sums["loss"], sums["pairs"]
-    if aux:
-        objective += count * (model_cfg.router_aux_loss_coef * aux["aux_loss"]
-                              + model_cfg.router_z_loss_coef * aux["router_z_loss"])
+    objective += router_objective(model_cfg, aux, count)
     metrics = {k: jax.lax.stop_gradient(v) * count for k, v in aux.items()}
     metrics |= {k: sums[k] for k in DPO_METRICS}
     return objective, (jax.lax.stop_gradient(sums["loss"]), count, metrics)
+
+
+def router_objective(model_cfg: mc.FrozenConfigDict, aux: dict, weight: jax.Array) -> jax.Array:
+    """An MoE model's router losses for the objective, `weight` times (its tokens or pairs);
+    0 for a dense model (no `aux`)."""
+    if not aux:
+        return jnp.float32(0)
+    return weight * (model_cfg.router_aux_loss_coef * aux["aux_loss"]
+                     + model_cfg.router_z_loss_coef * aux["router_z_loss"])
 
 
 def summed_loss(params: dict, model_cfg: mc.FrozenConfigDict, batch: Batch, z_loss: float,
@@ -120,9 +127,7 @@ def summed_loss(params: dict, model_cfg: mc.FrozenConfigDict, batch: Batch, z_lo
                                           batch["targets"], batch["loss_mask"], chunk_size,
                                           z_loss, teacher)
     count = jnp.sum(batch["loss_mask"].astype(jnp.float32))
-    if aux:
-        objective += count * (model_cfg.router_aux_loss_coef * aux["aux_loss"]
-                              + model_cfg.router_z_loss_coef * aux["router_z_loss"])
+    objective += router_objective(model_cfg, aux, count)
     sums = jax.tree.map(lambda x: x * count, aux)
     if teacher is not None:
         sums["distill_kl"] = kl

@@ -39,8 +39,7 @@ def load_teacher(config: mc.ConfigDict, mesh, tokenizer) -> tuple[Distillation, 
     that checkpoint's stage), a params checkpoint or a Hugging Face directory."""
     model_cfg, params = load_frozen(config.distill.teacher, "config.distill.teacher", mesh,
                                     tokenizer)
-    return Distillation(model_cfg, float(config.distill.temperature),
-                        float(config.distill.alpha)), params
+    return distillation(config, model_cfg), params
 
 
 def frozen_model(config: mc.ConfigDict, stage_name: str, model_cfg: mc.FrozenConfigDict
@@ -51,8 +50,7 @@ def frozen_model(config: mc.ConfigDict, stage_name: str, model_cfg: mc.FrozenCon
     objective = config.stages[stage_name].objective
     if objective == "distill":
         model_cfg = frozen_model_config(config.distill.teacher, "config.distill.teacher")
-        return Distillation(model_cfg, float(config.distill.temperature),
-                            float(config.distill.alpha)), model_cfg
+        return distillation(config, model_cfg), model_cfg
     if objective != "dpo":
         return None, None
     if config.dpo.reference:
@@ -75,6 +73,11 @@ def frozen_model_config(path: str, key: str) -> mc.FrozenConfigDict:
         return frozen(open_checkpoint(path).model)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{key}={path}: {e}") from None
+
+
+def distillation(config: mc.ConfigDict, teacher_cfg) -> Distillation:
+    return Distillation(teacher_cfg, float(config.distill.temperature),
+                        float(config.distill.alpha))
 
 
 def preference(config: mc.ConfigDict, stage_name: str, reference_cfg) -> Preference:
