@@ -5,12 +5,20 @@ import os
 import random
 import signal
 import subprocess
-import time
 
 import pytest
 
 from jaxllm.train.loop import PREEMPTED_EXIT_CODE
-from tests.helpers.runs import ROOT, by_step, command, env, run, start, wait_for_line
+from tests.helpers.runs import (
+    ROOT,
+    by_step,
+    command,
+    env,
+    kill_after_checkpoint,
+    run,
+    start,
+    wait_for_line,
+)
 
 # The run is RESUME_ARGS' (tests/helpers/runs.py): 12 steps, pretrain 0..7, long_context 8..9,
 # anneal 10..11; a checkpoint every 3 steps.
@@ -44,15 +52,7 @@ def test_sigkill_then_resume_is_bitwise_exact(uninterrupted, tmp_path):
     kill_after = random.Random(os.getpid()).randint(4, 9)  # a step after the first checkpoint
     proc = start(tmp_path)
     wait_for_line(proc, f"step {kill_after}:")
-    # Saving is asynchronous: kill only once a checkpoint is complete on disk (a finished
-    # step directory has a plain number for a name).
-    deadline = time.monotonic() + 120
-    while not [n for n in os.listdir(tmp_path / "checkpoints") if n.isdigit()]:
-        assert proc.poll() is None, "the run ended before it was killed"
-        assert time.monotonic() < deadline, "no checkpoint was completed"
-        time.sleep(0.05)
-    proc.kill()
-    proc.wait()
+    kill_after_checkpoint(proc, str(tmp_path))
     result = run(tmp_path)
     assert "resumed from step" in result.stdout
     resumed, uninterrupted = by_step(tmp_path), uninterrupted()

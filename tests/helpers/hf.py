@@ -73,6 +73,16 @@ def hf_logits(model, tokens_BxT: np.ndarray, positions_BxT: np.ndarray | None = 
     return model(torch.tensor(tokens_BxT, dtype=torch.long), **kwargs).logits.float().numpy()
 
 
+@torch.no_grad()
+def hf_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
+    """transformers' greedy `generate`: exactly `new_tokens` ids after `prompt`, even past an
+    EOS."""
+    model.generation_config.eos_token_id = None
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False,
+                         pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
 def tensors(directory: str) -> dict[str, np.ndarray]:
     index = os.path.join(directory, "model.safetensors.index.json")
     files = sorted(set(json.load(open(index))["weight_map"].values())) if os.path.exists(index) \

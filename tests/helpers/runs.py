@@ -93,15 +93,22 @@ def wait_for_line(proc, prefix):
     raise AssertionError(f"the run ended before printing {prefix!r}")
 
 
-def kill_after_checkpoint(proc, workdir, step: int, timeout: float = 120) -> None:
-    """SIGKILL the run once checkpoint `step` is complete on disk (saving is asynchronous: a
-    finished step directory has its plain number for a name)."""
+def kill_after_checkpoint(proc, workdir, step: int | None = None, timeout: float = 120) -> None:
+    """SIGKILL the run once checkpoint `step` (None: any checkpoint) is complete on disk
+    (saving is asynchronous: a finished step directory has its plain number for a name)."""
     import time
 
+    def done() -> bool:
+        folder = os.path.join(workdir, "checkpoints")
+        if step is not None:
+            return os.path.isdir(os.path.join(folder, str(step)))
+        return os.path.isdir(folder) and any(n.isdigit() for n in os.listdir(folder))
+
+    which = "any checkpoint" if step is None else f"checkpoint {step}"
     deadline = time.monotonic() + timeout
-    while not os.path.isdir(os.path.join(workdir, "checkpoints", str(step))):
-        assert proc.poll() is None, f"the run ended before checkpoint {step} was complete"
-        assert time.monotonic() < deadline, f"checkpoint {step} was not completed"
+    while not done():
+        assert proc.poll() is None, f"the run ended before {which} was complete"
+        assert time.monotonic() < deadline, f"{which} was not completed"
         time.sleep(0.05)
     proc.kill()
     proc.wait()

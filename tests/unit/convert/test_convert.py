@@ -30,7 +30,7 @@ from jaxllm.convert.__main__ import main as convert_main
 from jaxllm.convert.load import load_model
 from jaxllm.model.decode import generate_ids
 from tests.helpers.corpus import CORPUS
-from tests.helpers.hf import CASES, assert_bitwise_equal, make_hf, tensors
+from tests.helpers.hf import CASES, assert_bitwise_equal, hf_greedy, make_hf, tensors
 from tests.helpers.runs import ROOT as ROOT_DIR
 
 ROOT = pathlib.Path(ROOT_DIR)
@@ -122,11 +122,7 @@ def test_export_of_a_trained_run_matches_transformers(trained_run, exported):
 
     # Greedy continuation of 32 tokens: transformers' generate and jaxllm's KV-cache decoding.
     prompt = tokenizer.encode("def main(argv):\n    ")
-    model.generation_config.eos_token_id = None  # 32 tokens exactly, even past an EOS
-    with torch.no_grad():
-        hf_ids = model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
-                                pad_token_id=0)[0, len(prompt):].tolist()
-    assert generate_ids(model_cfg, params, [prompt], 32)[0] == hf_ids
+    assert generate_ids(model_cfg, params, [prompt], 32)[0] == hf_greedy(model, prompt, 32)
 
 
 def test_generate_from_the_run_directory_equals_from_its_export(trained_run, exported,
